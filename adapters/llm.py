@@ -1,0 +1,207 @@
+"""Frozen LLM backends that take soft prompts: decoder-only (OPT, LLaMA, Vicuna, …) and FlanT5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from vpgtrans.config import help_field
+from vpgtrans.interfaces import GenerationConfig, LLMBackend, TextSample
+from vpgtrans.names import LLM_ALIASES, load_pretrained, resolve
+from vpgtrans.registry import Component
+
+IGNORE = -100
+
+
+@dataclass
+class LLMConfig:
+    """Where the frozen LLM comes from and how to hold it."""
+
+    path: str = help_field("opt-2.7b", help="alias (opt-2.7b, llama-7b, vicuna-7b, flant5-xl, world-llama, …), "
+                                            "Hugging Face id or local directory")
+    dtype: str = help_field("float32", help="float32, bfloat16 or float16 for the frozen weights")
+    trust_remote_code: bool = help_field(False, help="allow code shipped with the checkpoint to run (off: never "
+                                                     "needed for OPT/LLaMA/T5)")
+    gguf_file: str | None = help_field(None, help="GGUF file inside `path` to dequantise and load")
+    attn_implementation: str | None = help_field("sdpa", help="attention kernel (sdpa, eager, flash_attention_2)")
+
+
+def _load(model_cls: Any, config: LLMConfig) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    target = resolve(config.path, LLM_ALIASES)
+    extra: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if config.gguf_file:
+        extra["gguf_file"] = config.gguf_file
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.path, target, what="tokenizer", **extra)
+    kwargs = dict(extra, dtype=getattr(torch, config.dtype))
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = load_pretrained(model_cls.from_pretrained, config.path, target, what="LLM", **kwargs)
+    model.requires_grad_(False).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+class _Backend(LLMBackend):
+    def __init__(self, config: LLMConfig, model_cls: Any):
+        super().__init__()
+        self.config = config
+        self.tokenizer, self.model = _load(model_cls, config)
+        self.embed_dim = int(self.model.get_input_embeddings().embedding_dim)
+
+    def train(self, mode: bool = True) -> "_Backend":
+        # Frozen LLM: no dropout, whatever the parent module's mode (LoRA training re-enables this).
+        return super().train(mode and getattr(self, "trainable", False))
+
+    def input_embedding_matrix(self) -> torch.Tensor:
+        """Input word embeddings: the space the projector writes soft prompts into."""
+        return self.model.get_input_embeddings().weight
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_embedding_matrix().device
+
+    def _embed(self, ids: torch.Tensor, soft_mask: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        # One embedding lookup for the whole batch, then soft prompts scattered into their slots.
+        embeds = self.model.get_input_embeddings()(ids)
+        prompts = prompts.to(embeds.dtype)
+        return embeds.masked_scatter(soft_mask.unsqueeze(-1), prompts.reshape(-1, prompts.shape[-1]))
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r)))
+                         for r in rows], dtype=torch.long)
+
+
+class CausalLMBackend(_Backend):
+    """Decoder-only LLM: `[soft][BOS] after target` or `[BOS] before [soft] after target`."""
+
+    def __init__(self, config: LLMConfig):
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(config, AutoModelForCausalLM)
+
+    def _sequences(self, n_soft: int, samples: Sequence[TextSample], max_text_len: int, with_target: bool,
+                   left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        pad = tok.pad_token_id
+        ids, soft, labels = [], [], []
+        for s in samples:
+            before, after = self._ids(s.before), self._ids(s.after)
+            target = (self._ids(s.target) + eos) if with_target else []
+            target = target[:max_text_len]
+            if before:
+                head = bos + before
+                seq = head + [pad] * n_soft + after + target
+                is_soft = [0] * len(head) + [1] * n_soft + [0] * (len(after) + len(target))
+            else:
+                seq = [pad] * n_soft + bos + after + target
+                is_soft = [1] * n_soft + [0] * (len(bos) + len(after) + len(target))
+            ids.append(seq)
+            soft.append(is_soft)
+            labels.append([IGNORE] * (len(seq) - len(target)) + target)
+        attn = _pad([[1] * len(r) for r in ids], 0, left_pad)
+        return (_pad(ids, pad, left_pad), _pad(soft, 0, left_pad).bool(), _pad(labels, IGNORE, left_pad), attn)
+
+    def _forward(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int) -> Any:
+        ids, soft, labels, attn = self._sequences(prompts.shape[1], samples, max_text_len, True, False)
+        dev = self.device
+        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
+        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev))
+
+    def loss(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
+        """Mean next-token loss over target tokens (+EOS)."""
+        return self._forward(prompts, samples, max_text_len).loss
+
+    def logits(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
+        """Logits of the teacher-forced forward."""
+        return self._forward(prompts, samples, max_text_len).logits
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, samples: Sequence[TextSample], config: GenerationConfig) -> list[str]:
+        """Greedy or beam decoding after the prompt; left padding keeps every row's end aligned."""
+        ids, soft, _, attn = self._sequences(prompts.shape[1], samples, 0, False, True)
+        dev = self.device
+        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=attn.to(dev), **_gen_kwargs(self, config))
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+class Seq2SeqBackend(_Backend):
+    """Encoder-decoder LLM (FlanT5): encoder reads `before [soft] after`, decoder predicts the target."""
+
+    is_encoder_decoder = True
+
+    def __init__(self, config: LLMConfig):
+        from transformers import AutoModelForSeq2SeqLM
+
+        super().__init__(config, AutoModelForSeq2SeqLM)
+
+    def _encoder_inputs(self, n_soft: int, samples: Sequence[TextSample]) -> tuple[torch.Tensor, ...]:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        ids, soft = [], []
+        for s in samples:
+            before, after = self._ids(s.before), self._ids(s.after)
+            ids.append(before + [tok.pad_token_id] * n_soft + after + eos)
+            soft.append([0] * len(before) + [1] * n_soft + [0] * (len(after) + len(eos)))
+        attn = _pad([[1] * len(r) for r in ids], 0, False)
+        return _pad(ids, tok.pad_token_id, False), _pad(soft, 0, False).bool(), attn
+
+    def _forward(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int) -> Any:
+        ids, soft, attn = self._encoder_inputs(prompts.shape[1], samples)
+        eos = [self.tokenizer.eos_token_id]
+        labels = _pad([(self._ids(s.target) + eos)[:max_text_len] for s in samples], IGNORE, False)
+        dev = self.device
+        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
+        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev))
+
+    def loss(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
+        """Mean decoder loss over target tokens (+EOS)."""
+        return self._forward(prompts, samples, max_text_len).loss
+
+    def logits(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
+        """Decoder logits of the teacher-forced forward."""
+        return self._forward(prompts, samples, max_text_len).logits
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, samples: Sequence[TextSample], config: GenerationConfig) -> list[str]:
+        """Decode from the encoder's view of prompt + text."""
+        ids, soft, attn = self._encoder_inputs(prompts.shape[1], samples)
+        dev = self.device
+        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=attn.to(dev), **_gen_kwargs(self, config))
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _gen_kwargs(backend: _Backend, config: GenerationConfig) -> dict[str, Any]:
+    tok = backend.tokenizer
+    kw: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
+                              min_new_tokens=config.min_new_tokens, repetition_penalty=config.repetition_penalty,
+                              do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if config.num_beams > 1:
+        kw["length_penalty"] = config.length_penalty
+    kw.update(config.extra)
+    return kw
+
+
+_DESC = "frozen decoder-only LLM via AutoModelForCausalLM; soft prompts before BOS"
+OPT = Component(kind="llm", name="opt", factory=CausalLMBackend, config_class=LLMConfig,
+                description="OPT (" + _DESC + ")")
+LLAMA = Component(kind="llm", name="llama", factory=CausalLMBackend, config_class=LLMConfig,
+                  description="LLaMA / Vicuna (" + _DESC + ")", aliases=("vicuna",))
+CAUSAL_LM = Component(kind="llm", name="causal-lm", factory=CausalLMBackend, config_class=LLMConfig,
+                      description="any " + _DESC)
+FLANT5 = Component(kind="llm", name="flant5", factory=Seq2SeqBackend, config_class=LLMConfig,
+                   description="FlanT5 / T5 encoder-decoder via AutoModelForSeq2SeqLM; prefix-LM with soft prompts "
+                               "in the encoder", aliases=("t5",))

@@ -1,0 +1,133 @@
+"""Frozen vision encoders: BLIP-2's EVA ViT (`Blip2VisionModel`) and CLIP ViT (`CLIPVisionModel`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vpgtrans.config import help_field
+from vpgtrans.images import to_rgb
+from vpgtrans.interfaces import VisionEncoder
+from vpgtrans.names import VISION_ALIASES, load_pretrained, resolve
+from vpgtrans.registry import Component
+
+# OpenAI CLIP statistics: also what BLIP-2's processor uses.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class HFVisionConfig:
+    """Config of a transformers vision tower."""
+
+    path: str = help_field("eva-vit-g", help="alias (eva-vit-g, clip-vit-l, world-vit), Hugging Face id or local dir")
+    layer: int = help_field(-1, help="hidden layer to output: -1 = final output, -2 = penultimate (LLaVA), ...")
+    drop_cls: bool = help_field(False, help="drop the CLS token from the output sequence")
+    dtype: str = help_field("float32", help="float32, bfloat16 or float16")
+
+
+def _read_preprocessor(target: str) -> dict[str, Any]:
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(target, "preprocessor_config.json", local_files_only=True,
+                           _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A frozen transformers vision model; outputs patch (and CLS) features of one layer."""
+
+    def __init__(self, model_cls: Any, config: HFVisionConfig):
+        super().__init__()
+        self.config = config
+        target = resolve(config.path, VISION_ALIASES)
+        dtype = getattr(torch, config.dtype)
+        self.model = load_pretrained(model_cls.from_pretrained, config.path, target, what="vision encoder",
+                                     dtype=dtype)
+        self.model.requires_grad_(False).eval()
+        self._target = target
+        vc = self.model.config
+        self.hidden_size = int(vc.hidden_size)
+        self.image_size = int(vc.image_size)
+        n_patches = (vc.image_size // vc.patch_size) ** 2
+        self.num_tokens = n_patches + (0 if config.drop_cls else 1)
+        pre = _read_preprocessor(target)
+        self.mean = tuple(pre.get("image_mean", CLIP_MEAN))
+        self.std = tuple(pre.get("image_std", CLIP_STD))
+        size = pre.get("size", {})
+        if isinstance(size, dict):
+            self.input_hw = (int(size.get("height", size.get("shortest_edge", self.image_size))),
+                             int(size.get("width", size.get("shortest_edge", self.image_size))))
+        else:
+            self.input_hw = (int(size), int(size))
+
+    def train(self, mode: bool = True) -> "HFVisionEncoder":
+        # The encoder is frozen: keep it in eval mode whatever the parent module does.
+        return super().train(False)
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Resize (bicubic), rescale to [0, 1] and normalise with the encoder's own statistics."""
+        from PIL import Image
+
+        h, w = self.input_hw
+        arrays = []
+        for img in images:
+            img = to_rgb(img).resize((w, h), Image.BICUBIC)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.model.dtype)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[batch, 3, H, W] → [batch, tokens, hidden_size] features of the chosen layer."""
+        want_hidden = self.config.layer != -1
+        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=want_hidden)
+        feats = out.hidden_states[self.config.layer] if want_hidden else out.last_hidden_state
+        if self.config.drop_cls:
+            feats = feats[:, 1:]
+        return feats
+
+    def cache_id(self) -> str:
+        """Encoder class + weights identity + layer choice."""
+        ident: list[str] = [type(self.model).__name__, self._target, str(self.config.layer),
+                            str(self.config.drop_cls), self.config.dtype, repr(self.mean), repr(self.std),
+                            repr(self.input_hw)]
+        if os.path.isdir(self._target):
+            for name in sorted(os.listdir(self._target)):
+                if name.endswith((".safetensors", ".bin")):
+                    st = os.stat(os.path.join(self._target, name))
+                    ident.append(f"{name}:{st.st_size}:{int(st.st_mtime)}")
+        return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
+
+
+def _blip2_vit(config: HFVisionConfig) -> HFVisionEncoder:
+    from transformers import Blip2VisionModel
+
+    return HFVisionEncoder(Blip2VisionModel, config)
+
+
+def _clip_vit(config: HFVisionConfig) -> HFVisionEncoder:
+    from transformers import CLIPVisionModel
+
+    return HFVisionEncoder(CLIPVisionModel, config)
+
+
+BLIP2_VIT = Component(kind="vision", name="blip2-vit", factory=_blip2_vit, config_class=HFVisionConfig,
+                      description="BLIP-2 / EVA ViT image encoder (transformers Blip2VisionModel), frozen",
+                      aliases=("eva-vit",))
+CLIP_VIT = Component(kind="vision", name="clip-vit", factory=_clip_vit, config_class=HFVisionConfig,
+                     description="CLIP ViT image encoder (transformers CLIPVisionModel), frozen")
