@@ -120,7 +120,9 @@ def make_tiny_models(root: str | Path, width: int = 32) -> dict[str, Path]:
                                         num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                         decoder_start_token_id=tok.pad_token_id)).save_pretrained(paths["t5"])
 
-    vis = dict(hidden_size=width, intermediate_size=width * 2, image_size=32, patch_size=8, **small)
+    # Blip2VisionConfig defaults to initializer_range=1e-10 (real weights are always pretrained): set a real one.
+    vis = dict(hidden_size=width, intermediate_size=width * 2, image_size=32, patch_size=8, initializer_range=0.02,
+               **small)
     torch.manual_seed(4)
     Blip2VisionModel(Blip2VisionConfig(**vis)).save_pretrained(paths["blip2-vit"])
     _preprocessor(paths["blip2-vit"], 32)
