@@ -19,12 +19,13 @@ IGNORE = -100
 class LLMConfig:
     """Where the frozen LLM comes from and how to hold it."""
 
-    path: str = help_field("opt-2.7b", help="alias (opt-2.7b, llama-7b, vicuna-7b, flant5-xl, world-llama, …), "
-                                            "Hugging Face id or local directory")
+    path: str = help_field("opt-2.7b", help="alias (opt-2.7b, llama-7b, vicuna-7b, flant5-xl, world-llama, "
+                                            "smollm2-135m, …), Hugging Face id, local directory or .gguf file")
     dtype: str = help_field("float32", help="float32, bfloat16 or float16 for the frozen weights")
     trust_remote_code: bool = help_field(False, help="allow code shipped with the checkpoint to run (off: never "
                                                      "needed for OPT/LLaMA/T5)")
-    gguf_file: str | None = help_field(None, help="GGUF file inside `path` to dequantise and load")
+    gguf_file: str | None = help_field(None, help="GGUF file inside `path` to dequantise (once; a dense copy "
+                                                  "is cached) and load")
     attn_implementation: str | None = help_field("sdpa", help="attention kernel (sdpa, eager, flash_attention_2)")
 
 
@@ -32,9 +33,12 @@ def _load(model_cls: Any, config: LLMConfig) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     target = resolve(config.path, LLM_ALIASES)
+    if config.gguf_file or target.endswith(".gguf"):
+        from vpgtrans.gguf import dense_checkpoint
+
+        # Dequantising takes about a minute on a small CPU: done once, then a dense copy loads fast.
+        target = str(dense_checkpoint(config.path, target, config.gguf_file, model_cls))
     extra: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    if config.gguf_file:
-        extra["gguf_file"] = config.gguf_file
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.path, target, what="tokenizer", **extra)
     kwargs = dict(extra, dtype=getattr(torch, config.dtype))
     if config.attn_implementation:

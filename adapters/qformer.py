@@ -35,6 +35,8 @@ class QFormerConfig:
                                               "(needed for BLIP-2 stage 1 and instruction-aware Q-Formers)")
     tokenizer: str | None = help_field(None, help="tokenizer for text input (defaults to init_from)")
     vocab_size: int = help_field(30522, help="text vocabulary size when text_input is set without a tokenizer")
+    max_position_embeddings: int = help_field(512, help="text positions (taken from the BERT checkpoint when "
+                                                        "init_from is set)")
 
 
 def _bert_state_to_qformer(bert_state: dict[str, torch.Tensor], num_layers: int,
@@ -92,6 +94,7 @@ class QFormerVPG(VPG):
             config.intermediate_size = bc.intermediate_size
             config.num_hidden_layers = min(config.num_hidden_layers, bc.num_hidden_layers)
             config.vocab_size = bc.vocab_size
+            config.max_position_embeddings = bc.max_position_embeddings
         self.tokenizer = None
         tok_path = config.tokenizer or config.init_from
         if config.text_input and tok_path:
@@ -106,6 +109,7 @@ class QFormerVPG(VPG):
             intermediate_size=config.intermediate_size, hidden_dropout_prob=config.dropout,
             attention_probs_dropout_prob=config.dropout, cross_attention_frequency=config.cross_attention_frequency,
             encoder_hidden_size=config.vision_width, use_qformer_text_input=config.text_input,
+            max_position_embeddings=config.max_position_embeddings,
         )
         self.qformer = Blip2QFormerModel(self.qformer_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.hidden_size))

@@ -24,3 +24,14 @@ def tiny_paths(tmp_path_factory):
 def _isolated_home(tmp_path, monkeypatch):
     """Each test gets its own VPGTRANS_HOME so caches never leak between tests."""
     monkeypatch.setenv("VPGTRANS_HOME", str(tmp_path / "vpgtrans-home"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices: one torch thread avoids spin-waiting on a busy 2-core machine (often 10x faster)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -94,6 +94,11 @@ def save_model(model: Any, out_dir: str | Path, *, extra: dict[str, Any] | None 
     }
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if getattr(model.spec, "lora", None):
+            from .lora import LORA_DIR, save_adapter
+
+            # Also in peft's own format, for use outside vpgtrans (load_model reads model.safetensors).
+            save_adapter(model, tmp / LORA_DIR)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return Path(out_dir)
 
@@ -158,6 +163,7 @@ def load_model(model_dir: str | Path, *, device: str | torch.device | None = Non
         spec.vpg = {**spec.vpg, "tokenizer": spec.vpg.get("tokenizer") or spec.vpg["init_from"], "init_from": None}
     model = build_model(spec)
     load_weights(model, model_dir)
+    model.eval()  # a loaded model is for inference until a trainer says otherwise
     if device is not None:
         model.to(device)
     return model

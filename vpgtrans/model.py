@@ -115,7 +115,12 @@ class VisionLanguageModel(nn.Module):
         prompts_text = [prompt] * n if isinstance(prompt, str) else list(prompt)
         samples = [self.template.sample(p) for p in prompts_text]
         instructions = prompts_text if self.vpg.uses_instruction else None
-        texts = self.llm.generate(self.prompts(features, instructions), samples, config or GenerationConfig())
+        was_training = self.training
+        self.eval()  # decoding is deterministic: no dropout in the VPG, whatever mode training left us in
+        try:
+            texts = self.llm.generate(self.prompts(features, instructions), samples, config or GenerationConfig())
+        finally:
+            self.train(was_training)
         if self.template.end:
             texts = [t.split(self.template.end)[0].strip() for t in texts]
         return texts

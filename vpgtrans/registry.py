@@ -210,4 +210,23 @@ def describe(reg: Registered) -> dict[str, Any]:
         info["aliases"] = list(comp.aliases)
     if comp.config_class is not None and dataclasses.is_dataclass(comp.config_class):
         info["config"] = describe_fields(comp.config_class)
+    if comp.kind == "vpg":
+        info["default_params"], info["default_params_vision_width"] = default_vpg_params(comp)
     return info
+
+
+def default_vpg_params(comp: Component) -> tuple[int | None, int]:
+    """(parameter count, vision width used) of a VPG at its default size, built on the meta device.
+
+    The vision width is the class's ``reference_vision_width`` (the encoder of the paper the VPG
+    comes from), else EVA ViT-g's 1408. Nothing is allocated or loaded.
+    """
+    import torch
+
+    width = int(getattr(comp.factory, "reference_vision_width", 1408))
+    try:
+        with torch.device("meta"):
+            vpg = comp.build({"vision_width": width})
+    except Exception:  # noqa: BLE001 - a plugin that cannot be built without files just has no count
+        return None, width
+    return sum(p.numel() for p in vpg.parameters()), width

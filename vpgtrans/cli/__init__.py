@@ -53,10 +53,15 @@ def main(debug: bool) -> None:
 
 
 def _add_commands() -> None:
+    from .chat import chat
     from .components import components
+    from .eval import eval_command
+    from .export import export, import_cmd
     from .generate import generate
+    from .plot import plot
+    from .train import train
 
-    for command in (components, generate):
+    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train):
         main.add_command(command)
 
 

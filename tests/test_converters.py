@@ -1,0 +1,123 @@
+"""Embedding converters (found through entry points), held-out fitting, and the projector merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vpgtrans import registry
+from vpgtrans.errors import CheckpointError, ConfigError, DataError
+from vpgtrans.transfer.merge import fit_converter, merge_projector
+from vpgtrans.transfer.pairing import TokenPairs
+
+FAST_SGD = {"min_steps": 300}
+FAST_ADAM = {"optimizer": "adam", "min_steps": 300}
+
+
+def _embeddings(ds: int, dd: int, *, orthogonal: bool, n: int = 600, seed: int = 0):
+    """Source embeddings and destination = known map (generic or scaled (semi-)orthogonal) + bias + noise."""
+    g = torch.Generator().manual_seed(seed)
+    src = 0.05 * torch.randn(n, ds, generator=g) + 0.02 * torch.randn(ds, generator=g)  # OPT-like scale, off-centre
+    if orthogonal:
+        q, _ = torch.linalg.qr(torch.randn(max(ds, dd), max(ds, dd), generator=g))
+        w = 3.0 * q[:dd, :ds]  # orthonormal rows or columns
+    else:
+        w = torch.randn(dd, ds, generator=g) / ds ** 0.5
+    dst = src @ w.T + 0.05 * torch.randn(dd, generator=g) + 0.002 * torch.randn(n, dd, generator=g)
+    return src, dst
+
+
+def test_converters_are_registered_through_entry_points():
+    names = {r.name for r in registry.available("converter")}
+    assert {"linear-cosine", "lstsq", "procrustes"} <= names
+    info = registry.describe(registry.get("converter", "linear-cosine"))
+    fields = {f["name"]: f for f in info["config"]}
+    assert fields["optimizer"]["default"] == "sgd" and fields["lr"]["help"] and fields["batch_size"]["help"]
+    assert registry.get("converter", "lstsq").provider == "vpgtrans"
+    with pytest.raises(ConfigError):
+        registry.build("converter", "linear-cosine", {"optimiser": "adam"})
+
+
+@pytest.mark.parametrize("name,config", [("linear-cosine", FAST_SGD), ("linear-cosine", FAST_ADAM),
+                                         ("lstsq", {}), ("lstsq", {"ridge": 1e-4})])
+@pytest.mark.parametrize("ds,dd", [(24, 24), (16, 40), (40, 16)])
+def test_general_converters_recover_a_linear_map(name, config, ds, dd):
+    src, dst = _embeddings(ds, dd, orthogonal=False)
+    fit = fit_converter(registry.build("converter", name, config), src, dst,
+                        (torch.arange(len(src)), torch.arange(len(src))), heldout=0.2, seed=1)
+    assert isinstance(fit.linear, nn.Linear) and (fit.linear.in_features, fit.linear.out_features) == (ds, dd)
+    assert fit.n_fit == 480 and fit.n_heldout == 120
+    assert fit.heldout_cosine > 0.98 and fit.train_cosine > 0.98
+
+
+@pytest.mark.parametrize("ds,dd", [(24, 24), (16, 40), (40, 16)])
+def test_procrustes_recovers_a_semi_orthogonal_map(ds, dd):
+    src, dst = _embeddings(ds, dd, orthogonal=True)
+    fit = fit_converter("procrustes", src, dst, (torch.arange(len(src)), torch.arange(len(src))), heldout=0.2)
+    assert fit.heldout_cosine > 0.99
+    w = fit.linear.weight.detach().double()  # [dd, ds] = s·Rᵀ
+    gram = w @ w.T if dd <= ds else w.T @ w
+    s2 = gram.diagonal().mean()
+    assert s2.sqrt() == pytest.approx(3.0, rel=0.05)
+    assert torch.allclose(gram / s2, torch.eye(min(ds, dd), dtype=torch.float64), atol=1e-6)
+
+
+def test_procrustes_is_orthogonal_even_for_a_general_map():
+    src, dst = _embeddings(24, 24, orthogonal=False)
+    lin = registry.build("converter", "procrustes", {"scale": False}).fit(src, dst)
+    w = lin.weight.detach().double()
+    assert torch.allclose(w @ w.T, torch.eye(24, dtype=torch.float64), atol=1e-6)
+
+
+def test_ridge_shrinks_the_weights():
+    src, dst = _embeddings(16, 16, orthogonal=False)
+    plain = registry.build("converter", "lstsq").fit(src, dst)
+    ridged = registry.build("converter", "lstsq", {"ridge": 10.0}).fit(src, dst)
+    assert ridged.weight.norm() < 0.5 * plain.weight.norm()
+
+
+def test_fit_is_seeded_and_leaves_the_global_rng_alone():
+    src, dst = _embeddings(12, 20, orthogonal=False, n=200)
+    pairs = TokenPairs(src_ids=torch.arange(200), dst_ids=torch.arange(200), n_pairs=200, src_coverage=1.0,
+                       dst_coverage=1.0, method="identity")
+    conv = registry.build("converter", "linear-cosine", {"min_steps": 50})
+    state = torch.get_rng_state()
+    a, b = fit_converter(conv, src, dst, pairs, seed=3), fit_converter(conv, src, dst, pairs, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.linear.weight, b.linear.weight) and a.heldout_cosine == b.heldout_cosine
+    c = fit_converter(conv, src, dst, pairs, seed=4)
+    assert not torch.equal(a.linear.weight, c.linear.weight)
+    none = fit_converter("lstsq", src, dst, pairs, heldout=0.0)
+    assert none.heldout_cosine is None and none.n_fit == 200 and "no held-out pairs" in none.summary()
+
+
+def test_fit_converter_rejects_bad_input():
+    src, dst = _embeddings(8, 8, orthogonal=False, n=20)
+    with pytest.raises(DataError, match="outside the destination embedding"):
+        fit_converter("lstsq", src, dst, (torch.arange(20), torch.arange(20) + 5))
+    with pytest.raises(DataError, match="too few"):
+        fit_converter("lstsq", src, dst, (torch.arange(2), torch.arange(2)), heldout=0.5)
+    with pytest.raises(DataError, match="NaN"):
+        registry.build("converter", "lstsq").fit(src * float("nan"), dst)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_projector_equals_converter_after_projector(bias):
+    torch.manual_seed(0)
+    src_proj, conv = nn.Linear(32, 24, bias=bias), nn.Linear(24, 40)
+    merged = merge_projector(src_proj, conv)
+    assert (merged.in_features, merged.out_features) == (32, 40)
+    x = torch.randn(5, 7, 32)
+    assert torch.allclose(merged(x), conv(src_proj(x)), atol=1e-5)
+    assert torch.allclose(merged.weight, conv.weight @ src_proj.weight, atol=1e-6)
+    b_src = src_proj.bias if bias else torch.zeros(24)
+    assert torch.allclose(merged.bias, conv.weight @ b_src + conv.bias, atol=1e-6)
+    with pytest.raises(CheckpointError, match="does not match"):
+        merge_projector(src_proj, nn.Linear(23, 40))
+
+
+def test_merge_keeps_the_source_dtype():
+    src_proj = nn.Linear(8, 6).to(torch.bfloat16)
+    merged = merge_projector(src_proj, nn.Linear(6, 10))
+    assert merged.weight.dtype == torch.bfloat16 and merged.bias.dtype == torch.bfloat16

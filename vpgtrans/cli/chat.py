@@ -1,0 +1,132 @@
+"""`vpgtrans chat`: a multi-turn conversation about one image, in the model's own template.
+
+The first turn is the template itself (e.g. MiniGPT-4's
+``###Human: <Img><ImageHere></Img> {instruction} ###Assistant: ``). Later turns reuse the template's
+turn markers without the image: each answer is closed with the template's end symbol and the next
+question follows, e.g. ``{answer}###Human: {next} ###Assistant: ``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import click
+
+from .generate import generation_options, load_for_inference
+
+HELP = "commands: /reset starts over, /image PATH switches image (and resets), /quit or Ctrl-D leaves"
+# Tag-like tokens glued to the image slot (<Img>…</Img>) belong to the image, not to a turn.
+_TAGS_BEFORE = re.compile(r"(<[^<>\s]*>)*$")
+_TAGS_AFTER = re.compile(r"^(<[^<>\s]*>)*\s*")
+
+
+def turn_markers(template: Any) -> tuple[str, str]:
+    """(text before, text after) a follow-up question: the template's turn without the image."""
+    from ..errors import ConfigError
+    from ..model import IMAGE_SLOT
+
+    if "{instruction}" not in template.text:
+        raise ConfigError(f"the model's template {template.text!r} has no {{instruction}} slot",
+                          "chat needs a template with {instruction}, e.g. MiniGPT-4's")
+    before_image, after_image = template.text.split(IMAGE_SLOT)
+    head = before_image[: _TAGS_BEFORE.search(before_image).start()]
+    pre_instruction, tail = after_image.split("{instruction}", 1)
+    head += pre_instruction[_TAGS_AFTER.match(pre_instruction).end():]
+    end = template.end
+    if end and head.startswith(end):
+        head = head[len(end):]  # the end symbol that closes an answer already opens the next turn
+    elif not end and head[:1] not in (" ", "\n"):
+        head = " " + head
+    return head, tail
+
+
+class ChatSession:
+    """One image, a growing conversation; `ask` returns the model's next answer."""
+
+    def __init__(self, model: Any, image: Any, config: Any):
+        self.model = model
+        self.config = config
+        self.head, self.tail = turn_markers(model.template)
+        self.history: list[tuple[str, str]] = []
+        self.set_image(image)
+
+    def set_image(self, image: Any) -> None:
+        """Encode a new image once and start a fresh conversation about it."""
+        device = self.model.projector.weight.device
+        self.features = self.model.encode_images(self.model.vision.preprocess([image]).to(device))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the image stays)."""
+        self.history = []
+
+    def sample(self, question: str) -> Any:
+        """The text around the soft prompts for the whole conversation up to `question`."""
+        from ..interfaces import TextSample
+
+        questions = [q for q, _ in self.history] + [question]
+        first = self.model.template.sample(questions[0])
+        after = first.after
+        for (_, answer), follow_up in zip(self.history, questions[1:]):
+            after += answer + self.model.template.end + self.head + follow_up + self.tail
+        return TextSample(before=first.before, after=after)
+
+    def ask(self, question: str) -> str:
+        """Generate the answer to `question` given the conversation so far, and remember both."""
+        import torch
+
+        model = self.model
+        instructions = [question] if model.vpg.uses_instruction else None
+        with torch.no_grad():
+            text = model.llm.generate(model.prompts(self.features, instructions), [self.sample(question)],
+                                      self.config)[0]
+        if model.template.end:
+            text = text.split(model.template.end)[0]
+        answer = text.strip()
+        self.history.append((question, answer))
+        return answer
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A vpgtrans model directory.")
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False), help="Image to talk about.")
+@generation_options
+def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, device: str) -> None:
+    """Talk about an image, turn by turn (answers on stdout, prompts on stderr)."""
+    from ..errors import DataError
+    from ..images import open_image
+    from ..interfaces import GenerationConfig
+
+    image = open_image(image_path)
+    model = load_for_inference(model_dir, device)
+    session = ChatSession(model, image, GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams))
+    click.echo(f"chatting about {image_path} — {HELP}", err=True)
+    while True:
+        click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF (Ctrl-D or end of piped input)
+            click.echo("", err=True)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+        elif text == "/image" or text.startswith("/image "):
+            path = text[len("/image"):].strip()
+            try:
+                session.set_image(open_image(path))
+            except DataError as exc:
+                click.echo(f"error: {exc}", err=True)
+                continue
+            click.echo(f"(now talking about {path}; conversation reset)", err=True)
+        elif text.startswith("/"):
+            click.echo(HELP, err=True)
+        else:
+            click.echo(session.ask(text))

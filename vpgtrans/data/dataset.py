@@ -1,0 +1,165 @@
+"""Training examples: (vision features, TextSample, instruction) built with the model's template."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import help_field
+from ..errors import ConfigError
+from ..interfaces import TextSample
+from .cache import CacheReport, FeatureCache, FeatureStore, prepare_features
+from .readers import FORMATS, BadSamples, ImageReader, read_records
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how examples are made from it."""
+
+    train: str = help_field("", help="training annotations: .jsonl, COCO .json, cc_sbu_align folder, .tar shards "
+                                     "(dir or {000..009} pattern); ${world} = the synthetic world's directory")
+    val: str | None = help_field(None, help="validation annotations (same format), used for eval metrics")
+    format: str = help_field("auto", help=f"one of {', '.join(FORMATS)}")
+    image_root: str | None = help_field(None, help="directory image paths are relative to (default: the file's dir)")
+    task: str = help_field("caption", help="caption, vqa, or auto (per row: caption if present, else question)")
+    prompt: str = help_field("", help="instruction for caption data (fills {instruction} in the template)")
+    instructions: list = help_field([], help="instructions to pick from at random per sample (MiniGPT-4)")
+    random_caption: bool = help_field(True, help="rows listing several captions ('captions'): draw one per example "
+                                                 "and epoch instead of always the first")
+    question_template: str = help_field("Question: {question} Answer:", help="instruction made from a VQA question")
+    prefix_lm: bool = help_field(True, help="encoder-decoder LLMs: split captions at a random word into encoder "
+                                            "prefix and decoder target (BLIP-2 FlanT5)")
+    max_samples: int | None = help_field(None, help="use only the first N training records")
+    max_val_samples: int | None = help_field(None, help="use only the first N validation records")
+    feature_cache: bool = help_field(True, help="compute frozen vision features once and cache them on disk")
+    cache_dir: str | None = help_field(None, help="feature cache root (default $VPGTRANS_HOME/cache)")
+    cache_dtype: str = help_field("float32", help="dtype of cached features (float16 halves the disk use)")
+    feature_batch_size: int = help_field(32, help="images per vision forward when filling the cache")
+    preload_gb: float = help_field(2.0, help="hold cached features in memory when they fit in this many GB")
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format '{self.format}' is unknown", f"use one of: {', '.join(FORMATS)}")
+        if self.task not in ("caption", "vqa", "auto"):
+            raise ConfigError(f"data.task '{self.task}' is unknown", "use caption, vqa or auto")
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"data.cache_dtype '{self.cache_dtype}' is unknown", "use float32, float16 or bfloat16")
+
+
+def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
+    """(prefix, target) split at a random word boundary; the target keeps at least one word."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    k = rng.randint(0, len(words) - 1)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def _answer(answer: Any) -> str:
+    if isinstance(answer, (list, tuple)):
+        # VQA v2 lists ten human answers: train on the most frequent one.
+        return str(Counter(map(str, answer)).most_common(1)[0][0]) if answer else ""
+    return str(answer)
+
+
+class Collate:
+    """Batch of (tensor, TextSample, instruction) → {key: stacked, samples: [...], instructions: [...]}."""
+
+    def __init__(self, key: str = "features"):
+        self.key = key
+
+    def __call__(self, batch: Sequence[tuple[torch.Tensor, TextSample, str]]) -> dict[str, Any]:
+        stacked = torch.stack([b[0] for b in batch])
+        if self.key == "features":  # cached as float16/bfloat16 maybe; the VPG computes in float32
+            stacked = stacked.float()
+        return {self.key: stacked, "samples": [b[1] for b in batch],
+                "instructions": [b[2] for b in batch]}
+
+
+class VLDataset(Dataset):
+    """Records → (features or pixels, TextSample, instruction); per-sample randomness from (seed, epoch, index)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], template: Any, config: DataConfig, *,
+                 store: FeatureStore | None = None, shas: Sequence[str] | None = None, vision: Any = None,
+                 is_encoder_decoder: bool = False, seed: int = 0):
+        if store is None and vision is None:
+            raise ConfigError("VLDataset needs cached features or a vision encoder", "pass store= or vision=")
+        self.records = list(records)
+        self.template = template
+        self.config = config
+        self.store = store
+        self.shas = list(shas) if shas is not None else None
+        self.vision = vision
+        self.is_encoder_decoder = is_encoder_decoder
+        self.seed = seed
+        self.epoch = 0
+        self._reader: ImageReader | None = None
+        self.collate = Collate("features" if store is not None else "pixels")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose instruction/prefix draws `__getitem__` returns."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text(self, index: int) -> tuple[TextSample, str]:
+        """The text side of one example: TextSample and the instruction (for instruction-aware VPGs)."""
+        rec = self.records[index]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        cfg = self.config
+        if "caption" in rec:
+            instruction = rng.choice(cfg.instructions) if cfg.instructions else cfg.prompt
+            prefix, target = "", rec["caption"]
+            if cfg.random_caption and isinstance(rec.get("captions"), list) and rec["captions"]:
+                target = str(rng.choice(rec["captions"]))
+            if self.is_encoder_decoder and cfg.prefix_lm:
+                prefix, target = split_caption(target, rng)
+            sample = self.template.sample(instruction, target)
+            if prefix:
+                sample.after = f"{sample.after.rstrip()} {prefix}" if sample.after.strip() else prefix
+            return sample, instruction
+        instruction = cfg.question_template.format(question=rec["question"])
+        return self.template.sample(instruction, _answer(rec["answer"])), instruction
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, TextSample, str]:
+        sample, instruction = self.text(index)
+        if self.store is not None:
+            return self.store.get(self.shas[index]), sample, instruction
+        if self._reader is None:
+            self._reader = ImageReader()
+        image = self._reader.decode(self.records[index])
+        return self.vision.preprocess([image])[0], sample, instruction
+
+
+def load_records(config: DataConfig, split: str = "train", bad: BadSamples | None = None) -> list[dict[str, Any]]:
+    """Read the train or val annotations named by the config (first max_samples only)."""
+    path = config.train if split == "train" else config.val
+    if not path:
+        raise ConfigError(f"data.{split} is not set", f"set data.{split}=PATH in the recipe or on the command line")
+    records = read_records(path, config.format, task=config.task, image_root=config.image_root, bad=bad)
+    limit = config.max_samples if split == "train" else config.max_val_samples
+    return records[:limit] if limit else records
+
+
+def build_dataset(records: Sequence[dict[str, Any]], model: Any, config: DataConfig, *, seed: int = 0,
+                  bad: BadSamples | None = None, progress: bool = True,
+                  device: str | torch.device | None = None) -> tuple[VLDataset, CacheReport | None]:
+    """Dataset for `model` (its template and vision encoder); fills the feature cache first when enabled."""
+    kw = dict(is_encoder_decoder=bool(getattr(model.llm, "is_encoder_decoder", False)), seed=seed)
+    if not config.feature_cache:
+        return VLDataset(records, model.template, config, vision=model.vision, **kw), None
+    cache = FeatureCache(config.cache_dir, model.vision.cache_id())
+    shas, report = prepare_features(records, model.vision, cache, batch_size=config.feature_batch_size,
+                                    device=device, dtype=getattr(torch, config.cache_dtype), bad=bad,
+                                    progress=progress)
+    keep = [i for i, s in enumerate(shas) if s is not None]
+    kept_records = [records[i] for i in keep]
+    kept_shas = [shas[i] for i in keep]
+    store = FeatureStore(cache, kept_shas, preload_limit_bytes=int(config.preload_gb * (1 << 30)))
+    return VLDataset(kept_records, model.template, config, store=store, shas=kept_shas, **kw), report

@@ -1,0 +1,115 @@
+"""Export vpgtrans models to stock transformers checkpoints, and import them back.
+
+| format            | transformers class                     | vpgtrans VPG                 |
+|-------------------|----------------------------------------|------------------------------|
+| `hf-blip2`        | `Blip2ForConditionalGeneration`        | `qformer`                    |
+| `hf-instructblip` | `InstructBlipForConditionalGeneration` | `instruct-qformer`           |
+| `hf-llava`        | `LlavaForConditionalGeneration`        | `mlp`, `linear`              |
+
+All three splice the soft prompts where `input_ids` holds the image token; `stock_inputs` builds
+those ids from vpgtrans's own sequence, so the stock model sees exactly what vpgtrans trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ._common import IGNORE, LORA_MODES, ExportRefused, ExportResult
+
+__all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "export_model", "import_model",
+           "stock_inputs"]
+
+
+def _export_blip2(model: Any, out: Path, lora: str | None) -> ExportResult:
+    from . import blip2
+
+    return blip2.export(model, out, lora, blip2.BLIP2)
+
+
+def _export_instructblip(model: Any, out: Path, lora: str | None) -> ExportResult:
+    from . import blip2
+
+    return blip2.export(model, out, lora, blip2.INSTRUCTBLIP)
+
+
+def _import_blip2(src: Path, out: Path) -> Path:
+    from . import blip2
+
+    return blip2.import_(src, out, blip2.BLIP2)
+
+
+def _import_instructblip(src: Path, out: Path) -> Path:
+    from . import blip2
+
+    return blip2.import_(src, out, blip2.INSTRUCTBLIP)
+
+
+def _export_llava(model: Any, out: Path, lora: str | None) -> ExportResult:
+    from . import llava
+
+    return llava.export(model, out, lora)
+
+
+def _import_llava(src: Path, out: Path) -> Path:
+    from . import llava
+
+    return llava.import_(src, out)
+
+
+# name → (export, import, one-line description)
+FORMATS: dict[str, tuple[Callable[..., ExportResult], Callable[..., Path], str]] = {
+    "hf-blip2": (_export_blip2, _import_blip2, "transformers Blip2ForConditionalGeneration (Q-Former VPG)"),
+    "hf-instructblip": (_export_instructblip, _import_instructblip,
+                        "transformers InstructBlipForConditionalGeneration (instruct-qformer VPG)"),
+    "hf-llava": (_export_llava, _import_llava, "transformers LlavaForConditionalGeneration (mlp/linear VPG)"),
+}
+
+
+def _format(fmt: str) -> tuple[Callable[..., ExportResult], Callable[..., Path], str]:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def export_model(model: Any, out: str | Path, fmt: str = "hf-blip2", *, lora: str | None = None) -> ExportResult:
+    """Write `model` as a stock transformers checkpoint directory (`lora`: merge (default) or peft)."""
+    if lora is not None and lora not in LORA_MODES:
+        raise ConfigError(f"unknown --lora mode '{lora}'", f"use one of {', '.join(LORA_MODES)}")
+    return _format(fmt)[0](model, Path(out), lora)
+
+
+def import_model(src: str | Path, out: str | Path, fmt: str = "hf-blip2") -> Path:
+    """Turn a stock transformers checkpoint directory into a vpgtrans model directory."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConfigError(f"{src} is not a directory", "pass the folder holding the checkpoint's config.json")
+    return _format(fmt)[1](src, Path(out))
+
+
+def stock_inputs(model: Any, samples: Sequence[Any], image_token_id: int, *, instructions: Sequence[str] | None = None,
+                 max_text_len: int = 128) -> dict[str, torch.Tensor]:
+    """Inputs for an exported stock model that reproduce vpgtrans's teacher-forced sequence exactly.
+
+    Soft-prompt slots become `image_token_id`; `labels` are vpgtrans's targets (+EOS), so the stock loss
+    equals `model(...)`'s. For an instruction-aware Q-Former, `qformer_input_ids` carry the instructions.
+    """
+    from vpgtrans_adapters.llm import _pad
+
+    llm = model.llm
+    n_soft = model.vpg.num_prompts(model.vision.num_tokens)
+    if getattr(llm, "is_encoder_decoder", False):
+        ids, soft, attn = llm._encoder_inputs(n_soft, samples)
+        eos = [llm.tokenizer.eos_token_id]
+        labels = _pad([(llm._ids(s.target) + eos)[:max_text_len] for s in samples], IGNORE, False)
+    else:
+        ids, soft, labels, attn = llm._sequences(n_soft, samples, max_text_len, True, False)
+    out = {"input_ids": ids.masked_fill(soft, image_token_id), "attention_mask": attn, "labels": labels}
+    if model.vpg.uses_instruction:
+        q_ids, q_mask = model.vpg.tokenize(list(instructions or [""] * len(samples)), torch.device("cpu"))
+        out.update(qformer_input_ids=q_ids, qformer_attention_mask=q_mask)
+    return out
+

@@ -1,0 +1,352 @@
+"""Pieces every stock-transformers format shares: clean LLM weights (LoRA merged or set aside), the image
+token, the processor's tokenizer, assembling a stock model without copying weights, and the export marker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+IMAGE_TOKEN = "<image>"
+# Written beside an export: what vpgtrans did to the model, so `vpgtrans import` can undo it exactly.
+EXPORT_INFO = "vpgtrans_export.json"
+# The LLM tokenizer as vpgtrans used it (before the image token and BOS/EOS template were added).
+SOURCE_TOKENIZER = "vpgtrans_tokenizer"
+LORA_MODES = ("merge", "peft")
+IGNORE = -100
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and what the user should know about it."""
+
+    out: Path
+    format: str
+    image_token_id: int
+    notes: list[str] = field(default_factory=list)
+
+
+class ExportRefused(ConfigError):
+    """The chosen format cannot represent this model."""
+
+
+def _lora_layers(lm: nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: mod for name, mod in lm.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def _clean_key(key: str) -> str | None:
+    """A peft-wrapped parameter name as the plain transformers model names it (None: adapter weights)."""
+    return None if "lora_" in key else key.replace(".base_layer.", ".")
+
+
+def llm_state(model: Any, lora: str) -> dict[str, torch.Tensor]:
+    """The LLM's weights under plain transformers names; with `lora="merge"` every LoRA delta is folded in.
+
+    The model itself is left exactly as it was (each layer is merged by peft, read, and restored).
+    """
+    if lora not in LORA_MODES:
+        raise ConfigError(f"unknown --lora mode {lora!r}", f"use one of {', '.join(LORA_MODES)}")
+    from ..lora import is_applied
+
+    lm = model.llm.model
+    layers = _lora_layers(lm) if is_applied(model) else {}  # (importing peft costs a second)
+    if any(getattr(m, "merged", False) for m in layers.values()):
+        raise ConfigError("the LoRA adapter is already merged into the LLM weights in memory",
+                          "unmerge it (peft `unmerge_adapter`) or reload the model before exporting")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in lm.state_dict().items():
+        clean = _clean_key(key)
+        if clean is not None:
+            state[clean] = value
+    if lora == "merge":
+        with torch.no_grad():
+            for name, layer in layers.items():
+                base = layer.get_base_layer()
+                params = {p: getattr(base, p) for p in ("weight", "bias") if getattr(base, p, None) is not None}
+                original = {p: v.detach().clone() for p, v in params.items()}
+                layer.merge(safe_merge=True)
+                try:
+                    for pname, value in params.items():
+                        state[f"{name}.{pname}"] = value.detach().clone()
+                finally:
+                    layer.unmerge()  # clears peft's merged flag; the copy below undoes its rounding
+                    for pname, value in params.items():
+                        value.copy_(original[pname])
+    return state
+
+
+def embedding_keys(lm: nn.Module) -> list[str]:
+    """State-dict names of the input and output embedding matrices (all names of tied ones)."""
+    wanted = {id(lm.get_input_embeddings().weight)}
+    out = lm.get_output_embeddings()
+    if out is not None:
+        wanted.add(id(out.weight))
+    names = [n for n, p in lm.named_parameters(remove_duplicate=False) if id(p) in wanted]
+    return [n.replace(".base_layer.", ".") for n in names]
+
+
+def grow_vocab(state: dict[str, torch.Tensor], keys: Sequence[str], rows: int) -> int:
+    """Give every embedding matrix in `keys` at least `rows` rows; returns how many rows were added.
+
+    New rows are the mean of the existing ones: the image token's input row is never looked up (the
+    soft prompts replace it), and a mean output row keeps its logit ordinary rather than zero.
+    """
+    added = 0
+    grown: dict[int, torch.Tensor] = {}
+    for key in keys:
+        value = state[key]
+        if value.shape[0] >= rows:
+            continue
+        ptr = value.data_ptr()
+        if ptr not in grown:  # tied matrices: grow once, share the result
+            extra = value.float().mean(0, keepdim=True).to(value.dtype).expand(rows - value.shape[0], -1)
+            grown[ptr] = torch.cat([value, extra])
+        added = rows - value.shape[0]
+        state[key] = grown[ptr]
+    return added
+
+
+def image_token_tokenizer(tokenizer: Any, decoder_only: bool) -> tuple[Any, int, list[str]]:
+    """A copy of the LLM tokenizer with the `<image>` token, set to frame text as vpgtrans does.
+
+    vpgtrans feeds `[soft prompts][BOS] text` (decoder-only) and `[soft prompts] text [EOS]` (T5); BLIP-2's
+    processor puts the image tokens in front of whatever the tokenizer's own template makes, so the
+    template must add BOS (resp. EOS) for both to build the same sequence.
+    """
+    from tokenizers.processors import TemplateProcessing
+    from transformers.tokenization_utils_base import AddedToken
+
+    notes: list[str] = []
+    tok = copy.deepcopy(tokenizer)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    image_id = int(tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    special = tok.bos_token if decoder_only else tok.eos_token
+    probe = tok("a", add_special_tokens=True).input_ids
+    plain = tok("a", add_special_tokens=False).input_ids
+    if special is not None:
+        sid = tok.convert_tokens_to_ids(special)
+        want = [sid] + plain if decoder_only else plain + [sid]
+        if probe != want:
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is None:
+                notes.append(f"the tokenizer cannot be told to add {special}; add it to the processor's text yourself")
+            else:
+                single, pair = (f"{special} $A", f"{special} $A $B") if decoder_only else (f"$A {special}",
+                                                                                            f"$A $B {special}")
+                backend.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=[(special, sid)])
+    return tok, image_id, notes
+
+
+def image_processor(vision: Any) -> Any:
+    """A BLIP image processor with the vision encoder's own size and statistics (bicubic, as vpgtrans does)."""
+    from transformers import BlipImageProcessor
+
+    h, w = vision.input_hw
+    return BlipImageProcessor(size={"height": h, "width": w}, image_mean=list(vision.mean),
+                              image_std=list(vision.std), resample=3, do_convert_rgb=True)
+
+
+def assemble(model_cls: Any, config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Instantiate a stock model on the meta device and hand it our tensors (no copy, no random init)."""
+    with torch.device("meta"):
+        target = model_cls(config)
+    expected = set(target.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{model_cls.__name__} layout mismatch: {len(missing)} missing (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+                              "this transformers version lays the model out differently; please report it")
+    target.load_state_dict(state, strict=True, assign=True)
+    target.tie_weights()
+    return target.eval()
+
+
+def prefixed(prefix: str, module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's (or state dict's) tensors under `prefix.`."""
+    items = module.items() if isinstance(module, dict) else module.state_dict().items()
+    return {f"{prefix}.{k}": v.detach() for k, v in items}
+
+
+@dataclass
+class LLMPart:
+    """The LLM side of an export: tokenizer with the image token, plain weights, config, what to tell the user."""
+
+    tokenizer: Any
+    image_id: int
+    state: dict[str, torch.Tensor]
+    config: Any
+    lora: str | None
+    info: dict[str, Any]
+    notes: list[str]
+
+
+def llm_part(model: Any, lora: str | None, fmt: str) -> LLMPart:
+    """Prepare the LLM for a stock checkpoint: image token (growing the vocabulary if needed), LoRA handled."""
+    from dataclasses import asdict
+
+    from ..lora import is_applied
+
+    lm = model.llm.model
+    lora = (lora or "merge") if is_applied(model) else None
+    tok, image_id, notes = image_token_tokenizer(model.llm.tokenizer, not lm.config.is_encoder_decoder)
+    state = llm_state(model, lora or "merge")
+    rows = lm.get_input_embeddings().weight.shape[0]
+    added = grow_vocab(state, embedding_keys(lm), image_id + 1)
+    if added:
+        notes.append(f"the LLM vocabulary grew by {added} row(s) for the image token (id {image_id}); that input row "
+                     "is never read (the soft prompts replace it)")
+    config = copy.deepcopy(lm.config)
+    config.vocab_size = max(int(config.vocab_size), image_id + 1)
+    info = {"format": fmt, "image_token_id": image_id, "vocab_rows": rows, "vocab_size": int(lm.config.vocab_size),
+            "added_rows": added, "lora": lora, "spec": asdict(model.spec)}
+    return LLMPart(tok, image_id, state, config, lora, info, notes)
+
+
+def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_processor: Any,
+                 improc: Any) -> ExportResult:
+    """Save the stock model, its processor (or tokenizer + image processor), any LoRA adapter and the marker."""
+    from ..checkpoint import atomic_dir
+    from ..lora import LORA_DIR, save_adapter
+
+    notes = part.notes
+    with atomic_dir(out) as tmp:
+        stock.save_pretrained(str(tmp))
+        try:
+            make_processor().save_pretrained(str(tmp))
+        except Exception as exc:  # noqa: BLE001 - the model is still useful without a processor
+            notes.append(f"no processor written ({type(exc).__name__}: {exc}); the tokenizer and image processor "
+                         "are saved separately")
+            part.tokenizer.save_pretrained(str(tmp))
+            improc.save_pretrained(str(tmp))
+        if part.lora == "peft":
+            save_adapter(model, tmp / LORA_DIR)
+            notes.append(f"LoRA adapter left unmerged in {LORA_DIR}/: load it with "
+                         f"PeftModel.from_pretrained(<stock model's language model>, '<dir>/{LORA_DIR}')")
+        elif part.lora == "merge":
+            notes.append("LoRA adapter merged into the LLM weights")
+        (tmp / EXPORT_INFO).write_text(json.dumps(part.info, indent=2, default=str))
+        model.llm.tokenizer.save_pretrained(str(tmp / SOURCE_TOKENIZER))
+    return ExportResult(out=out, format=part.info["format"], image_token_id=part.image_id, notes=notes)
+
+
+def restore_llm(src: Path, info: dict[str, Any], lm: nn.Module) -> Any:
+    """Undo what an export did to the LLM (extra vocabulary rows); returns the tokenizer vpgtrans used."""
+    from transformers import AutoTokenizer
+
+    from ..names import load_pretrained
+
+    if info.get("added_rows"):
+        lm.resize_token_embeddings(int(info["vocab_rows"]))
+        lm.config.vocab_size = int(info["vocab_size"])
+    tok_dir = src / SOURCE_TOKENIZER if (src / SOURCE_TOKENIZER).is_dir() else src
+    return load_pretrained(AutoTokenizer.from_pretrained, str(tok_dir), str(tok_dir), what="LLM tokenizer")
+
+
+def read_export_info(src: Path) -> dict[str, Any]:
+    """The marker an export left (empty for directories vpgtrans did not write)."""
+    path = src / EXPORT_INFO
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_hf_config(src: str | Path, model_types: Sequence[str], fmt: str) -> dict[str, Any]:
+    """config.json of a stock checkpoint directory, checked to be of the expected model type."""
+    path = Path(src) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{src} has no config.json", f"pass a directory holding a {fmt} checkpoint")
+    config = json.loads(path.read_text())
+    if config.get("model_type") not in model_types:
+        raise CheckpointError(f"{src} holds a '{config.get('model_type')}' model, not {'/'.join(model_types)}",
+                              f"pick the --format that matches the checkpoint ({fmt} reads {model_types[0]})")
+    return config
+
+
+def preprocessor_settings(src: Path) -> dict[str, Any]:
+    """Image size and statistics from a stock processor config, in the form the vision adapters read."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = src / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data = data.get("image_processor", data)
+            keep = {k: data[k] for k in ("image_mean", "image_std", "size", "crop_size") if k in data}
+            size = keep.get("crop_size") if data.get("do_center_crop") else keep.get("size")
+            if isinstance(size, dict) and "shortest_edge" in size:
+                size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+            if size is not None:
+                keep["size"] = size
+            keep.pop("crop_size", None)
+            return keep
+    return {}
+
+
+def save_frozen_parts(tmp: Path, vision: nn.Module, lm: nn.Module, tokenizer: Any,
+                      preprocessor: dict[str, Any]) -> None:
+    """Write the vision tower and the LLM as their own stock checkpoints (what our components load)."""
+    vision.save_pretrained(str(tmp / "vision"))
+    if preprocessor:
+        (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    lm.save_pretrained(str(tmp / "llm"))
+    tokenizer.save_pretrained(str(tmp / "llm"))
+
+
+def adapter_settings(src: Path) -> dict[str, Any] | None:
+    """The `lora:` spec of a peft LoRA adapter shipped beside a stock checkpoint (`--lora peft`), if any."""
+    from ..lora import LORA_DIR
+
+    path = src / LORA_DIR / "adapter_config.json"
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    targets = cfg.get("target_modules")
+    if cfg.get("peft_type", "LORA") != "LORA" or not isinstance(targets, list):
+        raise CheckpointError(f"{path} is not a LoRA adapter with a list of target modules",
+                              "merge it into the LLM before importing (peft merge_and_unload)")
+    return {"r": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
+            "target_modules": sorted(targets), "bias": cfg.get("bias", "none")}
+
+
+def build_imported(spec: dict[str, Any], src: Path) -> Any:
+    """Build the imported model (with the shipped LoRA adapter, if any, loaded into its LLM)."""
+    from ..lora import LORA_DIR, load_adapter
+    from ..model import build_model
+
+    spec = {**spec, "lora": adapter_settings(src)}
+    model = build_model(spec)
+    if spec["lora"]:
+        load_adapter(model, src / LORA_DIR)
+    return model
+
+
+def finish_import(model: Any, tmp: Path, final: Path, extra: dict[str, Any]) -> None:
+    """Save the assembled model's manifest + trainable weights into `tmp`, its paths pointing into `final`."""
+    import shutil
+
+    from ..checkpoint import save_model
+
+    for kind in ("vision", "vpg", "llm"):
+        part = getattr(model.spec, kind)
+        for key, value in part.items():
+            if isinstance(value, str) and value.startswith(str(tmp)):
+                part[key] = str(final.resolve()) + value[len(str(tmp)):]
+    staged = save_model(model, tmp / ".model", extra=extra)
+    for f in staged.iterdir():
+        shutil.move(str(f), str(tmp / f.name))
+    staged.rmdir()
+
+
+def dtype_name(module: nn.Module) -> str:
+    """float32 / bfloat16 / float16 of a module's first floating parameter."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return "float32"

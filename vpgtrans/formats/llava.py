@@ -1,0 +1,177 @@
+"""`hf-llava`: per-patch VPGs (`mlp`, `linear`) on a CLIP tower ↔ transformers' LlavaForConditionalGeneration.
+
+LLaVA's projector is Linear-act-Linear with the LLM width in the middle:
+- `mlp` (Linear-GELU) + our projector is exactly that when the VPG's hidden width is the LLM width;
+- `linear` (identity) + our projector becomes linear_1 = projector, act = identity ("linear"),
+  linear_2 = the identity matrix — exact in floating point.
+LLaVA reads `hidden_states[vision_feature_layer]` of its tower; for CLIP, vpgtrans's layer -1 (final
+output) is the same tensor. Dropping CLS (on the vision component or the VPG) is the "default" strategy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_dir
+from ..errors import CheckpointError
+from ._common import (ExportRefused, ExportResult, assemble, build_imported, dtype_name,
+                      finish_import, image_processor, llm_part, prefixed, preprocessor_settings, read_export_info,
+                      read_hf_config, restore_llm, save_frozen_parts, write_export)
+
+FMT = "hf-llava"
+
+
+def _check(model: Any) -> tuple[bool, str]:
+    """(drop CLS?, projector activation) if LLaVA can represent the model, else a plain refusal."""
+    from transformers import CLIPVisionModel
+
+    name = model.spec.vpg.get("name")
+    if name not in ("mlp", "linear", "llava", "llava-1.5"):
+        raise ExportRefused(f"{FMT} represents the per-patch 'mlp' and 'linear' VPGs, this model's VPG is '{name}'",
+                            "export Q-Former models with --format hf-blip2 (or hf-instructblip)")
+    if not isinstance(getattr(model.vision, "model", None), CLIPVisionModel):
+        raise ExportRefused(f"{FMT} needs a CLIP vision tower (LLaVA builds it with AutoModel), this model uses "
+                            f"{type(getattr(model.vision, 'model', model.vision)).__name__}",
+                            "rebuild the model on clip-vit to export it as LLaVA")
+    if model.llm.model.config.is_encoder_decoder:
+        raise ExportRefused(f"{FMT} needs a decoder-only LLM; LlavaForConditionalGeneration cannot hold "
+                            f"{type(model.llm.model).__name__}", "use --format hf-blip2 for FlanT5 backends")
+    drop_vision, drop_vpg = bool(model.vision.config.drop_cls), bool(getattr(model.vpg, "drop_cls", False))
+    if drop_vision and drop_vpg:
+        raise ExportRefused("CLS is dropped twice (vision drop_cls and VPG drop_cls)",
+                            "LLaVA drops at most the CLS token; rebuild with one of them")
+    if hasattr(model.vpg, "fc"):
+        if not (isinstance(model.vpg.act, torch.nn.GELU) and model.vpg.act.approximate == "none"):
+            raise ExportRefused(f"the mlp VPG's activation {model.vpg.act} is not LLaVA's exact GELU",
+                                "rebuild the VPG with the default GELU")
+        if model.vpg.output_dim != model.llm.embed_dim:
+            raise ExportRefused(f"LLaVA's MLP is as wide as the LLM ({model.llm.embed_dim}), this mlp VPG is "
+                                f"{model.vpg.output_dim} wide", f"rebuild it with hidden_size={model.llm.embed_dim}")
+        return drop_vision or drop_vpg, "gelu"
+    return drop_vision or drop_vpg, "linear"
+
+
+def _projector_state(model: Any, act: str) -> dict[str, torch.Tensor]:
+    proj = {k: v.detach() for k, v in model.projector.state_dict().items()}
+    if act == "gelu":
+        first = {k: v.detach() for k, v in model.vpg.fc.state_dict().items()}
+        second = proj
+    else:
+        first = proj
+        width = proj["weight"].shape[0]
+        second = {"weight": torch.eye(width, dtype=proj["weight"].dtype),
+                  "bias": torch.zeros(width, dtype=proj["bias"].dtype)}
+    return {**prefixed("model.multi_modal_projector.linear_1", first),
+            **prefixed("model.multi_modal_projector.linear_2", second)}
+
+
+def _text_keys(state: dict[str, torch.Tensor], prefix: str, to_llava: bool) -> dict[str, torch.Tensor]:
+    """CausalLM names (`model.…`, `lm_head.…`) ↔ LLaVA names (`model.language_model.…`, `lm_head.…`)."""
+    ours, theirs = f"{prefix}.", "model.language_model."
+    src, dst = (ours, theirs) if to_llava else (theirs, ours)
+    return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in state.items()}
+
+
+def export(model: Any, out: str | Path, lora: str | None) -> ExportResult:
+    """Write `model` as a stock LlavaForConditionalGeneration directory (+ LlavaProcessor)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    drop_cls, act = _check(model)
+    lm = model.llm.model
+    part = llm_part(model, lora, FMT)
+    # LLaVA ties lm_head to `language_model.embed_tokens`; LLMs keeping it elsewhere (OPT: decoder.embed_tokens)
+    # ship an untied copy instead, which gives the same logits.
+    tie = bool(getattr(lm.config, "tie_word_embeddings", False))
+    part.config.tie_word_embeddings = tie and hasattr(getattr(lm, lm.base_model_prefix), "embed_tokens")
+    if tie and not part.config.tie_word_embeddings:
+        part.notes.append("the output embeddings are stored untied (LLaVA cannot tie them for this LLM)")
+        for key in [k for k in part.state if k.startswith("lm_head.")]:
+            part.state[key] = part.state[key].clone()  # its own storage, or save_pretrained drops it as tied
+    if model.template.sample().before == "":
+        part.notes.append("the model's template puts the image first: vpgtrans feeds [image tokens][BOS] text, "
+                          "while LlavaProcessor puts BOS first; build inputs with vpgtrans.formats.stock_inputs")
+    vision = model.vision
+    config = LlavaConfig(vision_config=vision.model.config.to_dict(), text_config=part.config.to_dict(),
+                         image_token_index=part.image_id, image_seq_length=model.vpg.num_prompts(vision.num_tokens),
+                         projector_hidden_act=act, vision_feature_layer=int(vision.config.layer),
+                         vision_feature_select_strategy="default" if drop_cls else "full",
+                         multimodal_projector_bias=True)
+    config.tie_word_embeddings = part.config.tie_word_embeddings
+    state = {**prefixed("model.vision_tower", vision.model), **_projector_state(model, act),
+             **_text_keys(part.state, lm.base_model_prefix, True)}
+    stock = assemble(LlavaForConditionalGeneration, config, state)
+    improc = image_processor(vision)
+    return write_export(Path(out), stock, part, model, lambda: LlavaProcessor(
+        image_processor=improc, tokenizer=part.tokenizer, patch_size=vision.model.config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1), improc)
+
+
+def _vpg_from_projector(stock: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(VPG spec, VPG weights, projector weights) from LLaVA's Linear-act-Linear."""
+    cfg = stock.config
+    mm = stock.model.multi_modal_projector
+    first = {k: v.detach() for k, v in mm.linear_1.state_dict().items()}
+    second = {k: v.detach() for k, v in mm.linear_2.state_dict().items()}
+    if not cfg.multimodal_projector_bias:
+        raise CheckpointError("this LLaVA projector has no biases, the vpgtrans projector always has one",
+                              "not importable as it is")
+    if cfg.projector_hidden_act == "gelu":
+        return {"name": "mlp", "hidden_size": first["weight"].shape[0]}, prefixed("fc", first), second
+    if cfg.projector_hidden_act == "linear":
+        eye = torch.eye(second["weight"].shape[0], dtype=second["weight"].dtype)
+        if not (torch.equal(second["weight"], eye) and not second["bias"].any()):
+            # Two linear maps in a row are one: fold linear_2 into linear_1.
+            w2 = second["weight"]
+            first = {"weight": w2 @ first["weight"], "bias": w2 @ first["bias"] + second["bias"]}
+        return {"name": "linear"}, {}, first
+    raise CheckpointError(f"LLaVA projector activation '{cfg.projector_hidden_act}' has no vpgtrans VPG",
+                          "only gelu (mlp VPG) and linear (linear VPG) projectors import")
+
+
+def import_(src: str | Path, out: str | Path) -> Path:
+    """Turn a stock LlavaForConditionalGeneration directory into a vpgtrans model directory."""
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ..model import detect_llm_component
+    from ..names import load_pretrained
+
+    src, out = Path(src), Path(out)
+    read_hf_config(src, ("llava",), FMT)
+    info = read_export_info(src)
+    stock = load_pretrained(LlavaForConditionalGeneration.from_pretrained, str(src), str(src), what=FMT).eval()
+    cfg = stock.config
+    tower = stock.model.vision_tower
+    if not isinstance(tower, CLIPVisionModel):
+        raise CheckpointError(f"{src}: vision tower {type(tower).__name__} has no vpgtrans vision component",
+                              "only CLIP towers import")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise CheckpointError(f"{src}: features from several vision layers {cfg.vision_feature_layer}",
+                              "vpgtrans vision components read one layer")
+    lm_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg.text_config)]
+    lm_state = {k: v for k, v in stock.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    lm = assemble(lm_cls, cfg.text_config, _text_keys(lm_state, lm_cls.base_model_prefix, False))
+    tokenizer = restore_llm(src, info, lm)
+    vpg_spec, vpg_state, proj_state = _vpg_from_projector(stock)
+    old = info.get("spec") or {}
+    drop_cls = cfg.vision_feature_select_strategy == "default"
+    vision_spec = {"name": "clip-vit", "layer": int(cfg.vision_feature_layer), "dtype": dtype_name(tower)}
+    if old.get("vpg", {}).get("name") == vpg_spec["name"] and old.get("vision", {}).get("drop_cls") == drop_cls:
+        vision_spec["drop_cls"] = drop_cls  # keep the CLS choice where the original model made it
+    else:
+        vpg_spec["drop_cls"] = drop_cls
+    with atomic_dir(out) as tmp:
+        save_frozen_parts(tmp, tower, lm, tokenizer, preprocessor_settings(src))
+        spec = {"vision": {**vision_spec, "path": str(tmp / "vision")}, "vpg": vpg_spec,
+                "llm": {"name": detect_llm_component(str(tmp / "llm")), "path": str(tmp / "llm"),
+                        "dtype": dtype_name(lm)},
+                "template": old.get("template") or {}}
+        del stock, lm, tower
+        model = build_imported(spec, src)
+        model.vpg.load_state_dict(vpg_state, strict=True)
+        model.projector.load_state_dict(proj_state, strict=True)
+        finish_import(model, tmp, out, extra={"imported_from": {"format": FMT, "path": str(src.resolve())}})
+    return out

@@ -1,0 +1,1 @@
+"""VPGTrans transfer: token pairing, embedding converters, projector merge and source loading."""

@@ -1,0 +1,92 @@
+"""Fit an embedding converter on paired tokens and fold it into the source projector (VPGTrans stage 1)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpgtrans.errors import CheckpointError, DataError
+
+from .pairing import TokenPairs
+
+
+@dataclass
+class ConverterFit:
+    """A fitted converter and how well it maps pairs it was and was not fitted on."""
+
+    linear: nn.Linear
+    train_cosine: float
+    heldout_cosine: float | None
+    n_fit: int
+    n_heldout: int
+    seconds: float
+
+    def summary(self) -> str:
+        """One line for logs and reports."""
+        held = f"{self.heldout_cosine:.4f} on {self.n_heldout} held-out pairs" if self.heldout_cosine is not None \
+            else "no held-out pairs"
+        return (f"converter {self.linear.in_features}→{self.linear.out_features}: mean cosine "
+                f"{self.train_cosine:.4f} on {self.n_fit} fitted pairs, {held} ({self.seconds:.1f}s)")
+
+
+@torch.no_grad()
+def mean_cosine(linear: nn.Linear, src: torch.Tensor, dst: torch.Tensor) -> float:
+    """Mean cosine similarity between linear(src) and dst, row by row."""
+    return float(F.cosine_similarity(linear(src.float()), dst.float(), dim=-1).mean())
+
+
+def fit_converter(converter: Any, src_emb: torch.Tensor, dst_emb: torch.Tensor,
+                  pairs: TokenPairs | tuple[torch.Tensor, torch.Tensor], *, heldout: float = 0.1,
+                  seed: int = 0) -> ConverterFit:
+    """Fit `converter` (a Converter or a registered converter name) on a seeded split of the token pairs."""
+    if isinstance(converter, str):
+        from vpgtrans.registry import build
+
+        converter = build("converter", converter)
+    src_ids, dst_ids = (pairs.src_ids, pairs.dst_ids) if isinstance(pairs, TokenPairs) else pairs
+    src_ids, dst_ids = torch.as_tensor(src_ids, dtype=torch.long), torch.as_tensor(dst_ids, dtype=torch.long)
+    for name, ids, emb in (("source", src_ids, src_emb), ("destination", dst_ids, dst_emb)):
+        if ids.numel() and int(ids.max()) >= emb.shape[0]:
+            raise DataError(f"{name} token id {int(ids.max())} is outside the {name} embedding matrix "
+                            f"({emb.shape[0]} rows)", "pair tokens with the tokenizer that belongs to that LLM")
+    if not 0.0 <= heldout < 1.0:
+        raise DataError(f"held-out fraction {heldout} is not in [0, 1)", "use e.g. 0.1")
+    n = src_ids.numel()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = int(round(n * heldout))
+    if n - n_held < 2:
+        raise DataError(f"only {n} token pairs: too few to fit a converter", "pair more tokens (see --pairing)")
+    fit_idx, held_idx = order[n_held:], order[:n_held]
+    src = src_emb.detach()[src_ids.to(src_emb.device)].float()
+    dst = dst_emb.detach()[dst_ids.to(dst_emb.device)].float().to(src.device)
+    fit_idx, held_idx = fit_idx.to(src.device), held_idx.to(src.device)
+    start = time.perf_counter()
+    linear = converter.fit(src[fit_idx], dst[fit_idx], seed=seed)
+    seconds = time.perf_counter() - start
+    return ConverterFit(linear=linear, train_cosine=mean_cosine(linear, src[fit_idx], dst[fit_idx]),
+                        heldout_cosine=mean_cosine(linear, src[held_idx], dst[held_idx]) if n_held else None,
+                        n_fit=n - n_held, n_heldout=n_held, seconds=seconds)
+
+
+@torch.no_grad()
+def merge_projector(src_proj: nn.Linear, conv: nn.Linear) -> nn.Linear:
+    """The destination projector conv∘src_proj: W_dst = W_c·W_src, b_dst = W_c·b_src + b_c."""
+    # Official code order. The paper's Eq. (2) writes the product the other way round, which does not
+    # even type-check (W_src is [d_src, d_vpg], W_c is [d_dst, d_src]).
+    if conv.in_features != src_proj.out_features:
+        raise CheckpointError(
+            f"converter input width {conv.in_features} does not match the source projector output width "
+            f"{src_proj.out_features}", "fit the converter on the source LLM the VPG was trained with")
+    dev = src_proj.weight.device
+    w_src, w_c = src_proj.weight.double(), conv.weight.to(dev, torch.float64)
+    b_src = src_proj.bias.double() if src_proj.bias is not None else w_src.new_zeros(w_src.shape[0])
+    b_c = conv.bias.to(dev, torch.float64) if conv.bias is not None else w_c.new_zeros(w_c.shape[0])
+    merged = nn.Linear(src_proj.in_features, conv.out_features, device=dev, dtype=src_proj.weight.dtype)
+    merged.weight.copy_(w_c @ w_src)
+    merged.bias.copy_(w_c @ b_src + b_c)
+    return merged
