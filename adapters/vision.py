@@ -46,6 +46,50 @@ def _read_preprocessor(target: str) -> dict[str, Any]:
     return {}
 
 
+def _load_tower(model_cls: Any, name: str, target: str, dtype: torch.dtype) -> Any:
+    """Load a vision tower alone, or cut it out of a full BLIP-2 / InstructBLIP / LLaVA checkpoint.
+
+    `Blip2VisionModel.from_pretrained(<full BLIP-2 dir>)` finds none of its weights (they sit under
+    `vision_model.*`) and silently initialises at random; so read the tower's tensors ourselves.
+    """
+    from transformers import AutoConfig
+
+    cfg = load_pretrained(AutoConfig.from_pretrained, name, target, what="vision encoder config")
+    sub = getattr(cfg, "vision_config", None)
+    if sub is None or model_cls.__name__.startswith("CLIP"):
+        return load_pretrained(model_cls.from_pretrained, name, target, what="vision encoder", dtype=dtype)
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+    from vpgtrans.transfer.sources import _read_safetensors
+
+    directory = Path(target) if os.path.isdir(target) else Path(snapshot_download(target, local_files_only=True))
+    prefixes = ("vision_model.", "vision_tower.", "model.vision_model.")
+    index = directory / "model.safetensors.index.json"
+    keys = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    if keys is None:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+    state = _read_safetensors(directory, [k for k in keys if k.startswith(prefixes)])
+    model = model_cls(sub)
+    renamed = {}
+    for k, v in state.items():
+        for p in prefixes:
+            if k.startswith(p):
+                renamed[k[len(p):]] = v
+                break
+    result = model.load_state_dict(renamed, strict=False)
+    if result.missing_keys:
+        from vpgtrans.errors import WeightsNotFoundError
+
+        raise WeightsNotFoundError(f"vision encoder '{name}': {len(result.missing_keys)} tower weights missing in "
+                                   f"{directory} (e.g. {result.missing_keys[0]})",
+                                   "pass a directory holding the vision tower's weights")
+    return model.to(dtype)
+
+
 class HFVisionEncoder(VisionEncoder):
     """A frozen transformers vision model; outputs patch (and CLS) features of one layer."""
 
@@ -54,8 +98,7 @@ class HFVisionEncoder(VisionEncoder):
         self.config = config
         target = resolve(config.path, VISION_ALIASES)
         dtype = getattr(torch, config.dtype)
-        self.model = load_pretrained(model_cls.from_pretrained, config.path, target, what="vision encoder",
-                                     dtype=dtype)
+        self.model = _load_tower(model_cls, config.path, target, dtype)
         self.model.requires_grad_(False).eval()
         self._target = target
         vc = self.model.config

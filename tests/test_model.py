@@ -105,3 +105,24 @@ def test_qformer_initialised_from_bert(tiny_paths):
     assert torch.equal(q.attention.attention.query.weight, bert.encoder.layer[0].attention.self.query.weight)
     assert torch.equal(q.intermediate_query.dense.weight, bert.encoder.layer[0].intermediate.dense.weight)
     assert torch.equal(model.vpg.qformer.layernorm.weight, bert.embeddings.LayerNorm.weight)
+
+
+def test_vision_tower_cut_out_of_full_blip2_checkpoint(tiny_paths, tmp_path):
+    """`eva-vit-g` points at a full BLIP-2 checkpoint: the tower must load with its real weights."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionModel, OPTConfig
+
+    from vpgtrans.registry import build
+
+    vis = Blip2VisionModel.from_pretrained(tiny_paths["blip2-vit"])
+    cfg = Blip2Config(vision_config=vis.config.to_dict(),
+                      qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                      "intermediate_size": 64, "encoder_hidden_size": 32},
+                      text_config=OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                            num_attention_heads=2, word_embed_proj_dim=16).to_dict(),
+                      num_query_tokens=4)
+    full = Blip2ForConditionalGeneration(cfg)
+    full.vision_model.load_state_dict(vis.state_dict())
+    full.save_pretrained(tmp_path / "blip2")
+    enc = build("vision", "blip2-vit", {"path": str(tmp_path / "blip2")})
+    for (k, a), b in zip(vis.state_dict().items(), enc.model.state_dict().values()):
+        assert torch.equal(a, b), k
