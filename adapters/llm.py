@@ -29,6 +29,78 @@ class LLMConfig:
     attn_implementation: str | None = help_field("sdpa", help="attention kernel (sdpa, eager, flash_attention_2)")
 
 
+def _count_params(target: str) -> int | None:
+    """Parameter count of a local checkpoint from its safetensors headers (cheap), else from its config."""
+    import json
+    import math
+    import os
+    import struct
+    from pathlib import Path
+
+    files = sorted(Path(target).glob("*.safetensors")) if os.path.isdir(target) else []
+    if files:
+        total = 0
+        for f in files:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        return total
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(target, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
+    if not (h and layers):
+        return None
+    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or getattr(cfg, "d_ff", None) or 4 * h
+    return layers * (4 * h * h + 3 * h * ffn) + 2 * getattr(cfg, "vocab_size", 0) * h
+
+
+def _available_memory() -> tuple[str, int | None]:
+    """(device, free bytes) where the frozen LLM will live: GPU memory on CUDA, MemAvailable on CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return "cuda", int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return "cpu", int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return "cpu", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return "cpu", None
+
+
+def check_fits(name: str, target: str, dtype: str) -> None:
+    """Refuse early, in one line, when the LLM at `dtype` cannot fit in the free memory of the device."""
+    import os
+
+    from vpgtrans.errors import TrainingError
+
+    if os.environ.get("VPGTRANS_SKIP_MEMORY_CHECK") == "1":
+        return
+    params = _count_params(target)
+    device, free = _available_memory()
+    if not params or free is None:
+        return
+    need = params * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    # 10% headroom for activations and allocator slack; not more, so models that just fit still load.
+    if need * 1.1 > free:
+        gib = 2 ** 30
+        raise TrainingError(f"LLM {name} needs ~{need / gib:.1f} GiB at dtype {dtype} but the {device} has "
+                            f"{free / gib:.1f} GiB free",
+                            "use a smaller model, model.llm.dtype=bfloat16, or a bigger device "
+                            "(VPGTRANS_SKIP_MEMORY_CHECK=1 skips this check)")
+
+
 def _load(model_cls: Any, config: LLMConfig) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
@@ -40,6 +112,7 @@ def _load(model_cls: Any, config: LLMConfig) -> tuple[Any, Any]:
         target = str(dense_checkpoint(config.path, target, config.gguf_file, model_cls))
     extra: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.path, target, what="tokenizer", **extra)
+    check_fits(config.path, target, config.dtype)
     kwargs = dict(extra, dtype=getattr(torch, config.dtype))
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation

@@ -238,3 +238,30 @@ def test_stage1_recipe_runs_and_feeds_stage2(tiny_paths, tmp_path):
     with torch.no_grad():
         feats = stage2.encode_images(stage2.vision.preprocess(tiny_images(2)))
         assert torch.allclose(stage2.vpg(feats), stage1.vpg(feats), atol=1e-5)
+
+
+def test_train_cli_runs_a_stage1_recipe(tiny_paths, tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from vpgtrans.cli import main
+    from vpgtrans.testing import tiny_images
+
+    lines = []
+    for i, img in enumerate(tiny_images(4)):
+        img.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": CAPTIONS[i]}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    spec = tiny_spec(tiny_paths, tokenizer=str(tiny_paths["bert"]), vocab_size=1)
+    recipe = {"name": "s1", "stage": 1, "model": {"vision": spec["vision"], "vpg": spec["vpg"]},
+              "data": {"train": str(tmp_path / "d.jsonl")},
+              "train": {"lr": 1e-3, "batch_size": 2, "max_steps": 2, "warmup_steps": 0}}
+    (tmp_path / "s1.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["train", "--recipe", str(tmp_path / "s1.yaml"), "--out", str(tmp_path / "run"),
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "BLIP-2 stage 1" in result.output
+    assert (tmp_path / "run" / "stage1" / "stage1.json").exists()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["stage"] == 1

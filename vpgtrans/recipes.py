@@ -33,6 +33,7 @@ RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.until", "train.save_
 class _Top:
     name: str = ""
     description: str = ""
+    stage: int = 2
     model: dict = dataclasses.field(default_factory=dict)
     data: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
@@ -51,6 +52,7 @@ class Recipe:
     eval: EvalConfig
     source: str | None
     raw: dict[str, Any]
+    stage: int = 2  # 1 = BLIP-2 stage 1 (Q-Former alone, no LLM); 2 = VPG + projector on a frozen LLM
 
     def fingerprint(self) -> str:
         """Hash of everything that decides what a training step computes (resume refuses a mismatch)."""
@@ -153,9 +155,12 @@ def build_recipe(data: dict[str, Any], overrides: Sequence[str] = (), *, name: s
     sections = {s: from_dict(cls, getattr(top, s), where=f"recipe {s}") for s, cls in SECTIONS.items()}
     if not sections["data"].train:
         raise ConfigError("recipe data: 'train' is not set", "set data.train=PATH (annotations of the training data)")
+    if top.stage not in (1, 2):
+        raise ConfigError(f"recipe stage {top.stage} is not 1 or 2",
+                          "use stage: 1 (BLIP-2 Q-Former pre-training) or stage: 2 (the default)")
     raw.setdefault("name", top.name or name)
     return Recipe(name=top.name or name, description=top.description, model=model, source=source, raw=raw,
-                  **sections)
+                  stage=top.stage, **sections)
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:

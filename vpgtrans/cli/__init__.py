@@ -60,8 +60,9 @@ def _add_commands() -> None:
     from .generate import generate
     from .plot import plot
     from .train import train
+    from .transfer import transfer
 
-    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train):
+    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train, transfer):
         main.add_command(command)
 
 

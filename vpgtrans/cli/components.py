@@ -18,6 +18,6 @@ def components(as_json: bool, kind: str | None) -> None:
     if as_json:
         click.echo(json.dumps(items, indent=2, default=str))
         return
-    click.echo(f"{'kind':<10}{'name':<18}{'provider':<20}description")
+    click.echo(f"{'kind':<10}{'name':<20}{'provider':<20}description")
     for it in items:
-        click.echo(f"{it['kind']:<10}{it['name']:<18}{it['provider']:<20}{it['description']}")
+        click.echo(f"{it['kind']:<10}{it['name']:<20}{it['provider']:<20}{it['description']}")

@@ -115,8 +115,13 @@ def _write_run(out: Path, run: dict[str, Any]) -> None:
 
 def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force: bool = False,
                dry_run: bool = False, skip_bad: bool = False, progress: bool = True,
-               echo: Callable[[str], None] = print) -> dict[str, Any]:
+               echo: Callable[[str], None] = print, model: Any = None) -> dict[str, Any]:
     """Train the recipe's model into `out`; returns the run record (also `<out>/run.json`)."""
+    if getattr(recipe, "stage", 2) == 1:
+        from ..blip2_stage1_run import run_stage1_recipe
+
+        return run_stage1_recipe(recipe, out, resume=resume, force=force, dry_run=dry_run, skip_bad=skip_bad,
+                                 progress=progress, echo=echo)
     from ..data import BadSamples, build_dataset, load_records
     from ..registry import get as get_component
     from .objectives import EvalContext, lm_loss, make_eval_fn
@@ -146,7 +151,12 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     accelerator, note = make_accelerator(recipe.train.mixed_precision)
     if note:
         echo(f"note: {note}")
-    model = _build_model(recipe, accelerator.device, resume, echo)
+    if model is None:
+        model = _build_model(recipe, accelerator.device, resume, echo)
+    else:  # assembled by the caller (e.g. `vpgtrans transfer`): only choose what trains
+        model.set_trainable(vpg="vpg" in recipe.train.trainable, projector="projector" in recipe.train.trainable)
+        model.to(accelerator.device)
+        echo(model.describe_trainable())
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     run: dict[str, Any] = {"format": "vpgtrans-run", "recipe_name": recipe.name, "recipe_path": recipe.source,
                            "fingerprint": fingerprint, "seed": recipe.train.seed, "recipe": recipe.raw,

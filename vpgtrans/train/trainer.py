@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,12 +60,16 @@ def make_accelerator(mixed_precision: str = "no") -> tuple[Any, str | None]:
     note = None
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         note, mixed_precision = "mixed_precision fp16 needs a GPU; training in fp32", "no"
+    # Under torchrun / `accelerate launch --multi_gpu` on a machine without CUDA, accelerate only forms a
+    # process group (gloo) when told it runs on CPU; otherwise every process would train on its own.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kw = {"cpu": True} if launched and not torch.cuda.is_available() else {}
     try:
-        return Accelerator(mixed_precision=mixed_precision), note
+        return Accelerator(mixed_precision=mixed_precision, **kw), note
     except ValueError:
         # accelerate keeps one global state per process; a second run in the same process may change precision.
         AcceleratorState._reset_state()
-        return Accelerator(mixed_precision=mixed_precision), note
+        return Accelerator(mixed_precision=mixed_precision, **kw), note
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -1,0 +1,175 @@
+"""VPGTrans pipeline on tiny models: merge, 5x warm-up LR, what trains, cross-type transfer, sources, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from vpgtrans.checkpoint import save_model
+from vpgtrans.cli import main
+from vpgtrans.model import build_model
+from vpgtrans.testing import tiny_images, tiny_spec
+from vpgtrans.train import read_log
+from vpgtrans.transfer import pipeline
+
+FAST = ["train.batch_size=2", "train.max_steps=3", "train.eval_every=0", "train.save_every=0",
+        "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_paths):
+    """Tiny data (8 captioned images) and saved source models trained (well, initialised) on OPT and LLaMA."""
+    root = tmp_path_factory.mktemp("transfer")
+    (root / "img").mkdir()
+    rows = []
+    for i, im in enumerate(tiny_images(8, seed=3)):
+        im.save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} circle on the left"})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = {}
+    for llm in ("opt", "llama"):
+        torch.manual_seed(0)
+        model = build_model(tiny_spec(tiny_paths, llm))
+        with torch.no_grad():
+            for p in model.vpg.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        sources[llm] = save_model(model, root / f"src-{llm}")
+    overrides = FAST + [f"data.val={root / 'train.jsonl'}"]
+    return {"root": root, "data": str(root / "train.jsonl"), "src": sources, "overrides": overrides,
+            "paths": tiny_paths}
+
+
+def _plan(world, dst="opt", src="opt", **kw):
+    return pipeline.plan_transfer(str(world["src"][src]), str(world["paths"][dst]), data=world["data"],
+                                  out=kw.pop("out", world["root"] / "unused"), overrides=world["overrides"],
+                                  converter=kw.pop("converter", "lstsq"), **kw)
+
+
+def test_merged_projector_is_converter_times_source(world):
+    prepared = pipeline.prepare(_plan(world, dst="llama"), echo=lambda _: None)
+    conv, src = prepared.fit.linear, prepared.source_projector
+    proj = prepared.model.projector
+    assert torch.allclose(proj.weight, conv.weight @ src.weight, atol=1e-5)
+    assert torch.allclose(proj.bias, conv.weight @ src.bias + conv.bias, atol=1e-5)
+    assert pipeline.merged_equals(prepared)
+    assert proj.out_features == prepared.model.llm.embed_dim != 0 and prepared.pairs.n_pairs > 10
+    # The VPG is the source's, tensor for tensor.
+    saved = load_file(str(world["src"]["opt"] / "model.safetensors"))
+    for k, v in prepared.model.vpg.state_dict().items():
+        assert torch.equal(v, saved[f"vpg.{k}"])
+
+
+def test_stage1_trains_only_the_projector_at_5x(world, tmp_path):
+    plan = _plan(world, dst="opt-m", out=tmp_path / "t")
+    prepared = pipeline.prepare(plan, echo=lambda _: None)
+    model = prepared.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pipeline.run_stage(plan, "stage1", model, echo=lambda _: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"projector.weight", "projector.bias"}
+    rows = read_log(tmp_path / "t" / "stage1" / "log.jsonl")
+    assert len(rows) == 4  # one epoch of 8 examples at batch 2
+    assert all(r["lr"] == 5.0 * 1e-4 for r in rows)  # exactly 5 × the recipe's base LR, constant, no warm-up
+    assert plan.stage2.train.lr == 1e-4 and plan.stage2.train.trainable == ["vpg", "projector"]
+
+
+@pytest.mark.parametrize("src, dst", [("opt", "llama"), ("opt", "t5"), ("llama", "opt"), ("opt", "opt-m")])
+def test_transfer_across_model_types(world, tmp_path, src, dst):
+    report = pipeline.transfer(str(world["src"][src]), str(world["paths"][dst]), world["data"], tmp_path / "o",
+                               converter="lstsq", warmup_epochs=0.5, overrides=world["overrides"],
+                               echo=lambda _: None)
+    out = tmp_path / "o"
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["spec"]["llm"]["path"] == str(world["paths"][dst])
+    assert report["stages"]["stage1"]["steps"] == 2 and report["stages"]["stage2"]["steps"] == 3
+    assert (out / "converter" / "converter.safetensors").exists()
+    assert json.loads((out / "report.json").read_text())["converter"]["heldout_cosine"] is not None
+
+
+def test_cli_transfer_compare_scratch_and_resume(world, tmp_path):
+    out = tmp_path / "cli"
+    args = ["transfer", "--src", str(world["src"]["opt"]), "--dst", str(world["paths"]["llama"]), "--data",
+            world["data"], "--out", str(out), "--converter", "lstsq", "--warmup-epochs", "0.5", "--compare-scratch",
+            "--no-progress", *world["overrides"], "train.eval_every=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    sp = report["speedup"]
+    assert sp["metric"] == "val_loss" and report["scratch"]["steps"] == 5  # 2 warm-up + 3 stage-2 steps
+    assert {"speedup", "speedup_samples", "speedup_wall_time", "scratch", "vpgtrans", "scratch_best"} <= set(sp)
+    assert sp["scratch"]["step"] >= 1 and "ratio" in result.output
+    # Running again without --resume is refused; with it, every finished stage is skipped.
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "--resume" in again.output
+    resumed = CliRunner().invoke(main, args + ["--resume"])
+    assert resumed.exit_code == 0 and "stage1: done earlier" in resumed.output, resumed.output
+
+
+def test_dry_run_trains_nothing(world, tmp_path):
+    out = tmp_path / "dry"
+    result = CliRunner().invoke(main, ["transfer", "--src", str(world["src"]["opt"]), "--dst",
+                                       str(world["paths"]["t5"]), "--data", world["data"], "--out", str(out),
+                                       "--dry-run", *world["overrides"]])
+    assert result.exit_code == 0, result.output
+    assert "constant 0.0005" in result.output and "token pairs" in result.output and "8 examples" in result.output
+    assert "train projector" in result.output and "train vpg + projector" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--src", "/nope/model"], "neither a file"),
+    (["--converter", "no-such"], "no-such"),
+    (["--until", "cider>>1"], "METRIC>=VALUE"),
+    (["--warmup-lr-scale", "0"], "warmup-lr-scale"),
+])
+def test_bad_input_is_one_line(world, tmp_path, args, expected):
+    base = {"--src": str(world["src"]["opt"]), "--dst": str(world["paths"]["llama"])}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    result = CliRunner().invoke(main, ["transfer", *flat, "--data", world["data"], "--out", str(tmp_path / "b"),
+                                       "--dry-run", *world["overrides"]])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], \
+        result.output
+
+
+def test_lavis_pth_source_needs_trust_pickle(world, tmp_path):
+    state = load_file(str(world["src"]["opt"] / "model.safetensors"))
+    lavis = {"query_tokens": state["vpg.query_tokens"], "opt_proj.weight": state["projector.weight"],
+             "opt_proj.bias": state["projector.bias"], "opt_model.model.decoder.embed_tokens.weight": torch.randn(5, 4)}
+    for k, v in state.items():
+        if k.startswith("vpg.qformer.encoder.layer."):
+            rest = k[len("vpg.qformer.encoder.layer."):]
+            rest = rest.replace("attention.attention.", "attention.self.")
+            lavis[f"Qformer.bert.encoder.layer.{rest}"] = v
+        elif k.startswith("vpg.qformer.layernorm."):
+            lavis["Qformer.bert.embeddings.LayerNorm." + k.rsplit(".", 1)[1]] = v
+    pth = tmp_path / "blip2_opt.pth"
+    torch.save({"model": lavis}, pth)
+    vit = world["paths"]["blip2-vit"]
+    base = ["transfer", "--src", str(pth), "--dst", str(world["paths"]["llama"]), "--src-llm",
+            str(world["paths"]["opt"]), "--data", world["data"], "--out", str(tmp_path / "l"), "--converter",
+            "lstsq", "--warmup-epochs", "0.25", "--no-progress", *world["overrides"],
+            f"model.vision={{name: blip2-vit, path: {vit}}}", "train.max_steps=1"]
+    refused = CliRunner().invoke(main, base)
+    assert refused.exit_code != 0 and "--trust-pickle" in refused.output
+    ok = CliRunner().invoke(main, base + ["--trust-pickle"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "l" / "report.json").read_text())["stages"]["stage2"]["steps"] == 1
+
+
+def test_lora_trains_in_stage2_only(world, tmp_path):
+    pipeline.transfer(str(world["src"]["opt"]), str(world["paths"]["llama"]), world["data"], tmp_path / "lora",
+                      converter="lstsq", warmup_epochs=0.5, lora=True, overrides=world["overrides"],
+                      echo=lambda _: None)
+    stage1 = load_file(str(tmp_path / "lora" / "stage1" / "model" / "model.safetensors"))
+    final = load_file(str(tmp_path / "lora" / "model" / "model.safetensors"))
+    lora_keys = [k for k in final if "lora_B" in k]
+    assert lora_keys and all(not stage1[k].any() for k in lora_keys)  # LoRA B starts at zero, frozen in stage 1
+    assert any(final[k].any() for k in lora_keys)

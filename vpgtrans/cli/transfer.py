@@ -1,0 +1,42 @@
+"""`vpgtrans transfer`: move a trained VPG to another LLM (VPGTrans: converter, 5x warm-up, fine-tune)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--src", required=True, help="Source model: vpgtrans model dir, HF BLIP-2 dir, LAVIS .pth or alias.")
+@click.option("--dst", required=True, help="Destination LLM: alias, path or world name (world-llama, ...).")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", default=None, help="Training annotations (sets data.train of the recipe).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/transfer", show_default=True,
+              help="Output directory.")
+@click.option("--recipe", default="vpgtrans_world", show_default=True, help="Recipe name or YAML path.")
+@click.option("--converter", default="linear-cosine", show_default=True,
+              help="Embedding converter (linear-cosine, lstsq, procrustes).")
+@click.option("--warmup-lr-scale", type=float, default=5.0, show_default=True,
+              help="Stage-1 LR = this × the recipe's LR.")
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of stage 1 in epochs.")
+@click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM in stage 2.")
+@click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop stage 2 once a metric reaches a target.")
+@click.option("--compare-scratch", is_flag=True, help="Also train from scratch and report the speed-up.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit without training.")
+@click.option("--resume", is_flag=True, help="Continue a transfer in --out (finished stages are skipped).")
+@click.option("--force", is_flag=True, help="Delete a previous run in --out first.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a .pth source (loaded with weights_only=True).")
+@click.option("--src-llm", default=None, help="LLM the source was trained with, when the source does not say.")
+@click.option("--min-coverage", type=float, default=0.05, show_default=True,
+              help="Refuse token pairings covering less of the destination vocabulary.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, out_dir: str, recipe: str,
+             converter: str, warmup_lr_scale: float, warmup_epochs: float, lora: bool, until: str | None,
+             compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
+             src_llm: str | None, min_coverage: float, no_progress: bool) -> None:
+    """Transfer the VPG of SRC to the LLM DST; overrides are recipe key=value (e.g. train.max_steps=500)."""
+    from ..transfer.pipeline import transfer as run
+
+    run(src, dst, data, out_dir, converter=converter, warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs,
+        lora=lora, until=until, compare_scratch=compare_scratch, dry_run=dry_run, resume=resume, force=force,
+        recipe=recipe, overrides=overrides, trust_pickle=trust_pickle, src_llm=src_llm, min_coverage=min_coverage,
+        progress=not no_progress, echo=click.echo)

@@ -1,0 +1,379 @@
+"""VPGTrans end to end: inherit the VPG, convert + merge the projector, 5x warm-up, fine-tune, compare to scratch.
+
+Output directory: ``converter/`` (fitted converter), ``stage1/`` and ``stage2/`` (run dirs of
+`vpgtrans train`'s runner), ``scratch/`` (with --compare-scratch), ``model/`` (the final model),
+``report.json``. A stage whose ``model/`` exists is skipped on --resume; a stage with checkpoints resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import report as rep
+
+DEFAULT_RECIPE = "vpgtrans_world"
+STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class TransferPlan:
+    """Everything decided before any weight is touched: source, recipes of each stage, output paths."""
+
+    source: Any
+    src_llm: dict[str, Any]
+    spec: dict[str, Any]
+    stage1: Any
+    stage2: Any
+    scratch: Any | None
+    out: Path
+    converter: str
+    warmup_lr_scale: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """The destination model with inherited VPG and merged projector, and how it got there."""
+
+    model: Any
+    pairs: Any
+    fit: Any | None
+    source_projector: nn.Linear
+
+
+def _source_parts(source: Any, base: Any, src_llm: str | None) -> tuple[dict, dict, dict]:
+    """(vision spec, template, source LLM spec): from the source's manifest when it is a vpgtrans dir."""
+    from ..checkpoint import read_manifest
+    from ..model import detect_llm_component
+
+    spec = read_manifest(source.path).get("spec", {}) if source.format == "vpgtrans" else {}
+    vision = spec.get("vision") or dict(base.model.vision)
+    template = spec.get("template") or dict(base.model.template)
+    if src_llm:
+        llm = {"name": detect_llm_component(src_llm), "path": src_llm}
+    elif spec.get("llm"):
+        llm = {k: v for k, v in spec["llm"].items() if k != "lora"}
+    elif source.source_llm:
+        llm = {"name": detect_llm_component(source.source_llm), "path": source.source_llm}
+    else:
+        raise ConfigError(f"cannot tell which LLM the source {source.path} was trained with",
+                          "pass --src-llm NAME_OR_PATH")
+    return vision, template, llm
+
+
+def _stage_raw(raw: dict[str, Any], name: str, **train: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    out["name"] = f"{raw.get('name', 'transfer')}-{name}"
+    out.setdefault("train", {}).update(train)
+    return out
+
+
+def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Path = "runs/transfer",
+                  recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (), converter: str = "linear-cosine",
+                  warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0, lora: bool = False,
+                  until: str | None = None, compare_scratch: bool = False, trust_pickle: bool = False,
+                  src_llm: str | None = None) -> TransferPlan:
+    """Load the source and build the recipes of both stages (and of the scratch baseline)."""
+    from ..model import detect_llm_component
+    from ..recipes import _read_yaml, build_recipe, find_recipe
+    from ..registry import get as get_component
+    from ..train.config import parse_until
+    from .sources import load_source
+
+    if warmup_lr_scale <= 0:
+        raise ConfigError(f"--warmup-lr-scale must be positive, got {warmup_lr_scale}", "e.g. --warmup-lr-scale 5")
+    if warmup_epochs <= 0:
+        raise ConfigError(f"--warmup-epochs must be positive, got {warmup_epochs}", "e.g. --warmup-epochs 1")
+    if until:
+        parse_until(until)
+    get_component("converter", converter)  # unknown names fail before anything is loaded
+    path = find_recipe(recipe)
+    extra = list(overrides) + ([f"data.train={data}"] if data else [])
+    base = build_recipe(_read_yaml(path), extra, name=path.stem, source=str(path))
+    source = load_source(src, trust_pickle=trust_pickle)
+    vision, template, llm_src = _source_parts(source, base, src_llm)
+    spec = {"vision": vision, "vpg": dict(source.vpg_spec), "template": template,
+            "llm": {"name": detect_llm_component(dst), "path": dst}}
+    if lora:
+        spec["lora"] = dict(base.model.lora or {"r": 8})
+    raw = copy.deepcopy(base.raw)
+    raw["model"] = spec
+    t = base.train
+    stage1 = build_recipe(_stage_raw(raw, "stage1", lr=t.lr * warmup_lr_scale, schedule="constant",
+                                     warmup_steps=0, trainable=["projector"], epochs=warmup_epochs,
+                                     max_steps=None, until=None), name="stage1", source=str(path))
+    stage2 = build_recipe(_stage_raw(raw, "stage2", trainable=["vpg", "projector"], until=until),
+                          name="stage2", source=str(path))
+    scratch = None
+    if compare_scratch:
+        from ..data import load_records
+        from ..train.config import count_steps
+
+        n = len(load_records(base.data, "train"))
+        total = count_steps(stage1.train, n)[0] + count_steps(stage2.train, n)[0]
+        scratch = build_recipe(_stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total,
+                                          until=None), name="scratch", source=str(path))
+    notes = list(source.notes)
+    if source.vision_post_layernorm:
+        notes.append("the source's vision post-layernorm is not carried over (the vision encoder is loaded as is)")
+    return TransferPlan(source=source, src_llm=llm_src, spec=spec, stage1=stage1, stage2=stage2, scratch=scratch,
+                        out=Path(out).expanduser(), converter=converter, warmup_lr_scale=warmup_lr_scale, notes=notes)
+
+
+def _build_llm(spec: dict[str, Any]) -> Any:
+    from ..registry import get as get_component
+
+    cfg = dict(spec)
+    return get_component("llm", cfg.pop("name")).component.build(cfg)
+
+
+def _set_lora(model: Any, on: bool) -> None:
+    for name, p in model.llm.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(on)
+
+
+def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float = 0.05) -> Any:
+    """Token pairs between the source LLM's tokenizer and the destination's."""
+    from .pairing import pair_tokens
+
+    return pair_tokens(src_llm.tokenizer, model.llm.tokenizer, min_coverage=min_coverage)
+
+
+def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage: float = 0.05,
+            echo: Callable[[str], None] = print) -> Prepared:
+    """Destination model with the inherited VPG; with `fit`, the converter fitted and merged into the projector."""
+    from accelerate.utils import set_seed
+
+    from ..model import build_model
+    from .merge import fit_converter, merge_projector
+
+    set_seed(plan.stage1.train.seed)
+    model = build_model(plan.spec)
+    model.vpg.load_state_dict(plan.source.vpg_state())
+    src_proj = plan.source.projector()
+    src_llm = _build_llm(plan.src_llm)
+    pairs = pair_for(plan, src_llm, model, min_coverage)
+    echo(pairs.summary())
+    result = None
+    if fit:
+        result = fit_converter(plan.converter, src_llm.input_embedding_matrix(), model.llm.input_embedding_matrix(),
+                               pairs, seed=seed)
+        echo(result.summary())
+        merged = merge_projector(src_proj, result.linear)
+        model.projector = merged.to(model.projector.weight.dtype)
+    del src_llm
+    return Prepared(model=model, pairs=pairs, fit=result, source_projector=src_proj)
+
+
+def save_converter(prepared: Prepared, plan: TransferPlan) -> Path:
+    """out/converter/: converter.safetensors (weight, bias) + converter.json (name, pairs, cosines)."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import atomic_dir
+
+    lin = prepared.fit.linear
+    info = {"converter": plan.converter, "in_features": lin.in_features, "out_features": lin.out_features,
+            "pairs": prepared.pairs.summary(), "n_pairs": prepared.pairs.n_pairs,
+            "src_coverage": prepared.pairs.src_coverage, "dst_coverage": prepared.pairs.dst_coverage,
+            "train_cosine": prepared.fit.train_cosine, "heldout_cosine": prepared.fit.heldout_cosine,
+            "seconds": round(prepared.fit.seconds, 3)}
+    target = plan.out / "converter"
+    with atomic_dir(target) as tmp:
+        state = {"weight": lin.weight.detach().float().contiguous()}
+        if lin.bias is not None:
+            state["bias"] = lin.bias.detach().float().contiguous()
+        save_file(state, str(tmp / "converter.safetensors"))
+        (tmp / "converter.json").write_text(json.dumps(info, indent=2))
+    return target
+
+
+def run_stage(plan: TransferPlan, name: str, model: Any, *, progress: bool = False,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one stage (stage1 / stage2 / scratch) of `model` in place, resuming from its checkpoints."""
+    from ..train.runner import run_recipe
+    from ..train.state import find_checkpoint
+
+    recipe = {"stage1": plan.stage1, "stage2": plan.stage2, "scratch": plan.scratch}[name]
+    out = plan.out / name
+    resume = None
+    if (out / "checkpoints").exists():
+        try:
+            find_checkpoint(out, "latest")
+            resume = "latest"
+        except Exception:  # no complete checkpoint: start the stage over
+            resume = None
+    if name == "stage1" or name == "stage2":
+        _set_lora(model, name == "stage2")
+    echo(f"== {name}: training {' + '.join(recipe.train.trainable)}"
+         + (" + LoRA" if plan.spec.get("lora") and name != "stage1" else "") + (" (resuming)" if resume else ""))
+    return run_recipe(recipe, out, resume=resume, force=resume is None, progress=progress, echo=echo, model=model)
+
+
+def _params(model: Any, parts: Sequence[str]) -> int:
+    return sum(p.numel() for part in parts for p in getattr(model, part).parameters())
+
+
+def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int) -> list[str]:
+    """The --dry-run plan: stages, what trains, parameter counts, LRs, data size, token-pair coverage."""
+    from ..train.config import count_steps
+
+    lines = [plan.source.summary(), *[f"note: {n}" for n in plan.notes],
+             f"source LLM {plan.src_llm.get('path')} ({plan.src_llm.get('name')}) → destination LLM "
+             f"{plan.spec['llm']['path']} ({plan.spec['llm']['name']})",
+             f"pairs   {pairs.summary()}",
+             f"data    {plan.stage1.data.train}: {n_train} examples",
+             f"params  vpg {_params(model, ['vpg']):,}, projector {_params(model, ['projector']):,}, "
+             f"LLM {_params(model, ['llm']):,} (frozen), vision {_params(model, ['vision']):,} (frozen)",
+             f"stage 0 converter {plan.converter} on the token pairs, merged into the projector (W_c·W_src)"]
+    for i, (name, r) in enumerate((("warm-up", plan.stage1), ("fine-tune", plan.stage2)), 1):
+        steps, _ = count_steps(r.train, n_train)
+        t = r.train
+        lr = f"constant {t.lr:g}" if t.schedule == "constant" else f"cosine {t.lr:g} → {t.min_lr:g}"
+        warm = f", warm-up {t.warmup_steps}" if t.warmup_steps else ", no LR warm-up"
+        n = _params(model, t.trainable)
+        lines.append(f"stage {i} ({name}): train {' + '.join(t.trainable)} ({n:,} params), {steps} steps, "
+                     f"batch {t.batch_size}, {lr}{warm}" + (f", until {t.until}" if t.until else ""))
+    if plan.scratch is not None:
+        lines.append(f"scratch fresh VPG + projector, {plan.scratch.train.max_steps} steps, same schedule as stage 2")
+    lines.append(f"out     {plan.out}")
+    return lines
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    import shutil
+
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if force:
+        shutil.rmtree(out)
+    elif not resume:
+        raise ConfigError(f"{out} already holds a transfer run",
+                          "pass --resume to continue it, --force to start over, or choose another --out")
+
+
+def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "runs/transfer", *,
+             converter: str = "linear-cosine", warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0,
+             lora: bool = False, until: str | None = None, compare_scratch: bool = False, dry_run: bool = False,
+             resume: bool = False, force: bool = False, recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (),
+             trust_pickle: bool = False, src_llm: str | None = None, min_coverage: float = 0.05,
+             progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Move a trained VPG to another LLM (VPGTrans); returns the report (also `<out>/report.json`)."""
+    from ..checkpoint import load_model, save_model
+    from ..data import load_records
+
+    plan = plan_transfer(src, dst, data=data, out=out, recipe=recipe, overrides=overrides, converter=converter,
+                         warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs, lora=lora, until=until,
+                         compare_scratch=compare_scratch, trust_pickle=trust_pickle, src_llm=src_llm)
+    n_train = len(load_records(plan.stage1.data, "train"))
+    if dry_run:
+        prepared = prepare(plan, fit=False, min_coverage=min_coverage, echo=lambda _: None)
+        for line in plan_lines(plan, prepared.model, prepared.pairs, n_train):
+            echo(line)
+        return {"dry_run": True, "train_examples": n_train}
+    _check_out(plan.out, resume, force)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    echo(plan.source.summary())
+    for note in plan.notes:
+        echo(f"note: {note}")
+    results: dict[str, Any] = {}
+    model = None
+    if not (plan.out / "stage1" / "model").exists():
+        prepared = prepare(plan, min_coverage=min_coverage, echo=echo)
+        save_converter(prepared, plan)
+        model = prepared.model
+        results["stage1"] = run_stage(plan, "stage1", model, progress=progress, echo=echo)
+    else:
+        echo("stage1: done earlier, skipped")
+    if not (plan.out / "stage2" / "model").exists():
+        if model is None:
+            model = load_model(plan.out / "stage1" / "model")
+        results["stage2"] = run_stage(plan, "stage2", model, progress=progress, echo=echo)
+    else:
+        echo("stage2: done earlier, skipped")
+    if model is None:
+        model = load_model(plan.out / "stage2" / "model")
+    save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": dst,
+                                                              "converter": converter,
+                                                              "warmup_lr_scale": warmup_lr_scale}})
+    vpgtrans_time = time.perf_counter() - started
+    report: dict[str, Any] = {"format": "vpgtrans-transfer-report", "source": plan.source.path,
+                              "source_llm": plan.src_llm, "destination_llm": plan.spec["llm"],
+                              "converter": json.loads((plan.out / "converter" / "converter.json").read_text()),
+                              "stages": {n: _stage_summary(plan.out / n) for n in STAGES},
+                              "model_dir": str(plan.out / "model"), "seconds": round(vpgtrans_time, 1)}
+    if compare_scratch:
+        report["scratch"] = _run_scratch(plan, progress, echo)
+        metric = plan.stage2.eval.metrics[0] if plan.stage2.eval.metrics else "val_loss"
+        ours_rows = rep.joined_rows([plan.out / n for n in STAGES])
+        curve_dir = plan.out / "curves" / "vpgtrans"
+        curve_dir.mkdir(parents=True, exist_ok=True)
+        (curve_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours_rows))
+        scratch_rows = rep.joined_rows([plan.out / "scratch"])
+        # The converter's fitting time counts against VPGTrans, like its warm-up steps.
+        fit_s = {"step": 0, "samples": 0, "wall_time": report["converter"].get("seconds", 0.0)}
+        report["speedup"] = rep.speedup(rep.eval_curve(ours_rows, metric, fit_s),
+                                        rep.eval_curve(scratch_rows, metric), metric)
+        report["plot"] = _plot(plan, echo)
+        if "error" not in report["speedup"]:
+            for line in rep.table(report["speedup"]):
+                echo(line)
+    rep.write_json(plan.out / "report.json", report)
+    echo(f"transferred model saved to {plan.out / 'model'}; report {plan.out / 'report.json'}")
+    return report
+
+
+def _stage_summary(run_dir: Path) -> dict[str, Any]:
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    res = run.get("results") or {}
+    t = (run.get("recipe") or {}).get("train", {})
+    return {"dir": str(run_dir), "steps": res.get("steps"), "samples": res.get("samples"),
+            "wall_time": res.get("wall_time"), "metrics": res.get("metrics"), "lr": t.get("lr"),
+            "schedule": t.get("schedule"), "trainable": t.get("trainable")}
+
+
+def _run_scratch(plan: TransferPlan, progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    from ..model import build_model
+
+    if not (plan.out / "scratch" / "model").exists():
+        set_seed(plan.scratch.train.seed)
+        model = build_model(plan.spec)
+        _set_lora(model, True)
+        run_stage(plan, "scratch", model, progress=progress, echo=echo)
+    else:
+        echo("scratch: done earlier, skipped")
+    return _stage_summary(plan.out / "scratch")
+
+
+def _plot(plan: TransferPlan, echo: Callable[[str], None]) -> str | None:
+    try:
+        from ..plot import plot_runs
+
+        path = plot_runs([plan.out / "curves" / "vpgtrans", plan.out / "scratch"], plan.out / "curves.png",
+                         labels=["VPGTrans", "scratch"], title="VPGTrans vs training from scratch")
+    except Exception as exc:  # the plot is optional (matplotlib is an extra); the numbers are in report.json
+        echo(f"note: no plot ({exc})")
+        return None
+    return str(path)
+
+
+def merged_equals(prepared: Prepared, atol: float = 1e-5) -> bool:
+    """True when the model's projector is W_c·W_src, W_c·b_src + b_c (a check for tests and --debug)."""
+    conv = prepared.fit.linear
+    with torch.no_grad():
+        w = conv.weight.double() @ prepared.source_projector.weight.double()
+        b = conv.weight.double() @ prepared.source_projector.bias.double() + conv.bias.double()
+        p = prepared.model.projector
+        return bool(torch.allclose(p.weight.double(), w, atol=atol) and torch.allclose(p.bias.double(), b, atol=atol))

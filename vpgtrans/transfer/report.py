@@ -1,0 +1,95 @@
+"""The speed-up report of `vpgtrans transfer --compare-scratch`: curves, time to the scratch run's best, ratio."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..train.runlog import read_log
+
+# Metrics where smaller is better; every other metric (cider, accuracy, ...) is better when larger.
+LOWER_IS_BETTER = ("val_loss", "loss", "perplexity")
+Point = dict[str, float]
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for loss-like metrics."""
+    return metric in LOWER_IS_BETTER or metric.endswith("loss")
+
+
+def eval_curve(rows: Sequence[dict[str, Any]], metric: str, offset: Point | None = None) -> list[Point]:
+    """(step, samples, wall_time, value) of every logged evaluation of `metric`, shifted by `offset`."""
+    off = offset or {"step": 0, "samples": 0, "wall_time": 0.0}
+    out = []
+    for row in rows:
+        value = (row.get("metrics") or {}).get(metric)
+        if isinstance(value, (int, float)):
+            out.append({"step": row["step"] + off["step"], "samples": row["samples"] + off["samples"],
+                        "wall_time": round(row["wall_time"] + off["wall_time"], 3), "value": float(value)})
+    return out
+
+
+def joined_rows(stage_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Log rows of consecutive stages as one run: later stages continue the step/sample/time axes."""
+    rows: list[dict[str, Any]] = []
+    off = {"step": 0, "samples": 0, "wall_time": 0.0}
+    for i, d in enumerate(stage_dirs):
+        stage = read_log(Path(d) / "log.jsonl")
+        for row in stage:
+            rows.append({**row, "step": row["step"] + off["step"], "samples": row["samples"] + off["samples"],
+                         "wall_time": round(row["wall_time"] + off["wall_time"], 3), "stage": i + 1})
+        if stage:
+            off = {k: rows[-1][k] for k in off}
+    return rows
+
+
+def first_reaching(curve: Sequence[Point], target: float, lower: bool) -> Point | None:
+    """The first point whose value is at least as good as `target`."""
+    for p in curve:
+        if (p["value"] <= target) if lower else (p["value"] >= target):
+            return p
+    return None
+
+
+def speedup(vpgtrans_curve: Sequence[Point], scratch_curve: Sequence[Point], metric: str) -> dict[str, Any]:
+    """Paper's ratio: steps for scratch to reach its best ÷ steps for VPGTrans to match it (warm-up included)."""
+    lower = lower_is_better(metric)
+    if not scratch_curve:
+        return {"metric": metric, "error": "the scratch run logged no evaluation of this metric"}
+    best = (min if lower else max)(p["value"] for p in scratch_curve)
+    scratch_at = first_reaching(scratch_curve, best, lower)
+    ours_at = first_reaching(vpgtrans_curve, best, lower)
+    report: dict[str, Any] = {"metric": metric, "direction": "lower" if lower else "higher",
+                              "scratch_best": best, "scratch": scratch_at, "vpgtrans": ours_at,
+                              "vpgtrans_best": ((min if lower else max)(p["value"] for p in vpgtrans_curve)
+                                                if vpgtrans_curve else None)}
+    for key in ("step", "samples", "wall_time"):
+        ratio = None
+        if ours_at and ours_at[key] > 0:
+            ratio = round(scratch_at[key] / ours_at[key], 3)
+        report[f"speedup_{key}" if key != "step" else "speedup"] = ratio
+    return report
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    """The speed-up as a printed table."""
+    s = report
+    lines = [f"speed-up to the scratch run's best {s['metric']} = {s['scratch_best']:.4g} "
+             f"({s['direction']} is better)",
+             f"{'run':<10}{'steps':>8}{'samples':>10}{'wall s':>10}"]
+    for name in ("scratch", "vpgtrans"):
+        p = s.get(name)
+        lines.append(f"{name:<10}" + (f"{p['step']:>8}{p['samples']:>10}{p['wall_time']:>10.1f}" if p
+                                      else f"{'never reached':>28}"))
+    ratio = s.get("speedup")
+    cells = [f"{s[k]:.2f}x" if s.get(k) else "-" for k in ("speedup", "speedup_samples", "speedup_wall_time")]
+    lines.append(f"{'ratio':<10}{cells[0]:>8}{cells[1]:>10}{cells[2]:>10}")
+    return lines
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """report.json, atomically."""
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
