@@ -121,7 +121,7 @@ def test_refuses_below_minimum_coverage(toks):
         pair_tokens(toks["sentencepiece"], toks["bytelevel"], min_coverage=0.9)
     msg = str(info.value)
     assert isinstance(info.value, VpgtransError) and "\n" not in msg
-    assert "token pairs" in msg and "%" in msg and "--pairing positional" in msg and "--min-coverage" in msg
+    assert "token pairs" in msg and "%" in msg and "pair_tokens_positional" in msg and "--min-coverage" in msg
     with pytest.raises(TokenPairingError):
         pair_tokens(toks["sentencepiece"], toks["bytelevel"], case="upper")
 

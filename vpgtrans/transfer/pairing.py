@@ -141,7 +141,7 @@ def _check_coverage(pairs: TokenPairs, min_coverage: float) -> TokenPairs:
         raise TokenPairingError(
             f"only {pairs.n_pairs} token pairs ({pairs.method}) cover {pairs.dst_coverage:.1%} of the destination "
             f"vocabulary, below the minimum {min_coverage:.1%}",
-            "use --pairing positional, a destination tokenizer with more overlap, or lower --min-coverage")
+            "use a destination tokenizer with more overlap, lower --min-coverage, or pair_tokens_positional() from Python")
     return pairs
 
 
