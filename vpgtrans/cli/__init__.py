@@ -61,8 +61,9 @@ def _add_commands() -> None:
     from .plot import plot
     from .train import train
     from .transfer import transfer
+    from .world import world
 
-    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train, transfer):
+    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train, transfer, world):
         main.add_command(command)
 
 

@@ -1,0 +1,206 @@
+"""The synthetic world: scenes and text, a tiny build, loading, tokenizers, determinism, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vpgtrans.errors import ConfigError, VpgtransError
+from vpgtrans.world import WorldConfig, build_world, read_manifest
+from vpgtrans.world.scene import all_words, captions, context, qa_pairs, rng_for, sample_scene
+
+LMS = ("opt-s", "opt-m", "llama", "flant5")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny world for the whole module (a few seconds)."""
+    out = tmp_path_factory.mktemp("w") / "world"
+    build_world(out, seed=3, progress=lambda _: None, config=WorldConfig.preset("tiny"))
+    return out
+
+
+def _records(world: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (world / "data" / f"{split}.jsonl").read_text().splitlines()]
+
+
+# ---- scenes and text (no build) ----------------------------------------------------------------
+
+def test_scenes_are_consistent_and_seeded() -> None:
+    cfg = WorldConfig()
+    for i in range(200):
+        scene = sample_scene(rng_for(0, "train", i), cfg)
+        objs = scene["objects"]
+        assert len(objs) == scene["count"]
+        for key in ("shape", "color", "position"):  # unambiguous references
+            assert len({o[key] for o in objs}) == len(objs)
+        rel = scene["relation"]
+        if rel is not None:
+            a, b = objs[rel["subject"]], objs[rel["object"]]
+            holds = {"to the left of": a["col"] < b["col"], "to the right of": a["col"] > b["col"],
+                     "above": a["row"] < b["row"], "below": a["row"] > b["row"]}
+            assert holds[rel["relation"]]
+    assert sample_scene(rng_for(0, "train", 5), cfg) == sample_scene(rng_for(0, "train", 5), cfg)
+    differs = [sample_scene(rng_for(0, "train", i), cfg) != sample_scene(rng_for(1, "train", i), cfg)
+               for i in range(20)]
+    assert sum(differs) >= 15
+
+
+def test_captions_qa_and_context_carry_the_attributes() -> None:
+    cfg = WorldConfig()
+    for i in range(100):
+        rng = rng_for(0, "val", i)
+        scene = sample_scene(rng, cfg)
+        ctx = context(scene, rng)
+        for cap in captions(scene, rng, 3):
+            for o in scene["objects"]:
+                assert o["color"] in cap and o["shape"] in cap and o["size"] in cap
+                assert f"{o['size']} {o['color']} {o['shape']} {o['position']}" in ctx
+        answers = dict(qa_pairs(scene, rng, cfg))
+        o = scene["objects"][0]
+        assert answers[f"what color is the {o['shape']}?"] == o["color"]
+        assert answers[f"where is the {o['color']} {o['shape']}?"] == o["position"]
+        assert answers["how many shapes are there?"] == ("one", "two", "three")[scene["count"] - 1]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        WorldConfig(max_objects=4)
+    with pytest.raises(ConfigError):
+        WorldConfig(relation_share=1.5)
+    with pytest.raises(ConfigError):
+        WorldConfig.preset("huge")
+
+
+def test_paths_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vpgtrans.paths import home, world_dir
+
+    monkeypatch.delenv("VPGTRANS_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert home() == tmp_path / "xdg" / "vpgtrans"
+    monkeypatch.setenv("VPGTRANS_HOME", str(tmp_path / "vh"))
+    assert world_dir() == tmp_path / "vh" / "world"
+
+
+# ---- a tiny build ------------------------------------------------------------------------------
+
+def test_data_files(tiny_world: Path) -> None:
+    from PIL import Image
+
+    cfg = WorldConfig.preset("tiny")
+    for split in ("train", "val", "test"):
+        recs = _records(tiny_world, split)
+        assert len(recs) == getattr(cfg, f"n_{split}")
+        for r in recs[:5]:
+            assert {"image", "caption", "captions", "question", "answer", "qa", "attributes"} <= set(r)
+            with Image.open(tiny_world / "data" / r["image"]) as im:
+                assert im.size == (cfg.image_size, cfg.image_size) and im.mode == "RGB"
+            assert [r["question"], r["answer"]] in r["qa"]
+            for o in r["attributes"]["objects"]:
+                assert o["color"] in r["caption"] and o["shape"] in r["caption"]
+    manifest = read_manifest(tiny_world)
+    assert manifest["seed"] == 3 and "data/train.jsonl" in manifest["files"]
+    for name in LMS:
+        assert set(manifest["lm_context_check"][name]) == {"true_context", "shuffled_context", "no_context"}
+
+
+def test_assets_load_with_auto_classes(tiny_world: Path) -> None:
+    import torch
+    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                              Blip2VisionModel)
+
+    vit = Blip2VisionModel.from_pretrained(tiny_world / "vit")
+    proc = AutoImageProcessor.from_pretrained(tiny_world / "vit")
+    from PIL import Image
+
+    rec = _records(tiny_world, "val")[0]
+    pixels = proc(images=[Image.open(tiny_world / "data" / rec["image"])], return_tensors="pt")["pixel_values"]
+    feats = vit(pixel_values=pixels).last_hidden_state
+    cfg = WorldConfig.preset("tiny")
+    assert feats.shape == (1, (cfg.image_size // cfg.vit_patch) ** 2 + 1, vit.config.hidden_size)
+    for name in LMS:
+        tok = AutoTokenizer.from_pretrained(tiny_world / name)
+        cls = AutoModelForSeq2SeqLM if name == "flant5" else AutoModelForCausalLM
+        model = cls.from_pretrained(tiny_world / name)
+        ids = tok([rec["caption"]], return_tensors="pt").input_ids
+        kwargs = {"labels": ids} if name == "flant5" else {}
+        out = model(input_ids=ids, **kwargs)
+        assert out.logits.shape[-1] >= len(tok) and torch.isfinite(out.logits).all()
+    assert AutoModelForCausalLM.from_pretrained(tiny_world / "opt-m").config.word_embed_proj_dim != \
+        AutoModelForCausalLM.from_pretrained(tiny_world / "opt-m").config.hidden_size
+
+
+def test_tokenizers_differ_round_trip_and_follow_conventions(tiny_world: Path) -> None:
+    from transformers import AutoTokenizer
+
+    toks = {name: AutoTokenizer.from_pretrained(tiny_world / name) for name in LMS}
+    assert (tiny_world / "opt-s" / "tokenizer.json").read_bytes() == (tiny_world / "opt-m" / "tokenizer.json").read_bytes()
+    opt, llama, t5 = toks["opt-s"], toks["llama"], toks["flant5"]
+    assert (opt.bos_token_id, opt.eos_token_id, opt.pad_token_id) == (2, 2, 1)
+    assert (llama.bos_token_id, llama.eos_token_id, llama.pad_token_id) == (1, 2, 3)
+    assert (t5.pad_token_id, t5.eos_token_id, t5.bos_token_id) == (0, 1, None)
+    assert opt("red").input_ids[0] == 2 and llama("red").input_ids[0] == 1 and t5("red").input_ids[-1] == 1
+    vocabs = [opt.get_vocab(), llama.get_vocab(), t5.get_vocab()]
+    assert "Ġred" in vocabs[0] and "▁red" in vocabs[1] and "▁red" in vocabs[2]
+    assert len({v["Ġred"] if "Ġred" in v else v["▁red"] for v in vocabs}) == 3
+    assert len({len(v) for v in vocabs}) == 3
+    texts = [r["caption"] for r in _records(tiny_world, "val")] + [r["question"] for r in _records(tiny_world, "val")]
+    for tok in (opt, llama, t5):
+        for text in texts:
+            assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+        for word in all_words(WorldConfig.preset("tiny")):
+            assert len(tok(f"the {word}", add_special_tokens=False).input_ids) == 2
+    # Byte fallback: LLaMA never needs <unk>, even for text the world never wrote.
+    assert llama.unk_token_id not in llama("Zürich ✓", add_special_tokens=False).input_ids
+
+
+def test_same_seed_same_files_and_cli(tiny_world: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vpgtrans.cli.world import world
+
+    out = tmp_path / "again"
+    result = CliRunner().invoke(world, ["build", "--out", str(out), "--seed", "3", "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "world ready at" in result.output
+    first, second = read_manifest(tiny_world)["files"], read_manifest(out)["files"]
+    assert first == second  # sha256 of every data file, tokenizer and weight file
+    assert any(f.endswith(".safetensors") for f in first)
+    # Up to date: a second build is skipped.
+    again = CliRunner().invoke(world, ["build", "--out", str(out), "--seed", "3", "--size", "tiny"])
+    assert again.exit_code == 0 and "up to date" in again.output
+    info = CliRunner().invoke(world, ["info", "--out", str(out)])
+    assert info.exit_code == 0 and json.loads(info.output)["seed"] == 3
+
+
+def test_refuses_foreign_dir_and_never_leaves_half_a_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vpgtrans.world import build as build_mod
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(VpgtransError):
+        build_world(foreign, config=WorldConfig.preset("tiny"), progress=lambda _: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(build_mod, "_build_vit", boom)
+    target = tmp_path / "w"
+    with pytest.raises(RuntimeError):
+        build_world(target, config=WorldConfig.preset("tiny"), progress=lambda _: None)
+    assert not target.exists() and list(tmp_path.iterdir()) == [foreign]
+
+
+def test_cli_rejects_bad_knob(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vpgtrans.cli.world import world
+
+    result = CliRunner().invoke(world, ["build", "--out", str(tmp_path / "x"), "--size", "tiny",
+                                        "--set", "max_objets=2"])
+    assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
+    assert "max_objects" in str(result.exception)
