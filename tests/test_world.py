@@ -204,3 +204,14 @@ def test_cli_rejects_bad_knob(tmp_path: Path) -> None:
                                         "--set", "max_objets=2"])
     assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
     assert "max_objects" in str(result.exception)
+
+
+def test_leftovers_of_killed_builds_are_cleaned(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".w.building-{int(dead.stdout)}"
+    (stale / "data").mkdir(parents=True)
+    build_world(tmp_path / "w", config=WorldConfig.preset("tiny"), progress=lambda _: None)
+    assert not stale.exists() and (tmp_path / "w" / "world.json").is_file()

@@ -79,6 +79,7 @@ def build_world(out: str | Path | None = None, seed: int = 0, progress: Callable
         raise VpgtransError(f"{out} exists and is not a vpgtrans world",
                             "choose another --out, empty it, or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
@@ -92,6 +93,24 @@ def build_world(out: str | Path | None = None, seed: int = 0, progress: Callable
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"world built at {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete leftovers of builds that were killed (their process is gone)."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind in ("building", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap(tmp: Path, out: Path) -> None:

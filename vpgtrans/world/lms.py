@@ -76,12 +76,19 @@ def make_model(spec: LMSpec, tok: Any, max_len: int) -> torch.nn.Module:
 
     vocab = len(tok)
     if spec.family == "opt":
-        return OPTForCausalLM(OPTConfig(
+        model = OPTForCausalLM(OPTConfig(
             vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers, ffn_dim=spec.ffn,
             num_attention_heads=spec.heads, max_position_embeddings=max_len,
             word_embed_proj_dim=spec.embed_proj or spec.hidden, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, do_layer_norm_before=True, pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+        dec = model.model.decoder
+        for lin in (dec.project_in, dec.project_out):
+            if lin is not None:
+                # Default std-0.02 init shrinks token embeddings ~50x below the positional ones through
+                # project_in, and the model then barely learns; a norm-preserving init trains like opt-s.
+                torch.nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+        return model
     if spec.family == "llama":
         return LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
