@@ -215,3 +215,17 @@ def test_leftovers_of_killed_builds_are_cleaned(tmp_path: Path) -> None:
     (stale / "data").mkdir(parents=True)
     build_world(tmp_path / "w", config=WorldConfig.preset("tiny"), progress=lambda _: None)
     assert not stale.exists() and (tmp_path / "w" / "world.json").is_file()
+
+
+def test_a_changed_lm_recipe_makes_a_built_world_stale(tiny_world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from vpgtrans.world import lms
+    from vpgtrans.world.build import is_current
+
+    cfg = WorldConfig.preset("tiny")
+    assert is_current(tiny_world, cfg, 3)
+    original = lms.lm_specs
+    # The LM sizes and step budgets live in code, not in WorldConfig: changing them must force a rebuild.
+    monkeypatch.setattr(lms, "lm_specs", lambda c: [replace(s, step_share=2.0) for s in original(c)])
+    assert not is_current(tiny_world, cfg, 3)

@@ -40,7 +40,7 @@ from ..paths import world_dir
 from .config import WorldConfig
 from .scene import all_words, describe, rng_for, sample_scene
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "world.json"
 SPLITS = ("train", "val", "test")
 LM_MAX_LEN = 256
@@ -48,7 +48,12 @@ TOKENIZER_VOCAB = {"opt": 1000, "llama": 800, "t5": 600}
 
 
 def _identity(cfg: WorldConfig, seed: int) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "seed": seed, "config": dataclasses.asdict(cfg)}
+    from .lms import lm_specs
+
+    # The LM recipes live in code, not in the config: without them here, a world built before a change to
+    # the LM sizes/steps would still count as current and silently be reused.
+    lms = {"specs": [dataclasses.asdict(s) for s in lm_specs(cfg)], "vocab": TOKENIZER_VOCAB, "max_len": LM_MAX_LEN}
+    return {"format": FORMAT_VERSION, "seed": seed, "config": dataclasses.asdict(cfg), "lms": lms}
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -62,7 +67,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 def is_current(out: Path, cfg: WorldConfig, seed: int) -> bool:
     """True when `out` holds a complete world built from this config and seed."""
     manifest = read_manifest(out)
-    if not manifest or {k: manifest.get(k) for k in ("format", "seed", "config")} != _identity(cfg, seed):
+    if not manifest or {k: manifest.get(k) for k in ("format", "seed", "config", "lms")} != _identity(cfg, seed):
         return False
     return all((Path(out) / f).is_file() for f in manifest.get("files", {}))
 

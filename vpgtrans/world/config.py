@@ -20,8 +20,8 @@ class WorldConfig:
     num_colors: int = help_field(8, help="how many colours are used (2-8)")
     num_shapes: int = help_field(8, help="how many shapes are used (2-8)")
     num_sizes: int = help_field(3, help="how many sizes are used (1-3)")
-    image_size: int = help_field(48, help="rendered image side in pixels (a multiple of 3 * vit_patch / 2 keeps "
-                                          "every grid-cell centre on a patch corner)")
+    image_size: int = help_field(48, help="rendered image side in pixels; a multiple of 6 * vit_patch puts every "
+                                          "grid-cell centre on a patch corner (the ViT learns shapes far faster)")
     jitter: float = help_field(0.05, help="random shift of an object from its cell centre, as a fraction of a cell")
     captions_per_image: int = help_field(5, help="reference captions per image (different templates)")
     # Data sizes.
