@@ -55,6 +55,7 @@ def main(debug: bool) -> None:
 def _add_commands() -> None:
     from .chat import chat
     from .components import components
+    from .demo import demo
     from .eval import eval_command
     from .export import export, import_cmd
     from .generate import generate
@@ -63,7 +64,7 @@ def _add_commands() -> None:
     from .transfer import transfer
     from .world import world
 
-    for command in (components, generate, eval_command, chat, export, import_cmd, plot, train, transfer, world):
+    for command in (demo, components, generate, eval_command, chat, export, import_cmd, plot, train, transfer, world):
         main.add_command(command)
 
 

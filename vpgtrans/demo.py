@@ -1,0 +1,196 @@
+"""`vpgtrans demo`: the whole story on the synthetic world, in one command and ~15 minutes on 2 CPU cores.
+
+world (built if absent) → BLIP-2 stage 2 on a source LLM → VPGTrans onto an LLM of another family,
+next to the same VPG trained there from scratch → speed-up table, captions next to the truth, curves PNG.
+Every stage keeps its outputs under ``--out``: a second run continues where the first stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import help_field
+from .errors import ConfigError
+
+STEPS = ("world", "source", "transfer", "captions")
+
+
+@dataclass
+class DemoConfig:
+    """What the demo trains; the defaults fit ~15 minutes on a 2-core CPU, world build included."""
+
+    src: str = help_field("world-opt-s", help="LLM the source VPG is trained on")
+    dst: str = help_field("world-llama", help="LLM the VPG is transferred to (another family shows the converter)")
+    source_steps: int = help_field(600, help="BLIP-2 stage-2 steps on the source LLM")
+    steps: int = help_field(400, help="VPGTrans fine-tuning steps (the warm-up epoch comes on top)")
+    lr: float = help_field(5e-4, help="peak learning rate (the warm-up runs at 5x this)")
+    eval_every: int = help_field(50, help="validation loss every N steps (the speed-up is read off these)")
+    val_samples: int = help_field(128, help="validation captions per evaluation")
+    test_images: int = help_field(64, help="test images captioned to score the final models (CIDEr, attributes)")
+    show: int = help_field(4, help="test images whose captions are printed")
+    seed: int = help_field(0, help="training seed")
+    world_size: str = help_field("full", help="world to build when none exists: 'full', or 'tiny' for smoke tests")
+
+
+def _detect(name: str) -> str:
+    from .model import detect_llm_component
+
+    return detect_llm_component(name)
+
+
+def _stage(echo: Callable[[str], None], k: int, text: str) -> float:
+    echo(f"\n[{k}/{len(STEPS)}] {text}")
+    return time.perf_counter()
+
+
+def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
+    """The world at `world_dir()`: any complete world found there is used as is, otherwise one is built."""
+    from .paths import world_dir
+    from .world import WorldConfig, build_world, read_manifest
+
+    path = world_dir()
+    manifest = read_manifest(path)
+    if manifest and all((path / f).is_file() for f in manifest.get("files", {})):
+        echo(f"using the world at {path} (seed {manifest.get('seed')}, built in {manifest.get('build_seconds')}s)")
+        return path
+    echo(f"no world at {path}: building it ({'about 6 minutes' if size == 'full' else 'seconds'}; "
+         "set VPGTRANS_HOME to build elsewhere)")
+    return build_world(path, progress=echo, config=WorldConfig.preset(size))
+
+
+def _eval_overrides(cfg: DemoConfig) -> list[str]:
+    return [f"train.lr={cfg.lr}", f"train.eval_every={cfg.eval_every}", "eval.metrics=[val_loss]",
+            f"data.max_val_samples={cfg.val_samples}", f"train.seed={cfg.seed}"]
+
+
+def train_source(cfg: DemoConfig, out: Path, progress: bool, echo: Callable[[str], None]) -> Path:
+    """BLIP-2 stage 2 (Q-Former + projector) on the source LLM; returns its model dir."""
+    from .recipes import load_recipe
+    from .train.runner import run_recipe
+
+    model_dir = out / "model"
+    if model_dir.exists():
+        echo(f"source model already trained: {model_dir}")
+        return model_dir
+    recipe = load_recipe("blip2_stage2_world", [
+        f"model.llm.name={_detect(cfg.src)}", f"model.llm.path={cfg.src}", f"train.max_steps={cfg.source_steps}",
+        f"train.warmup_steps={max(1, cfg.source_steps // 12)}", f"train.save_every={cfg.source_steps}",
+        *_eval_overrides(cfg)])
+    resume = "latest" if (out / "checkpoints").exists() else None
+    run_recipe(recipe, out, resume=resume, force=resume is None, progress=progress, echo=echo)
+    return model_dir
+
+
+def run_transfer(cfg: DemoConfig, source: Path, out: Path, progress: bool, echo: Callable[[str], None]) -> dict:
+    """VPGTrans source → dst with the from-scratch baseline (`--compare-scratch`)."""
+    from .transfer.pipeline import transfer
+
+    overrides = [f"train.max_steps={cfg.steps}", f"train.save_every={cfg.steps}", *_eval_overrides(cfg)]
+    return transfer(str(source), cfg.dst, out=out, compare_scratch=True, overrides=overrides,
+                    resume=out.exists(), progress=progress, echo=echo)
+
+
+def compare_captions(models: dict[str, Path], world: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """Caption the first test images with every model; score them (CIDEr, attribute accuracy)."""
+    from .checkpoint import load_model
+    from .evaluation import load_eval_records, predict, score
+    from .interfaces import GenerationConfig
+
+    records = load_eval_records(world / "data" / "test.jsonl", limit=cfg.test_images)
+    gen = GenerationConfig(max_new_tokens=30, num_beams=1)
+    out: dict[str, Any] = {"n": len(records), "scores": {}, "samples": []}
+    predictions = {}
+    for name, path in models.items():
+        model = load_model(path).eval()
+        predictions[name] = predict(model, records, gen_config=gen)
+        metrics = score("caption", predictions[name], records)
+        out["scores"][name] = {k: round(metrics[k], 4) for k in ("cider", "attribute_accuracy") if k in metrics}
+    for i, rec in enumerate(records[:cfg.show]):
+        out["samples"].append({"image": str(rec.get("image")), "true": rec["captions"][0],
+                               **{name: predictions[name][i] for name in models}})
+    return out
+
+
+def caption_lines(result: dict[str, Any]) -> list[str]:
+    """The caption comparison as printable lines."""
+    names = list(result["scores"])
+    width = max(len(n) for n in ["true caption", *names]) + 2
+    lines = []
+    for s in result["samples"]:
+        lines.append(Path(s["image"]).name)
+        lines.append(f"  {'true caption':<{width}}{s['true']}")
+        lines += [f"  {n:<{width}}{s[n]}" for n in names]
+    lines.append(f"scores on {result['n']} test images (CIDEr 0-10, attribute accuracy 0-1):")
+    for n, sc in result["scores"].items():
+        lines.append(f"  {n:<{width}}" + "  ".join(f"{k} {v:.3f}" for k, v in sc.items()))
+    return lines
+
+
+def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *, force: bool = False,
+             progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """World → source VPG → VPGTrans vs scratch → table, captions, PNG; returns (and writes) demo.json."""
+    cfg = config or DemoConfig()
+    if cfg.world_size not in ("full", "tiny"):
+        raise ConfigError(f"world size '{cfg.world_size}' is unknown", "use full or tiny")
+    if cfg.src == cfg.dst:
+        raise ConfigError(f"--src and --dst are the same LLM ({cfg.src})", "pick another --dst, e.g. world-llama")
+    out = Path(out).expanduser()
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, timings = time.perf_counter(), {}
+
+    t = _stage(echo, 1, "synthetic world")
+    world = ensure_world(cfg.world_size, echo)
+    timings["world"] = time.perf_counter() - t
+
+    t = _stage(echo, 2, f"train a Q-Former VPG on the source LLM {cfg.src} (BLIP-2 stage 2, {cfg.source_steps} steps)")
+    source = train_source(cfg, out / "source", progress, echo)
+    timings["source"] = time.perf_counter() - t
+
+    t = _stage(echo, 3, f"VPGTrans {cfg.src} → {cfg.dst}, and the same VPG trained from scratch on {cfg.dst}")
+    report = run_transfer(cfg, source, out / "transfer", progress, echo)
+    timings["transfer"] = time.perf_counter() - t
+
+    t = _stage(echo, 4, "captions of test images")
+    models = {f"source ({cfg.src})": source, f"VPGTrans ({cfg.dst})": out / "transfer" / "model",
+              f"scratch ({cfg.dst})": out / "transfer" / "scratch" / "model"}
+    captions = compare_captions(models, world, cfg)
+    for line in caption_lines(captions):
+        echo(line)
+    timings["captions"] = time.perf_counter() - t
+    timings = {k: round(v, 1) for k, v in timings.items()}
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    summary = {"config": asdict(cfg), "world": str(world), "timings_s": timings, "speedup": report.get("speedup"),
+               "converter": {k: report["converter"].get(k) for k in ("n_pairs", "dst_coverage", "heldout_cosine")},
+               "captions": captions, "plot": report.get("plot"), "transfer_report": str(out / "transfer" / "report.json")}
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
+    echo("")
+    for line in _summary_lines(summary):
+        echo(line)
+    return summary
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    from .transfer.report import table
+
+    lines = ["== summary"]
+    speed = summary.get("speedup") or {}
+    if "error" not in speed and speed:
+        lines += table(speed)
+    else:
+        lines.append(f"no speed-up figure: {speed.get('error', 'no evaluations logged')}")
+    t = summary["timings_s"]
+    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    if summary.get("plot"):
+        lines.append(f"curves: {summary['plot']}")
+    lines.append(f"everything: {Path(summary['transfer_report']).parent.parent}/demo.json")
+    return lines
