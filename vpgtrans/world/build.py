@@ -131,8 +131,9 @@ def _build_into(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                     else (os.cpu_count() or 1), 8)))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit choice wins: on a busy machine 1 thread is far faster
+        torch.set_num_threads(max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else (os.cpu_count() or 1), 8)))
     timings: dict[str, float] = {}
     try:
         t = time.time()
