@@ -43,8 +43,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def make_optimizer(groups: Iterable[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the groups (the 'names' entries are for reports only and are dropped here)."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    return torch.optim.AdamW(clean, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
-                             weight_decay=config.weight_decay)
+    kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    # The fused kernel is ~3x faster than the default foreach update on CPU (benchmarks/step_speed.py);
+    # devices or dtypes it does not support raise here, and get the default.
+    try:
+        return torch.optim.AdamW(clean, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(clean, **kw)
 
 
 class Schedule:
