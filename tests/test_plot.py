@@ -40,6 +40,8 @@ def test_curves_read_the_trainer_log_format(tmp_path):
     assert len(got["loss"][0]) == 39 and 7 not in got["loss"][0]  # the NaN point is left out
     assert got["cider"] == ([10.0, 20.0, 30.0, 40.0], [0.25, 0.5, 0.75, 1.0])
     assert curves(rows, x="samples")["lr"][0][:2] == [8.0, 16.0]
+    # Joined transfer logs tag each row with its stage: a bookkeeping field, not a curve.
+    assert "stage" not in curves([{**r, "stage": 1} for r in rows])
 
 
 def test_plot_writes_a_png_into_the_run(tmp_path):

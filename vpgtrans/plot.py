@@ -18,7 +18,7 @@ LOG_FILE = "log.jsonl"
 PNG_FILE = "curves.png"
 X_AXES = ("step", "samples", "wall_time", "epoch")
 # Row fields that are positions along the run, not curves.
-_NOT_CURVES = {"step", "samples", "wall_time", "epoch", "loss", "lr"}
+_NOT_CURVES = {"step", "samples", "wall_time", "epoch", "loss", "lr", "stage"}  # "stage": joined transfer logs
 
 
 def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
