@@ -37,12 +37,6 @@ class DemoConfig:
     world_size: str = help_field("full", help="world to build when none exists: 'full', or 'tiny' for smoke tests")
 
 
-def _detect(name: str) -> str:
-    from .model import detect_llm_component
-
-    return detect_llm_component(name)
-
-
 def _stage(echo: Callable[[str], None], k: int, text: str) -> float:
     echo(f"\n[{k}/{len(STEPS)}] {text}")
     return time.perf_counter()
@@ -51,11 +45,11 @@ def _stage(echo: Callable[[str], None], k: int, text: str) -> float:
 def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
     """The world at `world_dir()`: any complete world found there is used as is, otherwise one is built."""
     from .paths import world_dir
-    from .world import WorldConfig, build_world, read_manifest
+    from .world import WorldConfig, build_world, is_complete, read_manifest
 
     path = world_dir()
     manifest = read_manifest(path)
-    if manifest and all((path / f).is_file() for f in manifest.get("files", {})):
+    if is_complete(path, manifest):
         echo(f"using the world at {path} (seed {manifest.get('seed')}, built in {manifest.get('build_seconds')}s)")
         return path
     echo(f"no world at {path}: building it ({'about 6 minutes' if size == 'full' else 'seconds'}; "
@@ -70,6 +64,7 @@ def _eval_overrides(cfg: DemoConfig) -> list[str]:
 
 def train_source(cfg: DemoConfig, out: Path, progress: bool, echo: Callable[[str], None]) -> Path:
     """BLIP-2 stage 2 (Q-Former + projector) on the source LLM; returns its model dir."""
+    from .model import detect_llm_component
     from .recipes import load_recipe
     from .train.runner import run_recipe
 
@@ -78,7 +73,8 @@ def train_source(cfg: DemoConfig, out: Path, progress: bool, echo: Callable[[str
         echo(f"source model already trained: {model_dir}")
         return model_dir
     recipe = load_recipe("blip2_stage2_world", [
-        f"model.llm.name={_detect(cfg.src)}", f"model.llm.path={cfg.src}", f"train.max_steps={cfg.source_steps}",
+        f"model.llm.name={detect_llm_component(cfg.src)}", f"model.llm.path={cfg.src}",
+        f"train.max_steps={cfg.source_steps}",
         f"train.warmup_steps={max(1, cfg.source_steps // 12)}", f"train.save_every={cfg.source_steps}",
         *_eval_overrides(cfg)])
     resume = "latest" if (out / "checkpoints").exists() else None

@@ -6,7 +6,7 @@ Importing this package is cheap: torch and transformers load only when building.
 
 from __future__ import annotations
 
-from .build import build_world, is_current, read_manifest
+from .build import build_world, is_complete, is_current, read_manifest
 from .config import WorldConfig
 
-__all__ = ["WorldConfig", "build_world", "is_current", "read_manifest"]
+__all__ = ["WorldConfig", "build_world", "is_complete", "is_current", "read_manifest"]

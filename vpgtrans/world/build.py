@@ -64,12 +64,17 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_complete(out: Path, manifest: dict[str, Any] | None) -> bool:
+    """True when `manifest` is a world manifest and every file it lists is present under `out`."""
+    return bool(manifest) and all((Path(out) / f).is_file() for f in manifest.get("files", {}))
+
+
 def is_current(out: Path, cfg: WorldConfig, seed: int) -> bool:
     """True when `out` holds a complete world built from this config and seed."""
     manifest = read_manifest(out)
     if not manifest or {k: manifest.get(k) for k in ("format", "seed", "config", "lms")} != _identity(cfg, seed):
         return False
-    return all((Path(out) / f).is_file() for f in manifest.get("files", {}))
+    return is_complete(out, manifest)
 
 
 def build_world(out: str | Path | None = None, seed: int = 0, progress: Callable[[str], None] = print,
