@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_json  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     # Default: about 40 min on a shared 2-core CPU, dominated by SmolLM2 forward/backward (~5-8 s a step at batch 16).
@@ -204,8 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "quick" if args.quick else "default",
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-                   f"{platform.platform()}", "note": args.note, "recipe": RECIPE, "dst_llm": args.dst, "sizes": size,
+        "machine": machine_info(), "note": args.note, "recipe": RECIPE, "dst_llm": args.dst, "sizes": size,
         "data": {"train_questions": len(train), "train_images": len({r['image'] for r in train}),
                  "test_questions": len(test), "test_images": len({r['image'] for r in test}),
                  "val_questions": size["val_questions"],
@@ -265,8 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  "arm of the transfer, run by vpgtrans' run_recipe)")
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real_weights.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(out / "real_weights.json", result)
     if report.get("plot") and Path(report["plot"]).is_file():
         import shutil
 
