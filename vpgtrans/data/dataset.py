@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -15,6 +15,8 @@ from ..errors import ConfigError
 from ..interfaces import TextSample
 from .cache import CacheReport, FeatureCache, FeatureStore, prepare_features
 from .readers import FORMATS, BadSamples, ImageReader, read_records
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,6 +37,9 @@ class DataConfig:
     prefix_lm: bool = help_field(True, help="encoder-decoder LLMs: split captions at a random word into encoder "
                                             "prefix and decoder target (BLIP-2 FlanT5)")
     max_samples: int | None = help_field(None, help="use only the first N training records")
+    fraction: float = help_field(1.0, help="train on this fraction of the training records, a seeded random "
+                                           "subset in file order (VPGTrans used 10.7 percent: 0.107); before max_samples")
+    fraction_seed: int = help_field(0, help="seed of the data.fraction subset (same seed, same subset)")
     max_val_samples: int | None = help_field(None, help="use only the first N validation records")
     feature_cache: bool = help_field(True, help="compute frozen vision features once and cache them on disk")
     cache_dir: str | None = help_field(None, help="feature cache root (default $VPGTRANS_HOME/cache)")
@@ -47,6 +52,9 @@ class DataConfig:
             raise ConfigError(f"data.format '{self.format}' is unknown", f"use one of: {', '.join(FORMATS)}")
         if self.task not in ("caption", "vqa", "auto"):
             raise ConfigError(f"data.task '{self.task}' is unknown", "use caption, vqa or auto")
+        if not 0.0 < float(self.fraction) <= 1.0:
+            raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}",
+                              "e.g. data.fraction=0.107 (10.7% of the training records)")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"data.cache_dtype '{self.cache_dtype}' is unknown", "use float32, float16 or bfloat16")
 
@@ -138,13 +146,23 @@ class VLDataset(Dataset):
 
 
 def load_records(config: DataConfig, split: str = "train", bad: BadSamples | None = None) -> list[dict[str, Any]]:
-    """Read the train or val annotations named by the config (first max_samples only)."""
+    """Read the train or val annotations named by the config (train: data.fraction subset, then max_samples)."""
     path = config.train if split == "train" else config.val
     if not path:
         raise ConfigError(f"data.{split} is not set", f"set data.{split}=PATH in the recipe or on the command line")
     records = read_records(path, config.format, task=config.task, image_root=config.image_root, bad=bad)
+    if split == "train" and config.fraction < 1.0:
+        records = fraction_subset(records, config.fraction, config.fraction_seed)
     limit = config.max_samples if split == "train" else config.max_val_samples
     return records[:limit] if limit else records
+
+
+def fraction_subset(records: Sequence[T], fraction: float, seed: int = 0) -> list[T]:
+    """A seeded random `fraction` of `records` (at least one), kept in their original order."""
+    n = len(records)
+    k = max(1, round(n * fraction)) if n else 0
+    keep = sorted(random.Random(f"fraction:{seed}").sample(range(n), k))
+    return [records[i] for i in keep]
 
 
 def build_dataset(records: Sequence[dict[str, Any]], model: Any, config: DataConfig, *, seed: int = 0,
