@@ -13,8 +13,9 @@ import click
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/transfer", show_default=True,
               help="Output directory.")
 @click.option("--recipe", default="vpgtrans_world", show_default=True, help="Recipe name or YAML path.")
-@click.option("--converter", default="linear-cosine", show_default=True,
-              help="Embedding converter (linear-cosine, lstsq, procrustes).")
+@click.option("--converter", default="auto", show_default=True,
+              help="Embedding converter (linear-cosine, lstsq, procrustes, identity); auto: identity when the "
+                   "vocabularies are identical (a surrogate source), else linear-cosine.")
 @click.option("--warmup-lr-scale", type=float, default=5.0, show_default=True,
               help="Stage-1 LR = this × the recipe's LR.")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of stage 1 in epochs.")

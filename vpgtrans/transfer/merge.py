@@ -34,6 +34,33 @@ class ConverterFit:
                 f"{self.train_cosine:.4f} on {self.n_fit} fitted pairs, {held} ({self.seconds:.1f}s)")
 
 
+IDENTITY = "identity"
+AUTO = "auto"
+
+
+class IdentityConverter:
+    """g(x) = x, for a source sharing the destination's vocabulary and embedding space (e.g. its surrogate)."""
+
+    def fit(self, src: torch.Tensor, dst: torch.Tensor, *, seed: int = 0) -> nn.Linear:
+        """The identity map at the embeddings' width; refuses widths that differ."""
+        if src.shape[-1] != dst.shape[-1]:
+            raise DataError(f"identity converter needs equal embedding widths, got {src.shape[-1]} and "
+                            f"{dst.shape[-1]}", "use a fitted converter (--converter linear-cosine)")
+        layer = nn.Linear(src.shape[-1], dst.shape[-1])
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(src.shape[-1]))
+            layer.bias.zero_()
+        return layer
+
+
+def choose_converter(name: str, pairs: TokenPairs, src_emb: torch.Tensor, dst_emb: torch.Tensor) -> str:
+    """Resolve 'auto': the identity for identical vocabularies of equal width (measured best), else linear-cosine."""
+    if name != AUTO:
+        return name
+    same = pairs.method == "identity" and src_emb.shape[-1] == dst_emb.shape[-1]
+    return IDENTITY if same else "linear-cosine"
+
+
 @torch.no_grad()
 def mean_cosine(linear: nn.Linear, src: torch.Tensor, dst: torch.Tensor) -> float:
     """Mean cosine similarity between linear(src) and dst, row by row."""
@@ -44,6 +71,8 @@ def fit_converter(converter: Any, src_emb: torch.Tensor, dst_emb: torch.Tensor,
                   pairs: TokenPairs | tuple[torch.Tensor, torch.Tensor], *, heldout: float = 0.1,
                   seed: int = 0) -> ConverterFit:
     """Fit `converter` (a Converter or a registered converter name) on a seeded split of the token pairs."""
+    if converter == IDENTITY:
+        converter = IdentityConverter()
     if isinstance(converter, str):
         from vpgtrans.registry import build
 

@@ -78,7 +78,7 @@ def _stage_raw(raw: dict[str, Any], name: str, **train: Any) -> dict[str, Any]:
 
 
 def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Path = "runs/transfer",
-                  recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (), converter: str = "linear-cosine",
+                  recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (), converter: str = "auto",
                   warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0, lora: bool = False,
                   until: str | None = None, compare_scratch: bool = False, trust_pickle: bool = False,
                   src_llm: str | None = None) -> TransferPlan:
@@ -95,7 +95,8 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         raise ConfigError(f"--warmup-epochs must be positive, got {warmup_epochs}", "e.g. --warmup-epochs 1")
     if until:
         parse_until(until)
-    get_component("converter", converter)  # unknown names fail before anything is loaded
+    if converter not in ("auto", "identity"):  # not registry components: resolved in prepare()
+        get_component("converter", converter)  # unknown names fail before anything is loaded
     path = find_recipe(recipe)
     extra = list(overrides) + ([f"data.train={data}"] if data else [])
     base = build_recipe(_read_yaml(path), extra, name=path.stem, source=str(path))
@@ -155,7 +156,7 @@ def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage
     from accelerate.utils import set_seed
 
     from ..model import build_model
-    from .merge import fit_converter, merge_projector
+    from .merge import choose_converter, fit_converter, merge_projector
 
     set_seed(plan.stage1.train.seed)
     model = build_model(plan.spec)
@@ -166,8 +167,9 @@ def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage
     echo(pairs.summary())
     result = None
     if fit:
-        result = fit_converter(plan.converter, src_llm.input_embedding_matrix(), model.llm.input_embedding_matrix(),
-                               pairs, seed=seed)
+        src_emb, dst_emb = src_llm.input_embedding_matrix(), model.llm.input_embedding_matrix()
+        plan.converter = choose_converter(plan.converter, pairs, src_emb, dst_emb)
+        result = fit_converter(plan.converter, src_emb, dst_emb, pairs, seed=seed)
         echo(result.summary())
         merged = merge_projector(src_proj, result.linear)
         model.projector = merged.to(model.projector.weight.dtype)
@@ -262,7 +264,7 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 
 
 def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "runs/transfer", *,
-             converter: str = "linear-cosine", warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0,
+             converter: str = "auto", warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0,
              lora: bool = False, until: str | None = None, compare_scratch: bool = False, dry_run: bool = False,
              resume: bool = False, force: bool = False, recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (),
              trust_pickle: bool = False, src_llm: str | None = None, min_coverage: float = 0.05,
@@ -304,7 +306,7 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
     if model is None:
         model = load_model(plan.out / "stage2" / "model")
     save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": dst,
-                                                              "converter": converter,
+                                                              "converter": plan.converter,
                                                               "warmup_lr_scale": warmup_lr_scale}})
     vpgtrans_time = time.perf_counter() - started
     report: dict[str, Any] = {"format": "vpgtrans-transfer-report", "source": plan.source.path,
