@@ -22,8 +22,9 @@ class LLMConfig:
     path: str = help_field("opt-2.7b", help="alias (opt-2.7b, llama-7b, vicuna-7b, flant5-xl, world-llama, "
                                             "smollm2-135m, …), Hugging Face id, local directory or .gguf file")
     dtype: str = help_field("float32", help="float32, bfloat16 or float16 for the frozen weights")
-    trust_remote_code: bool = help_field(False, help="allow code shipped with the checkpoint to run (off: never "
-                                                     "needed for OPT/LLaMA/T5)")
+    # Kept so manifests that carry it still load; never read: only `vpgtrans --trust-remote-code` lets code run.
+    trust_remote_code: bool = help_field(False, help="ignored: code shipped with a checkpoint runs only with the "
+                                                     "command-line flag --trust-remote-code")
     gguf_file: str | None = help_field(None, help="GGUF file inside `path` to dequantise (once; a dense copy "
                                                   "is cached) and load")
     attn_implementation: str | None = help_field("sdpa", help="attention kernel (sdpa, eager, flash_attention_2)")
@@ -48,7 +49,7 @@ def _count_params(target: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(target, local_files_only=True)
+        cfg = AutoConfig.from_pretrained(target, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):
         return None
     cfg = getattr(cfg, "text_config", None) or cfg
@@ -110,10 +111,10 @@ def _load(model_cls: Any, config: LLMConfig) -> tuple[Any, Any]:
 
         # Dequantising takes about a minute on a small CPU: done once, then a dense copy loads fast.
         target = str(dense_checkpoint(config.path, target, config.gguf_file, model_cls))
-    extra: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.path, target, what="tokenizer", **extra)
+    # load_pretrained decides trust_remote_code from the command line alone (vpgtrans.trust).
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.path, target, what="tokenizer")
     check_fits(config.path, target, config.dtype)
-    kwargs = dict(extra, dtype=getattr(torch, config.dtype))
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, config.dtype))
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     model = load_pretrained(model_cls.from_pretrained, config.path, target, what="LLM", **kwargs)
@@ -261,11 +262,24 @@ class Seq2SeqBackend(_Backend):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+def stop_token_ids(backend: LLMBackend) -> list[int]:
+    """Token ids that end generation: the checkpoint's own eos ids, then the tokenizer's EOS."""
+    # The checkpoint's generation config is what the stock model stops on (BLIP-2 OPT ends on "\\n");
+    # the tokenizer's EOS is what vpgtrans appends to every training target.
+    ids: list[int] = []
+    gen = getattr(backend.model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), backend.tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 def _gen_kwargs(backend: _Backend, config: GenerationConfig) -> dict[str, Any]:
     tok = backend.tokenizer
     kw: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
                               min_new_tokens=config.min_new_tokens, repetition_penalty=config.repetition_penalty,
-                              do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                              do_sample=False, eos_token_id=stop_token_ids(backend), pad_token_id=tok.pad_token_id)
     if config.num_beams > 1:
         kw["length_penalty"] = config.length_penalty
     kw.update(config.extra)

