@@ -72,13 +72,14 @@ def _add_commands() -> None:
     from .export import export, import_cmd
     from .generate import generate
     from .plot import plot
+    from .serve import serve
     from .surrogate import surrogate
     from .train import train
     from .transfer import transfer
     from .world import world
 
     for command in (demo, components, generate, eval_command, chat, export, import_cmd, plot, train, transfer, world,
-                    surrogate):
+                    surrogate, serve):
         main.add_command(command)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -42,13 +42,28 @@ def turn_markers(template: Any) -> tuple[str, str]:
     return head, tail
 
 
+def conversation_sample(template: Any, history: Sequence[tuple[str, str]], question: str) -> Any:
+    """The text around the soft prompts for a conversation: (question, answer) turns, then `question`."""
+    from ..interfaces import TextSample
+
+    first = template.sample(history[0][0] if history else question)
+    if not history:
+        return first
+    head, tail = turn_markers(template)
+    questions = [q for q, _ in history] + [question]
+    after = first.after
+    for (_, answer), follow_up in zip(history, questions[1:]):
+        after += answer + template.end + head + follow_up + tail
+    return TextSample(before=first.before, after=after)
+
+
 class ChatSession:
     """One image, a growing conversation; `ask` returns the model's next answer."""
 
     def __init__(self, model: Any, image: Any, config: Any):
         self.model = model
         self.config = config
-        self.head, self.tail = turn_markers(model.template)
+        turn_markers(model.template)  # refuse a template without {instruction} before the first question
         self.history: list[tuple[str, str]] = []
         self.set_image(image)
 
@@ -64,14 +79,7 @@ class ChatSession:
 
     def sample(self, question: str) -> Any:
         """The text around the soft prompts for the whole conversation up to `question`."""
-        from ..interfaces import TextSample
-
-        questions = [q for q, _ in self.history] + [question]
-        first = self.model.template.sample(questions[0])
-        after = first.after
-        for (_, answer), follow_up in zip(self.history, questions[1:]):
-            after += answer + self.model.template.end + self.head + follow_up + self.tail
-        return TextSample(before=first.before, after=after)
+        return conversation_sample(self.model.template, self.history, question)
 
     def ask(self, question: str) -> str:
         """Generate the answer to `question` given the conversation so far, and remember both."""
