@@ -73,7 +73,7 @@ def test_missing_weights_alias_gives_one_line_and_nonzero_exit(tiny_paths, tmp_p
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1, res.output
-    assert "opt-2.7b" in lines[0] and "facebook/opt-2.7b" in lines[0] and "huggingface-cli download" in lines[0]
+    assert "opt-2.7b" in lines[0] and "facebook/opt-2.7b" in lines[0] and "`hf download facebook/opt-2.7b`" in lines[0]
     assert "Traceback" not in res.output
 
 

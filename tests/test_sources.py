@@ -190,5 +190,5 @@ def test_unknown_sources(tmp_path):
         load_source(tmp_path)
     with pytest.raises(CheckpointError, match="aliases"):
         load_source(str(tmp_path / "missing"))
-    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download Salesforce/blip2-opt-2.7b"):
+    with pytest.raises(WeightsNotFoundError, match="hf download Salesforce/blip2-opt-2.7b"):
         load_source("opt-2.7b")

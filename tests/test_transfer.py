@@ -16,6 +16,8 @@ from vpgtrans.testing import tiny_images, tiny_spec
 from vpgtrans.train import read_log
 from vpgtrans.transfer import pipeline
 
+# Tiny OPT/LLaMA dirs would get the paper's real-scale recipe by default (transfer chooses it from the models).
+RECIPE = ["--recipe", "vpgtrans_world"]
 FAST = ["train.batch_size=2", "train.max_steps=3", "train.eval_every=0", "train.save_every=0",
         "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4"]
 
@@ -46,7 +48,7 @@ def world(tmp_path_factory, tiny_paths):
 def _plan(world, dst="opt", src="opt", **kw):
     return pipeline.plan_transfer(str(world["src"][src]), str(world["paths"][dst]), data=world["data"],
                                   out=kw.pop("out", world["root"] / "unused"), overrides=world["overrides"],
-                                  converter=kw.pop("converter", "lstsq"), **kw)
+                                  converter=kw.pop("converter", "lstsq"), recipe="vpgtrans_world", **kw)
 
 
 def test_merged_projector_is_converter_times_source(world):
@@ -82,6 +84,7 @@ def test_stage1_trains_only_the_projector_at_5x(world, tmp_path):
 def test_transfer_across_model_types(world, tmp_path, src, dst):
     report = pipeline.transfer(str(world["src"][src]), str(world["paths"][dst]), world["data"], tmp_path / "o",
                                converter="lstsq", warmup_epochs=0.5, overrides=world["overrides"],
+                               recipe="vpgtrans_world",
                                echo=lambda _: None)
     out = tmp_path / "o"
     manifest = json.loads((out / "model" / "manifest.json").read_text())
@@ -95,7 +98,7 @@ def test_cli_transfer_compare_scratch_and_resume(world, tmp_path):
     out = tmp_path / "cli"
     args = ["transfer", "--src", str(world["src"]["opt"]), "--dst", str(world["paths"]["llama"]), "--data",
             world["data"], "--out", str(out), "--converter", "lstsq", "--warmup-epochs", "0.5", "--compare-scratch",
-            "--no-progress", *world["overrides"], "train.eval_every=1"]
+            "--no-progress", *RECIPE, *world["overrides"], "train.eval_every=1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -114,7 +117,7 @@ def test_dry_run_trains_nothing(world, tmp_path):
     out = tmp_path / "dry"
     result = CliRunner().invoke(main, ["transfer", "--src", str(world["src"]["opt"]), "--dst",
                                        str(world["paths"]["t5"]), "--data", world["data"], "--out", str(out),
-                                       "--dry-run", *world["overrides"]])
+                                       "--dry-run", *RECIPE, *world["overrides"]])
     assert result.exit_code == 0, result.output
     assert "constant 0.0005" in result.output and "token pairs" in result.output and "8 examples" in result.output
     assert "train projector" in result.output and "train vpg + projector" in result.output
@@ -133,7 +136,7 @@ def test_bad_input_is_one_line(world, tmp_path, args, expected):
         base[k] = v
     flat = [x for kv in base.items() for x in kv]
     result = CliRunner().invoke(main, ["transfer", *flat, "--data", world["data"], "--out", str(tmp_path / "b"),
-                                       "--dry-run", *world["overrides"]])
+                                       "--dry-run", *RECIPE, *world["overrides"]])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], \
         result.output
@@ -155,7 +158,7 @@ def test_lavis_pth_source_needs_trust_pickle(world, tmp_path):
     vit = world["paths"]["blip2-vit"]
     base = ["transfer", "--src", str(pth), "--dst", str(world["paths"]["llama"]), "--src-llm",
             str(world["paths"]["opt"]), "--data", world["data"], "--out", str(tmp_path / "l"), "--converter",
-            "lstsq", "--warmup-epochs", "0.25", "--no-progress", *world["overrides"],
+            "lstsq", "--warmup-epochs", "0.25", "--no-progress", *RECIPE, *world["overrides"],
             f"model.vision={{name: blip2-vit, path: {vit}}}", "train.max_steps=1"]
     refused = CliRunner().invoke(main, base)
     assert refused.exit_code != 0 and "--trust-pickle" in refused.output
@@ -167,6 +170,7 @@ def test_lavis_pth_source_needs_trust_pickle(world, tmp_path):
 def test_lora_trains_in_stage2_only(world, tmp_path):
     pipeline.transfer(str(world["src"]["opt"]), str(world["paths"]["llama"]), world["data"], tmp_path / "lora",
                       converter="lstsq", warmup_epochs=0.5, lora=True, overrides=world["overrides"],
+                      recipe="vpgtrans_world",
                       echo=lambda _: None)
     stage1 = load_file(str(tmp_path / "lora" / "stage1" / "model" / "model.safetensors"))
     final = load_file(str(tmp_path / "lora" / "model" / "model.safetensors"))

@@ -9,10 +9,17 @@ import click
 @click.option("--src", required=True, help="Source model: vpgtrans model dir, HF BLIP-2 dir, LAVIS .pth or alias.")
 @click.option("--dst", required=True, help="Destination LLM: alias, path or world name (world-llama, ...).")
 @click.argument("overrides", nargs=-1)
-@click.option("--data", default=None, help="Training annotations (sets data.train of the recipe).")
+@click.option("--data", default=None,
+              help="Training annotations (sets data.train): COCO Karpathy / LAVIS JSON, JSONL, webdataset .tar shards "
+                   "or a cc_sbu_align folder. Real models need it unless the recipe's data exists.")
+@click.option("--data-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Train on this seeded random fraction of the training set (data.fraction; the paper: 0.107).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/transfer", show_default=True,
               help="Output directory.")
-@click.option("--recipe", default="vpgtrans_world", show_default=True, help="Recipe name or YAML path.")
+@click.option("--recipe", default=None,
+              help="Recipe name or YAML path. Default: chosen from the models: world names → vpgtrans_world; same "
+                   "LLM family (OPT-2.7B → 6.7B) → vpgtrans_opt2.7b_to_6.7b; another family (OPT → LLaMA) or "
+                   "Vicuna → vpgtrans_vl_llama (the paper's values; the plan says which and why).")
 @click.option("--converter", default="auto", show_default=True,
               help="Embedding converter (linear-cosine, lstsq, procrustes, identity); auto: identity when the "
                    "vocabularies are identical (a surrogate source), else linear-cosine.")
@@ -30,13 +37,16 @@ import click
 @click.option("--min-coverage", type=float, default=0.05, show_default=True,
               help="Refuse token pairings covering less of the destination vocabulary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, out_dir: str, recipe: str,
+def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, data_fraction: float | None,
+             out_dir: str, recipe: str | None,
              converter: str, warmup_lr_scale: float, warmup_epochs: float, lora: bool, until: str | None,
              compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
              src_llm: str | None, min_coverage: float, no_progress: bool) -> None:
     """Transfer the VPG of SRC to the LLM DST; overrides are recipe key=value (e.g. train.max_steps=500)."""
     from ..transfer.pipeline import transfer as run
 
+    if data_fraction is not None:
+        overrides = (*overrides, f"data.fraction={data_fraction}")
     run(src, dst, data, out_dir, converter=converter, warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs,
         lora=lora, until=until, compare_scratch=compare_scratch, dry_run=dry_run, resume=resume, force=force,
         recipe=recipe, overrides=overrides, trust_pickle=trust_pickle, src_llm=src_llm, min_coverage=min_coverage,

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import report as rep
 
-DEFAULT_RECIPE = "vpgtrans_world"
+DEFAULT_RECIPE = None  # chosen from the two models: see choose.py
 STAGES = ("stage1", "stage2")
 
 
@@ -38,6 +38,9 @@ class TransferPlan:
     converter: str
     warmup_lr_scale: float
     notes: list[str] = field(default_factory=list)
+    choice: Any = None  # choose.Choice: which recipe and why
+    missing: list = field(default_factory=list)  # (role, name, target, why) of absent weights (dry runs only)
+    data_problem: tuple[str, str] | None = None  # (what, fix) when real models have no data (dry runs only)
 
 
 @dataclass
@@ -78,15 +81,22 @@ def _stage_raw(raw: dict[str, Any], name: str, **train: Any) -> dict[str, Any]:
 
 
 def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Path = "runs/transfer",
-                  recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (), converter: str = "auto",
+                  recipe: str | None = DEFAULT_RECIPE, overrides: Sequence[str] = (), converter: str = "auto",
                   warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0, lora: bool = False,
                   until: str | None = None, compare_scratch: bool = False, trust_pickle: bool = False,
-                  src_llm: str | None = None) -> TransferPlan:
-    """Load the source and build the recipes of both stages (and of the scratch baseline)."""
+                  src_llm: str | None = None, allow_missing: bool = False) -> TransferPlan:
+    """Load the source and build the recipes of both stages (and of the scratch baseline).
+
+    Missing data or weights raise one error naming all of them; with `allow_missing` (dry runs) they are
+    recorded in the plan instead, and the source's place is taken by the recipe's model section.
+    """
     from ..model import detect_llm_component
     from ..recipes import _read_yaml, build_recipe, find_recipe
     from ..registry import get as get_component
+    from ..errors import DataError
+    from ..names import missing_error, missing_weights
     from ..train.config import parse_until
+    from .choose import Choice, choose_recipe, data_problem, wanted_weights
     from .sources import load_source
 
     if warmup_lr_scale <= 0:
@@ -97,13 +107,32 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         parse_until(until)
     if converter not in ("auto", "identity"):  # not registry components: resolved in prepare()
         get_component("converter", converter)  # unknown names fail before anything is loaded
-    path = find_recipe(recipe)
-    extra = list(overrides) + ([f"data.train={data}"] if data else [])
+    choice = choose_recipe(src, dst, src_llm) if recipe is None else Choice(recipe, "given", "given by --recipe")
+    path = find_recipe(choice.recipe)
+    # --data replaces the recipe's dataset: its layout is detected and image paths are relative to it,
+    # unless overrides say otherwise.
+    given = ["data.format=auto", "data.image_root=null"] if data else []
+    extra = given + list(overrides) + ([f"data.train={data}"] if data else [])
     base = build_recipe(_read_yaml(path), extra, name=path.stem, source=str(path))
-    source = load_source(src, trust_pickle=trust_pickle)
-    vision, template, llm_src = _source_parts(source, base, src_llm)
-    spec = {"vision": vision, "vpg": dict(source.vpg_spec), "template": template,
-            "llm": {"name": detect_llm_component(dst), "path": dst}}
+    no_data = data_problem(path.stem, base.data.train, base.data.val)
+    if no_data and not allow_missing:
+        raise DataError(*no_data)
+    missing = missing_weights(wanted_weights(src, dst, src_llm, (base.model.vision or {}).get("path")))
+    typos = [m for m in missing if m[3].startswith("no such file")]  # bad input, not weights to download
+    if any(m[0] == "source" for m in typos):
+        load_source(src, trust_pickle=trust_pickle)  # its own one-line error (formats, aliases)
+    if typos or (missing and not allow_missing):
+        raise missing_error(typos or missing)
+    if any(role == "source" for role, *_ in missing):
+        source = None
+        llm_src = {"name": "?", "path": src_llm or "?"}
+        vision, template = dict(base.model.vision), dict(base.model.template)
+    else:
+        source = load_source(src, trust_pickle=trust_pickle)
+        vision, template, llm_src = _source_parts(source, base, src_llm)
+    dst_missing = any(role == "destination LLM" for role, *_ in missing)
+    spec = {"vision": vision, "vpg": dict(source.vpg_spec if source else base.model.vpg or {"name": "qformer"}),
+            "template": template, "llm": {"name": "?" if dst_missing else detect_llm_component(dst), "path": dst}}
     if lora:
         spec["lora"] = dict(base.model.lora or {"r": 8})
     raw = copy.deepcopy(base.raw)
@@ -119,15 +148,16 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         from ..data import load_records
         from ..train.config import count_steps
 
-        n = len(load_records(base.data, "train"))
+        n = 0 if no_data else len(load_records(base.data, "train"))
         total = count_steps(stage1.train, n)[0] + count_steps(stage2.train, n)[0]
         scratch = build_recipe(_stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total,
                                           until=None), name="scratch", source=str(path))
-    notes = list(source.notes)
-    if source.vision_post_layernorm:
+    notes = list(source.notes) if source else []
+    if source and source.vision_post_layernorm:
         notes.append("the source's vision post-layernorm is not carried over (the vision encoder is loaded as is)")
     return TransferPlan(source=source, src_llm=llm_src, spec=spec, stage1=stage1, stage2=stage2, scratch=scratch,
-                        out=Path(out).expanduser(), converter=converter, warmup_lr_scale=warmup_lr_scale, notes=notes)
+                        out=Path(out).expanduser(), converter=converter, warmup_lr_scale=warmup_lr_scale, notes=notes,
+                        choice=choice, missing=missing, data_problem=no_data)
 
 
 def _build_llm(spec: dict[str, Any]) -> Any:
@@ -225,30 +255,61 @@ def _params(model: Any, parts: Sequence[str]) -> int:
     return sum(p.numel() for part in parts for p in getattr(model, part).parameters())
 
 
-def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int) -> list[str]:
-    """The --dry-run plan: stages, what trains, parameter counts, LRs, data size, token-pair coverage."""
+def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int | None) -> list[str]:
+    """The --dry-run plan: recipe and why, stages, what trains, parameter counts, LRs, data size, pair coverage.
+
+    `model`, `pairs` and `n_train` are None when weights or data are missing: those lines say so.
+    """
     from ..train.config import count_steps
 
-    lines = [plan.source.summary(), *[f"note: {n}" for n in plan.notes],
+    def params(parts: Sequence[str]) -> str:
+        return f"{_params(model, parts):,}" if model is not None else "?"
+
+    choice = plan.choice
+    d = plan.stage1.data
+    fraction = f" (data.fraction {d.fraction:g}, seed {d.fraction_seed})" if d.fraction < 1 else ""
+    lines = [f"recipe  {choice.recipe}: {choice.reason}" + ("" if choice.kind == "given" else " (--recipe overrides)")
+             if choice else f"recipe  {plan.stage2.name}",
+             plan.source.summary() if plan.source else f"source  {plan.src_llm.get('path')}: MISSING",
+             *[f"note: {n}" for n in plan.notes],
              f"source LLM {plan.src_llm.get('path')} ({plan.src_llm.get('name')}) → destination LLM "
              f"{plan.spec['llm']['path']} ({plan.spec['llm']['name']})",
-             f"pairs   {pairs.summary()}",
-             f"data    {plan.stage1.data.train}: {n_train} examples",
-             f"params  vpg {_params(model, ['vpg']):,}, projector {_params(model, ['projector']):,}, "
-             f"LLM {_params(model, ['llm']):,} (frozen), vision {_params(model, ['vision']):,} (frozen)",
+             f"pairs   {pairs.summary()}" if pairs is not None else "pairs   ? (needs both LLMs' tokenizers)",
+             f"data    {d.train}: " + (f"{n_train} examples{fraction}" if n_train is not None else "MISSING"),
+             f"params  vpg {params(['vpg'])}, projector {params(['projector'])}, LLM {params(['llm'])} (frozen), "
+             f"vision {params(['vision'])} (frozen)",
              f"stage 0 converter {plan.converter} on the token pairs, merged into the projector (W_c·W_src)"]
     for i, (name, r) in enumerate((("warm-up", plan.stage1), ("fine-tune", plan.stage2)), 1):
-        steps, _ = count_steps(r.train, n_train)
         t = r.train
+        steps = count_steps(t, n_train)[0] if n_train is not None else (t.max_steps or "?")
         lr = f"constant {t.lr:g}" if t.schedule == "constant" else f"cosine {t.lr:g} → {t.min_lr:g}"
         warm = f", warm-up {t.warmup_steps}" if t.warmup_steps else ", no LR warm-up"
-        n = _params(model, t.trainable)
-        lines.append(f"stage {i} ({name}): train {' + '.join(t.trainable)} ({n:,} params), {steps} steps, "
-                     f"batch {t.batch_size}, {lr}{warm}" + (f", until {t.until}" if t.until else ""))
+        lines.append(f"stage {i} ({name}): train {' + '.join(t.trainable)} ({params(t.trainable)} params), "
+                     f"{steps} steps, batch {t.batch_size} × {t.grad_accum}, {lr}{warm}"
+                     + (f", until {t.until}" if t.until else ""))
     if plan.scratch is not None:
         lines.append(f"scratch fresh VPG + projector, {plan.scratch.train.max_steps} steps, same schedule as stage 2")
+    if choice and choice.followup:
+        lines.append(f"then    {followup_command(plan)}")
+    lines.extend(_extra_plan_sections(plan, model))
     lines.append(f"out     {plan.out}")
+    for role, name, target, why in plan.missing:
+        lines.append(f"MISSING {role} {name}" + (f" ({target})" if target != name else "") + f": {why}")
+    if plan.data_problem:
+        lines.append(f"MISSING data: {plan.data_problem[0]}")
     return lines
+
+
+def _extra_plan_sections(plan: TransferPlan, model: Any) -> list[str]:
+    """Hook for further plan sections (e.g. the memory plan of #17): lines printed before `out`."""
+    return []
+
+
+def followup_command(plan: TransferPlan) -> str:
+    """The command that trains the recipe following this transfer (VL-Vicuna's MiniGPT-4-style stage)."""
+    return (f"vpgtrans train --recipe {plan.choice.followup} train.init_from={plan.out / 'model'} "
+            f"model.llm.path={plan.spec['llm']['path']} --out {plan.out / plan.choice.followup} "
+            "[data.train=<cc_sbu_align dir>]")
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> None:
@@ -266,7 +327,8 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "runs/transfer", *,
              converter: str = "auto", warmup_lr_scale: float = 5.0, warmup_epochs: float = 1.0,
              lora: bool = False, until: str | None = None, compare_scratch: bool = False, dry_run: bool = False,
-             resume: bool = False, force: bool = False, recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = (),
+             resume: bool = False, force: bool = False, recipe: str | None = DEFAULT_RECIPE,
+             overrides: Sequence[str] = (),
              trust_pickle: bool = False, src_llm: str | None = None, min_coverage: float = 0.05,
              progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Move a trained VPG to another LLM (VPGTrans); returns the report (also `<out>/report.json`)."""
@@ -275,16 +337,15 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
 
     plan = plan_transfer(src, dst, data=data, out=out, recipe=recipe, overrides=overrides, converter=converter,
                          warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs, lora=lora, until=until,
-                         compare_scratch=compare_scratch, trust_pickle=trust_pickle, src_llm=src_llm)
-    n_train = len(load_records(plan.stage1.data, "train"))
+                         compare_scratch=compare_scratch, trust_pickle=trust_pickle, src_llm=src_llm,
+                         allow_missing=dry_run)
+    n_train = None if plan.data_problem else len(load_records(plan.stage1.data, "train"))
     if dry_run:
-        prepared = prepare(plan, fit=False, min_coverage=min_coverage, echo=lambda _: None)
-        for line in plan_lines(plan, prepared.model, prepared.pairs, n_train):
-            echo(line)
-        return {"dry_run": True, "train_examples": n_train}
+        return _dry_run(plan, n_train, min_coverage, echo)
     _check_out(plan.out, resume, force)
     plan.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    echo(f"recipe {plan.choice.recipe}: {plan.choice.reason}")
     echo(plan.source.summary())
     for note in plan.notes:
         echo(f"note: {note}")
@@ -332,7 +393,29 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
                 echo(line)
     rep.write_json(plan.out / "report.json", report)
     echo(f"transferred model saved to {plan.out / 'model'}; report {plan.out / 'report.json'}")
+    if plan.choice.followup:
+        echo(f"next ({plan.choice.kind}): {followup_command(plan)}")
     return report
+
+
+def _dry_run(plan: TransferPlan, n_train: int | None, min_coverage: float,
+             echo: Callable[[str], None]) -> dict[str, Any]:
+    """Print the whole plan; when data or weights are missing, print it anyway and then fail naming all of them."""
+    from ..errors import DataError, WeightsNotFoundError
+    from ..names import missing_error
+
+    ready = not plan.missing
+    prepared = prepare(plan, fit=False, min_coverage=min_coverage, echo=lambda _: None) if ready else None
+    for line in plan_lines(plan, prepared and prepared.model, prepared and prepared.pairs, n_train):
+        echo(line)
+    if plan.missing or plan.data_problem:
+        parts = [plan.data_problem] if plan.data_problem else []
+        if plan.missing:
+            err = missing_error(plan.missing)
+            parts.append((err.what, err.fix))
+        raise (WeightsNotFoundError if plan.missing else DataError)("; ".join(w for w, _ in parts),
+                                                                    "; ".join(f for _, f in parts))
+    return {"dry_run": True, "train_examples": n_train, "recipe": plan.choice.recipe}
 
 
 def _stage_summary(run_dir: Path) -> dict[str, Any]:

@@ -323,11 +323,15 @@ def _resolve(path_or_alias: str | Path) -> Path:
         except Exception:  # not cached: every hub error means the same thing here
             from huggingface_hub.constants import HF_HUB_CACHE
 
+            from vpgtrans.names import download_hint
+
             raise WeightsNotFoundError(
                 f"source model '{path_or_alias}' ({target}) is not in the Hugging Face cache ({HF_HUB_CACHE})",
-                f"on a connected machine run `huggingface-cli download {target} --include '*.json' "
-                f"'*.safetensors'` and copy the cache over, or pass a local path") from None
-    raise CheckpointError(f"source '{path_or_alias}' is neither a file, a directory nor a known alias",
+                download_hint([target])) from None
+    from vpgtrans.names import suggest
+
+    raise CheckpointError(f"source '{path_or_alias}' is neither a file, a directory nor a known alias"
+                          f"{suggest(str(path_or_alias), sorted(BLIP2_ALIASES))}",
                           f"pass {'; '.join(FORMATS)}; aliases: {', '.join(sorted(BLIP2_ALIASES))}")
 
 
