@@ -163,14 +163,14 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
         with torch.no_grad():
             target = teacher(**b).logits
         loss, _, _ = _kl_and_agreement(student(**b).logits, target, b["attention_mask"])
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             from .errors import TrainingError
 
-            raise TrainingError(f"healing loss is {float(loss)} at step {step}", "lower --heal-lr")
+            raise TrainingError(f"healing loss is {float(loss.detach())} at step {step}", "lower --heal-lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     student.requires_grad_(False)
     after = agreement(student, teacher, held)
     echo(f"heal: after   top-1 agreement {after['top1_agreement']:.4f}, KL {after['kl']:.4f} "

@@ -1,0 +1,335 @@
+"""Surrogate training on real weights: train the VPG on SmolLM2's first K layers, graft it onto SmolLM2, fine-tune.
+
+    python benchmarks/surrogate.py [--quick] [--depths 6,10,15] [--seeds 0] [--out benchmarks/results]
+
+EfficientNet-Lite0 → Q-Former (MiniLM init) → projector → SmolLM2-135M (recipe `easyvqa_smollm2`, easy-vqa),
+as in benchmarks/real_weights.py. Per seed: direct training on SmolLM2 (the baseline). Per depth K:
+1. `make_surrogate` (SmolLM2's embeddings + first K of 30 layers + final norm + LM head);
+2. the cost of one training step on the surrogate vs on SmolLM2: CPU seconds (median of repeats, same
+   process) and FLOPs counted with torch.utils.flop_counter on the same forward + backward;
+3. the recipe trained on the surrogate (its own validation accuracy);
+4. the zero-shot graft: the surrogate's VPG + projector on SmolLM2 with the identity converter (and, at the
+   first depth, with a fitted `linear-cosine` converter: the identity-vs-fitted measurement), no training;
+5. `transfer()` from the surrogate-trained model to SmolLM2 (converter 'auto' → identity, 5× warm-up,
+   fine-tune). The route's cost = surrogate training + transfer; it is compared to direct training's steps
+   and wall time to reach direct training's best validation accuracy.
+Results: `<out>/surrogate.json` and `<out>/surrogate.png`. Wall times on a shared CPU are noisy; the CPU-time
+and FLOP ratios of step 2 are the steadier cost figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_json  # noqa: E402
+from real_weights import export_data, model_on_test, read_jsonl, test_features  # noqa: E402
+
+RECIPE = "easyvqa_smollm2"
+METRIC = "vqa_accuracy"
+SIZES: dict[str, dict[str, Any]] = {
+    "default": dict(train_questions=4800, test_questions=160, val_questions=64, batch=16, direct_steps=70,
+                    eval_every=10, sur_steps=60, sur_eval_every=20, warmup_steps=4, transfer_steps=24,
+                    transfer_eval_every=5, cost_repeats=3, depths=(6, 10, 15)),
+    "quick": dict(train_questions=320, test_questions=16, val_questions=16, batch=4, direct_steps=4, eval_every=2,
+                  sur_steps=4, sur_eval_every=2, warmup_steps=1, transfer_steps=2, transfer_eval_every=1,
+                  cost_repeats=1, depths=(4,)),
+}
+
+
+def step_cost(spec: dict[str, Any], records: list[dict[str, Any]], batch: int, repeats: int,
+              max_text_len: int = 8) -> dict[str, Any]:
+    """CPU seconds (median) and counted FLOPs of one forward + backward of the training loss."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vpgtrans.images import open_image
+    from vpgtrans.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(spec)
+    model.set_trainable(vpg=True, projector=True)
+    model.train()
+    rows = records[:batch]
+    with torch.no_grad():
+        feats = model.encode_images(model.vision.preprocess([open_image(r["image"]) for r in rows]))
+    samples = [model.template.sample(r["prompt"], target=r["answer"]) for r in rows]
+
+    def once() -> None:
+        model.zero_grad(set_to_none=True)
+        model(feats, samples, max_text_len=max_text_len).backward()
+
+    once()  # warm-up: allocator, kernels
+    with FlopCounterMode(display=False) as counter:
+        once()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        once()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    llm_params = sum(p.numel() for p in model.llm.parameters())
+    return {"cpu_s": round(statistics.median(cpu), 4), "wall_s": round(statistics.median(wall), 4),
+            "gflop": round(counter.get_total_flops() / 1e9, 3), "batch": batch, "repeats": repeats,
+            "llm_params": llm_params}
+
+
+def curve_of(run_dirs: list[Path], offset: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Validation-accuracy curve of consecutive run dirs (joined), shifted by `offset`."""
+    from vpgtrans.transfer import report as rep
+
+    return rep.eval_curve(rep.joined_rows(run_dirs), METRIC, offset)
+
+
+def graft(src_model: str, dst: str, train: Path, common: list[str], converter: str,
+          log: Callable[[str], None]) -> Any:
+    """The surrogate-trained VPG + projector on the full LLM through `converter`, before any training."""
+    from vpgtrans.transfer.pipeline import plan_transfer, prepare
+
+    plan = plan_transfer(src_model, dst, data=str(train), recipe=RECIPE, overrides=common, converter=converter,
+                         out="/nonexistent-unused")
+    prepared = prepare(plan, min_coverage=0.0, echo=log)
+    return prepared.model, {"converter": plan.converter, "pairs": prepared.pairs.summary(),
+                            "heldout_cosine": prepared.fit.heldout_cosine if prepared.fit else None}
+
+
+def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """First point of `curve` at or above `target` (accuracy: higher is better)."""
+    return next((p for p in curve if p["value"] >= target), None)
+
+
+def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Surrogate of depth k: its VPG, zero-shot graft, transfer; the route's cost against direct training."""
+    import torch
+
+    from vpgtrans.checkpoint import load_model
+    from vpgtrans.recipes import load_recipe
+    from vpgtrans.surrogate import make_surrogate
+    from vpgtrans.train.runner import run_recipe
+    from vpgtrans.transfer.pipeline import transfer
+
+    work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
+    sur_dir = work / f"surrogate-k{k}"
+    if not (sur_dir / "config.json").is_file():
+        make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
+    out: dict[str, Any] = {"layers": k, "seed": seed, "surrogate_dir": str(sur_dir)}
+    log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
+    recipe = load_recipe(RECIPE, [*common, f"data.train={paths['train']}", f"model.llm.path={sur_dir}",
+                                  f"train.max_steps={size['sur_steps']}", f"train.eval_every={size['sur_eval_every']}"])
+    sur_run = run_recipe(recipe, work / f"s{seed}" / f"surrogate-k{k}", force=True, progress=False, echo=log)
+    sur_res = sur_run["results"]
+    sur_curve = curve_of([work / f"s{seed}" / f"surrogate-k{k}"])
+    out["surrogate_training"] = {"steps": sur_res["steps"], "samples": sur_res["samples"],
+                                 "wall_time": sur_res["wall_time"], "val_curve": sur_curve,
+                                 "val_best": max((p["value"] for p in sur_curve), default=None)}
+    sur_model = load_model(sur_run["model_dir"])
+    out["surrogate_vpg_test"] = model_on_test(sur_model, ctx["test"], ctx["feats"])
+    del sur_model
+    log(f"  surrogate VPG on the surrogate: test {out['surrogate_vpg_test'][METRIC]}")
+
+    converters = ["identity", "linear-cosine"] if k == args.depths[0] else ["identity"]
+    out["zero_shot"] = {}
+    for conv in converters:
+        model, info = graft(sur_run["model_dir"], args.dst, paths["train"], common, conv, log)
+        val, test = model_on_test(model, ctx["val"], ctx["feats"]), model_on_test(model, ctx["test"], ctx["feats"])
+        out["zero_shot"][conv] = {**info, "val": val[METRIC], "test": test[METRIC], "test_examples": test["examples"]}
+        log(f"  zero-shot graft ({conv}): val {val[METRIC]}, test {test[METRIC]}")
+        del model
+    torch.manual_seed(seed)
+    log(f"[K={k} seed={seed}] transfer to {args.dst}: warm-up {size['warmup_steps']} + {size['transfer_steps']} steps")
+    n_train = len(ctx["train"])
+    tdir = work / f"s{seed}" / f"transfer-k{k}"
+    report = transfer(sur_run["model_dir"], args.dst, data=str(paths["train"]), out=tdir, recipe=RECIPE,
+                      overrides=[*common, f"train.max_steps={size['transfer_steps']}",
+                                 f"train.eval_every={size['transfer_eval_every']}"],
+                      warmup_epochs=size["warmup_steps"] * size["batch"] / n_train, force=True, min_coverage=0.0,
+                      echo=log)
+    sur_wall = sur_res["wall_time"]
+    zero = {"step": 0, "samples": 0, "wall_time": 0.0, "value": out["zero_shot"]["identity"]["val"]}
+    route = [{**zero, "wall_time": sur_wall}] + curve_of([tdir / "stage1", tdir / "stage2"],
+                                                       {"step": 0, "samples": 0, "wall_time": sur_wall})
+    out["transfer"] = {"converter": report["converter"].get("converter"), "stages": report["stages"],
+                       "seconds": report["seconds"], "route_curve": route}
+    final = load_model(tdir / "model")
+    out["final_test"] = model_on_test(final, ctx["test"], ctx["feats"])[METRIC]
+    del final
+    direct = ctx["direct"][seed]
+    hit = first_reaching(route, direct["best"])
+    ratio = ctx["cost"][k]["cpu_s"] / ctx["cost"]["full"]["cpu_s"]
+    out["match"] = {"target": direct["best"], "reached": hit is not None,
+                    "dst_steps": hit["step"] if hit else None,
+                    "surrogate_steps": sur_res["steps"],
+                    "equivalent_dst_steps": round(hit["step"] + sur_res["steps"] * ratio, 1) if hit else None,
+                    "wall_time": hit["wall_time"] if hit else None,
+                    "wall_ratio_vs_direct": round(hit["wall_time"] / direct["reached"]["wall_time"], 3) if hit else None,
+                    "route_best_val": max(p["value"] for p in route)}
+    log(f"  match direct best {direct['best']}: {out['match']}")
+    return out
+
+
+def direct_run(seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """The recipe trained directly on the full LLM: its curve, best, when it first got there, test accuracy."""
+    from vpgtrans.checkpoint import load_model
+    from vpgtrans.recipes import load_recipe
+    from vpgtrans.train.runner import run_recipe
+
+    log(f"[seed={seed}] direct training on {args.dst} ({size['direct_steps']} steps)")
+    d = ctx["work"] / f"s{seed}" / "direct"
+    recipe = load_recipe(RECIPE, [*ctx["common"](seed), f"data.train={ctx['paths']['train']}",
+                                  f"train.max_steps={size['direct_steps']}"])
+    res = run_recipe(recipe, d, force=True, progress=False, echo=log)
+    curve = curve_of([d])
+    best = max(p["value"] for p in curve)
+    final = load_model(res["model_dir"])
+    out = {"steps": res["results"]["steps"], "wall_time": res["results"]["wall_time"], "val_curve": curve,
+           "best": best, "reached": first_reaching(curve, best),
+           "final_test": model_on_test(final, ctx["test"], ctx["feats"])[METRIC]}
+    log(f"  direct: best val {best} at {out['reached']}, final test {out['final_test']}")
+    return out
+
+
+def summary_rows(result: dict[str, Any]) -> list[str]:
+    """The printed table: one row per depth and seed."""
+    head = (f"{'K':>3} {'seed':>4} {'cpu':>5} {'flop':>5} {'surVPG':>7} {'graft':>6} {'route steps':>12} "
+            f"{'route s':>8} {'direct steps':>12} {'direct s':>8} {'wall x':>7} {'final':>11}")
+    lines = [head]
+    for row in result["runs"]:
+        k, seed, m = row["layers"], row["seed"], row["match"]
+        c = result["cost"][str(k)]
+        direct = result["direct"][str(seed)]
+        steps = f"{m['surrogate_steps']}s+{m['dst_steps']}" if m["reached"] else "never"
+        wall = f"{m['wall_time']:.0f}" if m["reached"] else "-"
+        ratio = f"{m['wall_ratio_vs_direct']:.2f}" if m["reached"] else "-"
+        lines.append(f"{k:>3} {seed:>4} {c['cpu_ratio']:>5.2f} {c['flop_ratio']:>5.2f} "
+                     f"{row['surrogate_vpg_test'][METRIC]:>7.3f} {row['zero_shot']['identity']['test']:>6.3f} "
+                     f"{steps:>12} {wall:>8} {direct['reached']['step']:>12} "
+                     f"{direct['reached']['wall_time']:>8.0f} {ratio:>7} "
+                     f"{row['final_test']:.3f}/{direct['final_test']:.3f}")
+    return lines
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Validation accuracy vs cumulative wall time: direct training and each surrogate route (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    seed = str(result["seeds"][0])
+    d = result["direct"][seed]["val_curve"]
+    ax.plot([p["wall_time"] for p in d], [p["value"] for p in d], "k-o", label="direct on SmolLM2")
+    for row in (r for r in result["runs"] if str(r["seed"]) == seed):
+        c = row["transfer"]["route_curve"]
+        ax.plot([p["wall_time"] for p in c], [p["value"] for p in c], "-o", label=f"surrogate K={row['layers']} → graft → transfer")
+    ax.axhline(result["direct"][seed]["best"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("cumulative wall time, s (surrogate training counted)")
+    ax.set_ylabel("easy-vqa val accuracy")
+    ax.legend(fontsize=8)
+    ks = sorted(int(k) for k in result["cost"] if k != "full")
+    x = range(len(ks))
+    bx.bar([i - 0.2 for i in x], [result["cost"][str(k)]["cpu_ratio"] for k in ks], 0.4, label="CPU time")
+    bx.bar([i + 0.2 for i in x], [result["cost"][str(k)]["flop_ratio"] for k in ks], 0.4, label="FLOPs")
+    bx.set_xticks(list(x), [f"K={k}" for k in ks])
+    bx.set_ylabel("training-step cost, surrogate / SmolLM2")
+    bx.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns the result dict (also written to <out>/surrogate.json)."""
+    from vpgtrans.model import build_model
+    from vpgtrans.recipes import load_recipe
+    from vpgtrans.surrogate import make_surrogate
+
+    size = dict(SIZES["quick" if args.quick else "default"])
+    args.depths = [int(k) for k in args.depths.split(",")] if args.depths else list(size["depths"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(args.work).expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log = (lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+    paths = export_data(work, size)
+    val, test = read_jsonl(paths["val"]), read_jsonl(paths["test"])
+    train = read_jsonl(paths["train"])
+
+    def common(seed: int) -> list[str]:
+        return [f"data.val={paths['val']}", f"data.max_val_samples={size['val_questions']}",
+                f"eval.max_samples={size['val_questions']}", f"train.batch_size={size['batch']}",
+                f"train.eval_every={size['eval_every']}", "train.save_every=0", f"model.llm.path={args.dst}",
+                f"train.seed={seed}"]
+
+    ctx: dict[str, Any] = {"work": work, "paths": paths, "train": train, "val": val, "test": test, "common": common}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "quick" if args.quick else "default",
+        "machine": machine_info(), "note": args.note, "recipe": RECIPE, "dst_llm": args.dst, "sizes": size,
+        "depths": args.depths, "seeds": seeds, "metric": METRIC,
+        "data": {"train_questions": len(train), "val_questions": len(val), "test_questions": len(test)}}
+    spec = dict(load_recipe(RECIPE, common(0)).model.__dict__)
+    log("step cost: SmolLM2 vs each surrogate (CPU time, counted FLOPs)")
+    full = step_cost(spec, train, size["batch"], size["cost_repeats"])
+    cost: dict[Any, Any] = {"full": full}
+    for k in args.depths:
+        sur_dir = work / f"surrogate-k{k}"
+        make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
+        c = step_cost({**spec, "llm": {**spec["llm"], "path": str(sur_dir)}}, train, size["batch"],
+                      size["cost_repeats"])
+        c.update(cpu_ratio=round(c["cpu_s"] / full["cpu_s"], 3), flop_ratio=round(c["gflop"] / full["gflop"], 3))
+        cost[k] = c
+        log(f"  K={k}: {c}")
+    log(f"  full: {full}")
+    ctx["cost"] = cost
+    result["cost"] = {str(k): v for k, v in cost.items()}
+    vision = build_model(spec).vision
+    ctx["feats"] = test_features(vision, val + test)
+    del vision
+    ctx["direct"], result["direct"], result["runs"] = {}, {}, []
+    out = Path(args.out).expanduser()
+    for seed in seeds:
+        ctx["direct"][seed] = direct_run(seed, args, size, ctx, log)
+        result["direct"][str(seed)] = ctx["direct"][seed]
+        for k in args.depths:
+            result["runs"].append(run_depth(k, seed, args, size, ctx, log))
+            result["total_seconds"] = round(time.perf_counter() - t0, 1)
+            write_json(out / "surrogate.json", result)  # partial results survive an interrupted run
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    result["table"] = summary_rows(result)
+    write_json(out / "surrogate.json", result)
+    try:
+        plot(result, out / "surrogate.png")
+    except Exception as exc:  # matplotlib is optional; the numbers are in the JSON
+        log(f"note: no plot ({exc})")
+    for line in result["table"]:
+        print(line)
+    log(f"wrote {out / 'surrogate.json'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line entry."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a few minutes: tiny sizes, for smoke runs")
+    p.add_argument("--depths", default=None, help="comma-separated surrogate depths K (default 6,10,15)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--out", default="benchmarks/results", help="where surrogate.json (+ .png) go")
+    p.add_argument("--work", default="runs/surrogate", help="data, surrogates and run dirs")
+    p.add_argument("--dst", default="smollm2-135m", help="the full LLM (alias or dir)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,152 @@
+"""`vpgtrans surrogate`: first-K-layer surrogates in stock transformers, healing, surrogate-sourced transfer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from vpgtrans.checkpoint import save_model
+from vpgtrans.cli import main
+from vpgtrans.model import build_model
+from vpgtrans.surrogate import final_norm, make_surrogate, read_surrogate
+from vpgtrans.testing import WORDS, tiny_images, tiny_spec
+from vpgtrans.transfer import pipeline
+
+QUIET = {"echo": lambda _: None}
+
+
+def _full(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("llm", ["llama", "opt"])
+def test_surrogate_is_the_first_k_layers(tiny_paths, tmp_path, llm):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "sur"
+    manifest = make_surrogate(str(tiny_paths[llm]), 1, out, **QUIET)
+    sur, full = _full(out), _full(tiny_paths[llm])  # stock transformers loads it like any causal LM
+    assert sur.config.num_hidden_layers == 1 and full.config.num_hidden_layers == 2
+    assert sur.config.surrogate_of["layers"] == 1 and sur.config.surrogate_of["of_layers"] == 2
+    assert read_surrogate(out)["surrogate-of"] == manifest["surrogate-of"]
+    saved, full_state = load_file(str(out / "model.safetensors")), full.state_dict()
+    assert saved and all(torch.equal(v, full_state[k]) for k, v in saved.items())
+    assert any(".layers.1." in k for k in full_state) and not any(".layers.1." in k for k in sur.state_dict())
+    # Every tensor the surrogate uses is the full model's (tied LM head included).
+    assert all(torch.equal(v, full_state[k]) for k, v in sur.state_dict().items())
+    text = "a red circle to the left of a blue square"
+    tok_s, tok_f = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tiny_paths[llm])
+    assert tok_s(text).input_ids == tok_f(text).input_ids
+    ids = tok_f(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = full(input_ids=ids, output_hidden_states=True).hidden_states[1]  # after decoder layer 0
+        expected = full.lm_head(final_norm(full)(hidden))
+        assert torch.allclose(sur(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_healing_moves_the_surrogate_towards_the_full_llm(tiny_paths, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    data = tmp_path / "heal.txt"
+    data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(80)))
+    out = tmp_path / "healed"
+    manifest = make_surrogate(str(tiny_paths["llama"]), 1, out, heal_steps=30, heal_data=data, heal_lr=1e-2, **QUIET)
+    heal = manifest["heal"]
+    assert heal["after"]["kl"] < heal["before"]["kl"] and heal["heldout_passages"] == 8
+    assert manifest["surrogate-of"]["healed"] is True
+    sur, full = _full(out).state_dict(), _full(tiny_paths["llama"]).state_dict()
+    # Embeddings stay the full LLM's own (the graft relies on it); only the top layer and the norm moved.
+    assert torch.equal(sur["model.embed_tokens.weight"], full["model.embed_tokens.weight"])
+    changed = {k for k in sur if not torch.equal(sur[k], full[k])}
+    assert changed and all(k.startswith(("model.layers.0.", "model.norm.")) for k in changed)
+
+
+@pytest.fixture(scope="module")
+def surrogate_source(tmp_path_factory, tiny_paths):
+    """A tiny captioning set and a VPG model trained (well, perturbed) on a 1-layer surrogate of tiny LLaMA."""
+    root = tmp_path_factory.mktemp("surrogate-transfer")
+    (root / "img").mkdir()
+    rows = []
+    for i, im in enumerate(tiny_images(8, seed=5)):
+        im.save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} circle on the left"})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sur = root / "sur"
+    make_surrogate(str(tiny_paths["llama"]), 1, sur, **QUIET)
+    spec = tiny_spec(tiny_paths, "llama")
+    spec["llm"]["path"] = str(sur)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in [*model.vpg.parameters(), *model.projector.parameters()]:
+            p.add_(0.01 * torch.randn_like(p))
+    return {"root": root, "data": str(root / "train.jsonl"), "src": save_model(model, root / "src"),
+            "projector": {k: v.clone() for k, v in model.projector.state_dict().items()}}
+
+
+def test_graft_is_the_identity_for_a_surrogate_source(surrogate_source, tiny_paths):
+    s = surrogate_source
+    plan = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["llama"]), data=s["data"], recipe="vpgtrans_world",
+                                  out=s["root"] / "unused")
+    prepared = pipeline.prepare(plan, **QUIET)
+    assert plan.converter == "identity"  # 'auto' with identical vocabularies
+    assert prepared.pairs.method == "identity" and prepared.pairs.dst_coverage == 1.0
+    assert prepared.fit.heldout_cosine == pytest.approx(1.0, abs=1e-5)
+    # Zero-shot graft: the surrogate's projector lands unchanged on the full LLM.
+    for k, v in prepared.model.projector.state_dict().items():
+        assert torch.allclose(v, s["projector"][k], atol=1e-6)
+    # A different vocabulary still gets the fitted default.
+    other = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["opt"]), data=s["data"], recipe="vpgtrans_world",
+                                   out=s["root"] / "unused")
+    pipeline.prepare(other, min_coverage=0.0, **QUIET)
+    assert other.converter == "linear-cosine"
+
+
+def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp_path):
+    s, out = surrogate_source, tmp_path / "t"
+    args = ["transfer", "--src", str(s["src"]), "--dst", str(tiny_paths["llama"]), "--data", s["data"],
+            "--out", str(out), "--warmup-epochs", "0.5", "--compare-scratch", "--no-progress",
+            "--recipe", "vpgtrans_world", "train.batch_size=2", "train.max_steps=3", "train.eval_every=1",
+            "train.save_every=0", "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4",
+            f"data.val={s['data']}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["converter"]["converter"] == "identity" and report["converter"]["dst_coverage"] == 1.0
+    assert report["source_llm"]["path"].endswith("sur") and report["stages"]["stage2"]["steps"] == 3
+    assert report["speedup"]["metric"] == "val_loss" and "ratio" in result.output
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["spec"]["llm"]["path"] == str(tiny_paths["llama"])
+
+
+@pytest.mark.parametrize("llm, layers, extra, expected", [
+    ("llama", "0", [], "--layers 0 is out of range"),
+    ("llama", "3", [], "has 2 decoder layers"),
+    ("t5", "1", [], "encoder-decoder"),
+    ("llama", "1", ["--heal-steps", "5"], "--heal-steps needs --heal-data"),
+])
+def test_bad_input_is_one_line(tiny_paths, tmp_path, llm, layers, extra, expected):
+    out = tmp_path / "sur"
+    result = CliRunner().invoke(main, ["surrogate", "--llm", str(tiny_paths[llm]), "--layers", layers,
+                                       "--out", str(out), *extra])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert not out.exists()
+
+
+def test_cli_writes_a_surrogate_and_refuses_to_overwrite(tiny_paths, tmp_path):
+    out = tmp_path / "sur"
+    args = ["surrogate", "--llm", str(tiny_paths["opt"]), "--layers", "1", "--out", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and "1 of 2 decoder layers" in first.output, first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "--force" in again.output
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
