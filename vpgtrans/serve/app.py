@@ -23,10 +23,6 @@ from .schema import ApiError, ChatRequest, conversation
 STATIC = resources.files("vpgtrans.serve") / "static"
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `limit` bytes with a 413, reading no more than needed."""
 
@@ -36,36 +32,42 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(receive, send)
-        received, started = 0, False
-
-        async def counted() -> dict:
-            nonlocal received
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:  # the HTTP parser holds the client to the length it declared
+            if declared.isdigit() and int(declared) > self.limit:
+                return await self._refuse(receive, send)
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        # Chunked: no length up front, so read the body here (it is buffered downstream anyway) and count it.
+        parts, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                return await self._refuse(receive, send, more=message.get("more_body", False))
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        async def tracked(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._refuse(receive, send)
+        await self.app(scope, replay, send)
 
-    async def _refuse(self, receive: Any, send: Any) -> None:
+    async def _refuse(self, receive: Any, send: Any, more: bool = True) -> None:
         # Read (and drop) what the client is still sending, up to a bound, so it gets to read our answer
         # instead of a connection reset; past the bound the connection is simply closed after the reply.
         drained = 0
-        while drained < 4 * self.limit + (64 << 20):
+        while more and drained < 4 * self.limit + (64 << 20):
             message = await receive()
             drained += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body"):
@@ -133,7 +135,7 @@ def create_app(engine: Engine, model_id: str, info: dict[str, Any], *, max_body_
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "queued": engine.queued()}
+        return {"status": "ok", "model": model_id, **engine.stats()}
 
     @app.get("/info")
     async def model_info() -> dict[str, Any]:

@@ -174,9 +174,11 @@ class Engine:
             self._pending.append(job)
             self._cond.notify()
 
-    def queued(self) -> int:
-        """Jobs waiting for the worker."""
-        return len(self._pending)
+    def stats(self) -> dict[str, Any]:
+        """Queue length now, and how many batches of what mean size were decoded so far."""
+        done = list(self.batches)
+        return {"queued": len(self._pending), "batches": len(done), "requests_decoded": sum(done),
+                "mean_batch_size": round(sum(done) / len(done), 2) if done else None}
 
     # --- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -215,8 +217,14 @@ class Engine:
 
     def _prepare(self, job: Job) -> tuple[Any, int, int]:
         """(text sample, prompt tokens, max new tokens) of a job, or ApiError when the prompt cannot fit."""
+        from ..errors import ConfigError
+
         conv = job.conversation
-        sample = conversation_sample(self.model.template, conv.history, conv.question)
+        try:
+            sample = conversation_sample(self.model.template, conv.history, conv.question)
+        except ConfigError as exc:  # a template without {instruction} has no place for a second question
+            raise ApiError(400, f"this model takes one question per conversation: {exc.what}",
+                           param="messages") from None
         tokenize = self.model.llm._ids
         prompt = len(tokenize(sample.before)) + len(tokenize(sample.after)) + self.soft_prompts + 1  # + BOS/EOS
         room = self.context if self.model.llm.is_encoder_decoder else self.context - prompt

@@ -1,0 +1,184 @@
+"""`vpgtrans serve` through the official `openai` client on loopback: same text as `generate` / `chat`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+from serve_helpers import CLI, data_url, live_server, make_model, request, require_serve_extra, user_turn
+
+from vpgtrans.testing import tiny_images
+
+require_serve_extra()
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_paths, tmp_path_factory):
+    return make_model(tiny_paths, tmp_path_factory.mktemp("serve") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-images")
+    paths = []
+    for i, img in enumerate(tiny_images(2, seed=5)):
+        paths.append(root / f"{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with live_server(model_dir) as (url, lines):
+        yield url, lines
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_model(model_dir):
+    from vpgtrans.cli.generate import load_for_inference
+
+    return load_for_inference(str(model_dir), "cpu")
+
+
+def _generate_cli(model_dir, image, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+    from vpgtrans.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "--model", str(model_dir), "--image", str(image), "--prompt", prompt,
+                                       "--max-new-tokens", str(max_tokens), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return result.stdout.rstrip("\n")
+
+
+def _ask(client, messages, stream=False, **kw):
+    """(text, finish_reason, usage or None) of one chat completion; streamed deltas are joined."""
+    reply = client.chat.completions.create(model="tiny-chat", messages=messages, stream=stream,
+                                           **{"temperature": 0, "max_tokens": MAX_TOKENS, **kw})
+    if not stream:
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+    text, reason, usage = "", None, None
+    for chunk in reply:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reason = choice.finish_reason or reason
+    return text, reason, usage
+
+
+def test_models_health_info_and_loopback_default(server, client):
+    url, lines = server
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    assert url.startswith("http://127.0.0.1:")  # no --host given: loopback only
+    assert not any("warning" in line for line in lines)
+    status, health = request("GET", url + "/health")
+    assert status == 200 and health["status"] == "ok"
+    status, info = request("GET", url + "/info")
+    assert info["components"]["vpg"]["name"] == "qformer" and info["components"]["llm"]["name"] == "opt"
+    assert info["limits"]["context_tokens"] == 256 and info["limits"]["image_soft_prompts"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_answer_is_what_vpgtrans_generate_prints(client, model_dir, image_files, stream):
+    for image, prompt in ((image_files[0], "describe"), (image_files[1], "what is in it?")):
+        expected = _generate_cli(model_dir, image, prompt)
+        assert expected, "compare against a non-empty answer"
+        text, reason, _ = _ask(client, [user_turn(prompt, data_url(image.read_bytes()))], stream=stream)
+        assert text == expected
+        assert reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_multi_turn_follows_the_chat_template(client, local_model, image_files, stream):
+    from vpgtrans.cli.chat import ChatSession
+    from vpgtrans.images import open_image
+    from vpgtrans.interfaces import GenerationConfig
+
+    session = ChatSession(local_model, open_image(image_files[0]), GenerationConfig(max_new_tokens=MAX_TOKENS))
+    questions = ["what is it?", "and its colour?", "anything else?"]
+    expected = [session.ask(q) for q in questions]
+    url = data_url(image_files[0].read_bytes())
+    messages = [{"role": "system", "content": "ignored: the template has no system slot"}]
+    for i, question in enumerate(questions):
+        messages.append(user_turn(question, url if i == 0 else None))
+        text, _, _ = _ask(client, messages, stream=stream)
+        assert text == expected[i]
+        messages.append({"role": "assistant", "content": text})
+
+
+def test_stop_strings_max_tokens_and_usage(client, model_dir, image_files):
+    url = data_url(image_files[0].read_bytes())
+    full = _generate_cli(model_dir, image_files[0], "describe", max_tokens=20)
+    assert len(full) > 3
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    expected = full[:full.find(stop)].strip()
+    for stream in (False, True):
+        text, reason, usage = _ask(client, [user_turn("describe", url)], stream=stream, max_tokens=20, stop=[stop],
+                                   stream_options={"include_usage": True} if stream else None)
+        assert (text, reason) == (expected, "stop")
+        assert 0 < usage.completion_tokens < 20 and usage.prompt_tokens > 4
+    text, reason, usage = _ask(client, [user_turn("describe", url)], max_tokens=3)
+    assert reason == "length" and usage.completion_tokens == 3
+    assert full.startswith(text)
+
+
+def test_sampling_follows_the_seed(client, image_files):
+    messages = [user_turn("describe", data_url(image_files[1].read_bytes()))]
+    runs = [_ask(client, messages, temperature=1.0, top_p=0.9, seed=seed, max_tokens=16)[0] for seed in (7, 7, 8)]
+    assert runs[0] == runs[1]
+
+
+def test_concurrent_clients_are_all_answered(server, client, model_dir, image_files):
+    """Load test: 16 clients × 10 requests on loopback; every answer equals the unbatched greedy one."""
+    cases = [(image_files[i % 2], prompt) for i, prompt in enumerate(["describe", "what is in it?", "colours?"])]
+    expected = {(p.name, q): _generate_cli(model_dir, p, q, max_tokens=8) for p, q in cases}
+    urls = {p.name: data_url(p.read_bytes()) for p, _ in cases}
+
+    def one_client(k: int) -> list[tuple[float, bool]]:
+        out = []
+        for j in range(10):
+            image, prompt = cases[(k + j) % len(cases)]
+            start = time.perf_counter()
+            text, _, _ = _ask(client, [user_turn(prompt, urls[image.name])], max_tokens=8)
+            out.append((time.perf_counter() - start, text == expected[(image.name, prompt)]))
+        return out
+
+    _, before = request("GET", server[0] + "/health")
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        results = [r for rows in pool.map(one_client, range(16)) for r in rows]
+    wall = time.perf_counter() - start
+    _, after = request("GET", server[0] + "/health")
+    assert len(results) == 160 and all(ok for _, ok in results)
+    latencies = sorted(t for t, _ in results)
+    batches = after["batches"] - before["batches"]
+    pct = {p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] for p in (50, 90, 99)}
+    print(f"\nload: 160 requests from 16 clients in {wall:.2f}s ({160 / wall:.1f} req/s), latency p50 "
+          f"{pct[50] * 1000:.0f} ms, p90 {pct[90] * 1000:.0f} ms, p99 {pct[99] * 1000:.0f} ms, max "
+          f"{latencies[-1] * 1000:.0f} ms; {batches} batches, mean {160 / batches:.2f} requests per batch")
+    assert batches < 160  # concurrent requests were decoded together
+
+
+def test_public_host_warns_and_a_taken_port_is_one_line(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*CLI, "serve", "--model", str(model_dir), "--host", "0.0.0.0", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
+    assert lines[0].startswith("warning: --host 0.0.0.0 listens on every network interface")
+    assert lines[1].startswith(f"error: cannot listen on 0.0.0.0:{port}") and len(lines) == 2
+
