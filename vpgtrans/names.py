@@ -156,7 +156,19 @@ def load_pretrained(loader: Callable[..., T], name: str, target: str, *, what: s
         raise ConfigError(*trust.refusal(what, name, target)) from None
 
 
+def looks_local(target: str) -> bool:
+    """True for a filesystem path (./x, /x, ~/x, a/b/c); False for a hub id like 'org/name' or 'name'."""
+    if target.startswith((".", "/", "~")) or "\\" in target or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
+        return True
+    return "/" in target and os.path.isdir(target.split("/")[0])  # runs/model: a folder here, not an org
+
+
 def _load_local_or_hub(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
+    if not os.path.isdir(target) and looks_local(target):
+        state = "is a file, not a checkpoint directory" if os.path.exists(target) else "does not exist"
+        raise WeightsNotFoundError(f"{what} '{name}': the local path {target} {state}",
+                                   "check the path (a directory written by save_pretrained), or give a Hugging Face "
+                                   "id like org/name")
     if os.path.isdir(target):
         try:
             return loader(target, **kwargs)
@@ -201,14 +213,16 @@ def locate(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
             return str(path), f"not a world model{suggest(name, WORLD_NAMES)}"
         return str(path), None if path.is_dir() else "world not built (`vpgtrans world build`)"
     target = aliases.get(name, name)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not name.startswith((".", "/", "~")):
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_CACHE
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target) or name.startswith((".", "/", "~")):
+        return str(local), "no such file or directory"
+    close = suggest(name, known_names()) if target == name and "/" not in name else ""
+    if close:  # a bare name close to one we know is a typo, not a hub id to download
+        return name, f"unknown model name{close}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
 
-        found = try_to_load_from_cache(target, "config.json")
-        return target, None if isinstance(found, str) else f"not in the Hugging Face cache ({HF_HUB_CACHE})"
-    close = suggest(name, known_names()) if "/" not in name else ""
-    return str(local), f"no such file or directory{close}"
+    found = try_to_load_from_cache(target, "config.json")
+    return target, None if isinstance(found, str) else f"not in the Hugging Face cache ({HF_HUB_CACHE})"
 
 
 def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, str, str]]:
@@ -220,6 +234,17 @@ def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]]) -> list[t
         target, why = locate(str(name), aliases)
         if why is not None:
             out.append((role, str(name), target, why))
+    return out
+
+
+def recipe_weights(recipe: Any) -> list[tuple[str, str, dict[str, str]]]:
+    """(role, name, aliases) of every weight a training recipe loads: vision, LLM, Q-Former init, init_from."""
+    spec = recipe.model
+    out = [("vision encoder", (spec.vision or {}).get("path", ""), VISION_ALIASES)]
+    if getattr(recipe, "stage", 2) != 1:
+        out.append(("LLM", (spec.llm or {}).get("path", ""), LLM_ALIASES))
+    out.append(("Q-Former init", (spec.vpg or {}).get("init_from") or "", {}))
+    out.append(("train.init_from", recipe.train.init_from or "", {}))
     return out
 
 

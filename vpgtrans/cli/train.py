@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,5 +33,28 @@ def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: 
         extra.append(f"train.max_steps={max_steps}")
     loaded = load_recipe(recipe, extra)
     out = Path(out_dir) if out_dir else Path("runs") / loaded.name
-    run_recipe(loaded, out, resume=resume, force=force, dry_run=dry_run, skip_bad=skip_bad_samples,
-               progress=not no_progress, echo=click.echo)
+    if not dry_run:
+        run_recipe(loaded, out, resume=resume, force=force, dry_run=False, skip_bad=skip_bad_samples,
+                   progress=not no_progress, echo=click.echo)
+        return
+    _dry_run(loaded, out, skip_bad_samples)
+
+
+def _dry_run(loaded: Any, out: Path, skip_bad: bool) -> None:
+    """Print the plan, then fail naming every missing weight (and missing data) at once."""
+    from ..errors import VpgtransError
+    from ..names import missing_error, missing_weights, recipe_weights
+    from ..train.runner import run_recipe
+
+    missing = missing_weights(recipe_weights(loaded))
+    try:
+        run_recipe(loaded, out, dry_run=True, skip_bad=skip_bad, progress=False, echo=click.echo)
+    except VpgtransError as exc:
+        if not missing:
+            raise
+        err = missing_error(missing)
+        raise type(err)(f"{exc.what}; {err.what}", "; ".join(f for f in (exc.fix, err.fix) if f)) from None
+    for role, name, target, why in missing:
+        click.echo(f"MISSING {role} {name}" + (f" ({target})" if target != name else "") + f": {why}")
+    if missing:
+        raise missing_error(missing)

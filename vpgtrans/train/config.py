@@ -39,6 +39,8 @@ class TrainConfig:
     max_text_len: int = help_field(64, help="longest target in tokens")
     mixed_precision: str = help_field("no", help="no, fp16 or bf16 (fp16 needs a GPU; CPU falls back to fp32)")
     num_workers: int = help_field(0, help="DataLoader worker processes")
+    gradient_checkpointing: bool = help_field(False, help="recompute the frozen LLM's layers in the backward pass: "
+                                                          "less activation memory, ~1/3 more compute")
     trainable: list = help_field(["vpg", "projector"], help="parts that train: vpg and/or projector")
     init_from: str | None = help_field(None, help="initialise from a vpgtrans model dir or a BLIP-2 stage-1 dir")
     until: str | None = help_field(None, help="stop when a metric reaches a target, e.g. 'val_loss<=2.5'")

@@ -143,8 +143,15 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     for line in _plan_lines(recipe, len(train_records), len(val_records), out):
         echo(line)
     if dry_run:
+        from ..memory import print_memory_plan
+
+        print_memory_plan(recipe, len(train_records), echo)
         steps, _ = count_steps(recipe.train, len(train_records))
         return {"dry_run": True, "steps": steps, "train_examples": len(train_records)}
+    if model is None:
+        from ..memory import check_run_fits
+
+        check_run_fits(recipe, len(train_records))
 
     from .trainer import Trainer, make_accelerator
 

@@ -79,6 +79,11 @@ def family(name: str | None, *, look: bool = True) -> str | None:
     return _from_config(path) if path.is_dir() else None
 
 
+def guess_component(name: str) -> str:
+    """The built-in LLM backend a model's name suggests (for plans of absent weights; loading reads config.json)."""
+    return {"opt": "opt", "llama": "llama", "vicuna": "llama", "flant5": "flant5"}.get(family(name) or "", "causal-lm")
+
+
 def choose_recipe(src: str, dst: str, src_llm: str | None = None) -> Choice:
     """The paper's recipe for transferring the VPG of `src` to the LLM `dst`, with the reason."""
     a, b = family(src_llm) or family(src), family(dst)

@@ -96,7 +96,7 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     from ..errors import DataError
     from ..names import missing_error, missing_weights
     from ..train.config import parse_until
-    from .choose import Choice, choose_recipe, data_problem, wanted_weights
+    from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
     from .sources import load_source
 
     if warmup_lr_scale <= 0:
@@ -118,7 +118,8 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     if no_data and not allow_missing:
         raise DataError(*no_data)
     missing = missing_weights(wanted_weights(src, dst, src_llm, (base.model.vision or {}).get("path")))
-    typos = [m for m in missing if m[3].startswith("no such file")]  # bad input, not weights to download
+    # Paths that do not exist and mistyped names are bad input (one line at once), not weights to download.
+    typos = [m for m in missing if m[3].startswith(("no such file", "unknown model name"))]
     if any(m[0] == "source" for m in typos):
         load_source(src, trust_pickle=trust_pickle)  # its own one-line error (formats, aliases)
     if typos or (missing and not allow_missing):
@@ -132,7 +133,8 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         vision, template, llm_src = _source_parts(source, base, src_llm)
     dst_missing = any(role == "destination LLM" for role, *_ in missing)
     spec = {"vision": vision, "vpg": dict(source.vpg_spec if source else base.model.vpg or {"name": "qformer"}),
-            "template": template, "llm": {"name": "?" if dst_missing else detect_llm_component(dst), "path": dst}}
+            "template": template,
+            "llm": {"name": guess_component(dst) if dst_missing else detect_llm_component(dst), "path": dst}}
     if lora:
         spec["lora"] = dict(base.model.lora or {"r": 8})
     raw = copy.deepcopy(base.raw)
@@ -355,6 +357,12 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
         prepared = prepare(plan, min_coverage=min_coverage, echo=echo)
         save_converter(prepared, plan)
         model = prepared.model
+        if compare_scratch:  # the zero-shot graft: the destination model before any transfer training
+            from ..surrogate import zero_shot_metrics
+
+            zero = zero_shot_metrics(plan.stage2, model)
+            rep.write_json(plan.out / "zero_shot.json", zero)
+            echo("zero-shot graft (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in zero.items()))
         results["stage1"] = run_stage(plan, "stage1", model, progress=progress, echo=echo)
     else:
         echo("stage1: done earlier, skipped")
@@ -375,6 +383,8 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
                               "converter": json.loads((plan.out / "converter" / "converter.json").read_text()),
                               "stages": {n: _stage_summary(plan.out / n) for n in STAGES},
                               "model_dir": str(plan.out / "model"), "seconds": round(vpgtrans_time, 1)}
+    if (plan.out / "zero_shot.json").exists():
+        report["zero_shot"] = json.loads((plan.out / "zero_shot.json").read_text())
     if compare_scratch:
         report["scratch"] = _run_scratch(plan, progress, echo)
         metric = plan.stage2.eval.metrics[0] if plan.stage2.eval.metrics else "val_loss"

@@ -1,0 +1,73 @@
+"""A new user's first hour: dry runs that check every weight, hints that work, did-you-mean suggestions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vpgtrans.cli import main
+from vpgtrans.errors import WeightsNotFoundError
+from vpgtrans.names import LLM_ALIASES, download_command, locate, resolve
+from vpgtrans.testing import tiny_images
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    return tmp_path / "hf-empty"
+
+
+def _jsonl(tmp_path, n=4):
+    rows = []
+    for i, im in enumerate(tiny_images(n)):
+        im.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": "a red square"})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_dry_run_prints_the_plan_and_names_every_missing_weight(tmp_path, empty_cache):
+    data = _jsonl(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--recipe", "minigpt4_stage2", "--dry-run", f"data.train={data}",
+                                       "data.format=jsonl", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    out = result.output
+    assert "recipe  minigpt4_stage2" in out and "4 examples" in out  # the whole plan still printed
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 missing weights" in errors[0]
+    assert "eva-vit-g" in errors[0] and "vicuna-7b" in errors[0]
+    assert "hf download Salesforce/blip2-opt-2.7b && hf download lmsys/vicuna-7b-v1.1" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_download_hint_uses_the_installed_cli():
+    from importlib.metadata import version
+
+    major = int(version("huggingface_hub").split(".")[0])
+    assert download_command("facebook/opt-2.7b") == ("hf download facebook/opt-2.7b" if major >= 1
+                                                     else "huggingface-cli download facebook/opt-2.7b")
+
+
+def test_locate_reports_without_loading(tmp_path, empty_cache):
+    assert locate(str(tmp_path), LLM_ALIASES) == (str(tmp_path), None)
+    target, why = locate("llama-7b", LLM_ALIASES)
+    assert target == "huggyllama/llama-7b" and why.startswith("not in the Hugging Face cache")
+    assert "did you mean llama-7b?" in locate("lama-7b", LLM_ALIASES)[1]
+
+
+@pytest.mark.parametrize("typo, expected", [("world-lama", "world-llama"), ("world-opt-x", "world-opt-s"),
+                                            ("world-vitt", "world-vit")])
+def test_mistyped_world_names_get_a_suggestion(typo, expected):
+    with pytest.raises(WeightsNotFoundError, match=f"did you mean {expected}\\?"):
+        resolve(typo, LLM_ALIASES)
+
+
+def test_mistyped_alias_gets_a_suggestion_on_the_command_line(tmp_path, empty_cache):
+    result = CliRunner().invoke(main, ["transfer", "--src", str(tmp_path), "--dst", "lama-7b", "--dry-run"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and "did you mean llama-7b?" in lines[0], result.output
