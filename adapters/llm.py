@@ -9,6 +9,8 @@ import torch
 
 from vpgtrans.config import help_field
 from vpgtrans.interfaces import GenerationConfig, LLMBackend, TextSample
+from vpgtrans.memory import available_memory as _available_memory
+from vpgtrans.memory import dtype_bytes
 from vpgtrans.names import LLM_ALIASES, load_pretrained, resolve
 from vpgtrans.registry import Component
 
@@ -61,25 +63,6 @@ def _count_params(target: str) -> int | None:
     return layers * (4 * h * h + 3 * h * ffn) + 2 * getattr(cfg, "vocab_size", 0) * h
 
 
-def _available_memory() -> tuple[str, int | None]:
-    """(device, free bytes) where the frozen LLM will live: GPU memory on CUDA, MemAvailable on CPU."""
-    import os
-
-    if torch.cuda.is_available():
-        return "cuda", int(torch.cuda.mem_get_info()[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return "cpu", int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return "cpu", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return "cpu", None
-
-
 def check_fits(name: str, target: str, dtype: str) -> None:
     """Refuse early, in one line, when the LLM at `dtype` cannot fit in the free memory of the device."""
     import os
@@ -92,7 +75,7 @@ def check_fits(name: str, target: str, dtype: str) -> None:
     device, free = _available_memory()
     if not params or free is None:
         return
-    need = params * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    need = params * dtype_bytes(dtype)
     # 10% headroom for activations and allocator slack; not more, so models that just fit still load.
     if need * 1.1 > free:
         gib = 2 ** 30
@@ -146,6 +129,15 @@ class _Backend(LLMBackend):
     def device(self) -> torch.device:
         return self.input_embedding_matrix().device
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute each transformer layer in the backward pass instead of keeping its activations."""
+        from vpgtrans.errors import ConfigError
+        from vpgtrans.model import checkpoint_layers
+
+        if not checkpoint_layers(self.model, on) and on:
+            raise ConfigError(f"LLM {self.config.path} has no layers transformers can checkpoint",
+                              "set train.gradient_checkpointing=false")
+
     def _embed(self, ids: torch.Tensor, soft_mask: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         # One embedding lookup for the whole batch, then soft prompts scattered into their slots.
         embeds = self.model.get_input_embeddings()(ids)
@@ -195,7 +187,8 @@ class CausalLMBackend(_Backend):
         ids, soft, labels, attn = self._sequences(prompts.shape[1], samples, max_text_len, True, False)
         dev = self.device
         embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
-        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev))
+        # No KV cache: nothing reads it here, and a checkpointed layer would append to it again on replay.
+        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev), use_cache=False)
 
     def loss(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
         """Mean next-token loss over target tokens (+EOS)."""
@@ -242,7 +235,7 @@ class Seq2SeqBackend(_Backend):
         labels = _pad([(self._ids(s.target) + eos)[:max_text_len] for s in samples], IGNORE, False)
         dev = self.device
         embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
-        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev))
+        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev), use_cache=False)
 
     def loss(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
         """Mean decoder loss over target tokens (+EOS)."""

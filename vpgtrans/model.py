@@ -131,6 +131,16 @@ class VisionLanguageModel(nn.Module):
         self.vpg.requires_grad_(vpg)
         self.projector.requires_grad_(projector)
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing through the frozen LLM (gradients still reach the soft prompts)."""
+        switch = getattr(self.llm, "set_gradient_checkpointing", None)
+        if switch is None:
+            if on:
+                raise ConfigError(f"LLM backend {self.spec.llm.get('name')} does not support gradient checkpointing",
+                                  "set train.gradient_checkpointing=false")
+            return
+        switch(on)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights a checkpoint must hold: VPG, projector and any LoRA adapter (never frozen bases)."""
         state = {f"vpg.{k}": v for k, v in self.vpg.state_dict().items()}
@@ -161,6 +171,38 @@ class VisionLanguageModel(nn.Module):
             lines.append(f"{part:<10}{str(names[part]):<14}{counts['trainable']:>14,}{counts['frozen']:>16,}")
         lines.append(f"{'total':<24}{total_t:>14,}{total_f:>16,}")
         return "\n".join(lines)
+
+
+def checkpoint_layers(hf_model: nn.Module, on: bool) -> int:
+    """Switch activation checkpointing of every transformers layer in `hf_model`; returns how many there are.
+
+    transformers' own switch checkpoints only modules in training mode, and a frozen LLM stays in eval mode
+    (no dropout). Non-reentrant checkpointing lets gradients reach the soft prompts although no LLM weight
+    requires them, and replays dropout (LoRA) with the same RNG state. Only `forward` is wrapped, so module
+    hooks (FSDP's) stay outside the recomputation.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
+        if on:
+            layer.forward = _checkpointed(layer.forward)
+    return len(layers)
+
+
+def _checkpointed(forward: Any) -> Any:
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def detect_llm_component(path: str) -> str:

@@ -114,6 +114,11 @@ class Trainer:
         self.groups = groups if groups is not None else param_groups(module, config.weight_decay)
         if not any(g["params"] for g in self.groups):
             raise TrainingError("nothing to train: every parameter is frozen", "check train.trainable")
+        if hasattr(module, "set_gradient_checkpointing"):
+            module.set_gradient_checkpointing(config.gradient_checkpointing)
+        elif config.gradient_checkpointing:
+            raise TrainingError(f"{type(module).__name__} does not support gradient checkpointing",
+                                "set train.gradient_checkpointing=false")
         optimizer = make_optimizer(self.groups, config)
         self.module, self.optimizer = accelerator.prepare(module, optimizer)
         self.stream = BatchStream(dataset, config.batch_size, seed=config.seed, collate_fn=collate_fn,
