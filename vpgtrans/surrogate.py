@@ -245,3 +245,26 @@ def read_surrogate(path: str | Path) -> dict[str, Any] | None:
     """The surrogate manifest of a directory, or None when it is not a surrogate."""
     p = Path(path).expanduser() / MANIFEST
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def zero_shot_metrics(recipe: Any, model: nn.Module) -> dict[str, float]:
+    """The recipe's validation metrics of a freshly grafted model, before any training (empty without val data)."""
+    from .data import build_dataset, load_records
+    from .train.objectives import EvalContext, make_eval_fn
+
+    if not recipe.data.val:
+        return {}
+    val_set, _ = build_dataset(load_records(recipe.data, "val"), model, recipe.data, seed=recipe.train.seed,
+                               progress=False)
+    ctx = EvalContext(records=val_set.records, dataset=val_set, config=recipe.eval,
+                      max_text_len=recipe.train.max_text_len)
+    fn = make_eval_fn(ctx)
+    if fn is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {k: round(float(v), 4) for k, v in fn(model).items()}
+    finally:
+        model.train(was_training)
