@@ -71,3 +71,26 @@ def test_mistyped_alias_gets_a_suggestion_on_the_command_line(tmp_path, empty_ca
     result = CliRunner().invoke(main, ["transfer", "--src", str(tmp_path), "--dst", "lama-7b", "--dry-run"])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code != 0 and len(lines) == 1 and "did you mean llama-7b?" in lines[0], result.output
+
+
+def test_init_from_says_what_it_skipped_and_refuses_when_nothing_that_trains_fits(tiny_paths, tmp_path):
+    import torch
+
+    from vpgtrans.checkpoint import save_model
+    from vpgtrans.errors import CheckpointError
+    from vpgtrans.init_report import init_from_model_dir
+    from vpgtrans.model import build_model
+    from vpgtrans.testing import tiny_spec
+
+    torch.manual_seed(0)
+    src = save_model(build_model(tiny_spec(tiny_paths, "opt")), tmp_path / "src")  # projector 32 → 32
+    model = build_model(tiny_spec(tiny_paths, "opt-m"))  # projector 32 → 64: another LLM width
+    model.set_trainable(vpg=True, projector=True)
+    lines = init_from_model_dir(model, src)
+    assert lines[0].startswith(f"init_from {src}: loaded") and "projector" not in lines[0]
+    assert any("skipped projector.weight: shape [32, 32] in the checkpoint, [64, 32] here" in ln for ln in lines)
+    assert any(ln.startswith("WARNING: the projector, which trains, was NOT") for ln in lines)
+    projector_only = build_model(tiny_spec(tiny_paths, "opt-m"))
+    projector_only.set_trainable(vpg=False, projector=True)
+    with pytest.raises(CheckpointError, match="nothing that trains here \\(projector\\) fits"):
+        init_from_model_dir(projector_only, src)

@@ -49,9 +49,7 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
 
 def init_weights(model: Any, source: str) -> str:
     """Load VPG/projector weights from a vpgtrans model dir or a BLIP-2 stage-1 dir; say what was loaded."""
-    from safetensors import safe_open
-
-    from ..checkpoint import MANIFEST, WEIGHTS, load_weights
+    from ..checkpoint import MANIFEST
 
     path = Path(source).expanduser()
     if (path / "stage1.json").exists():
@@ -60,14 +58,9 @@ def init_weights(model: Any, source: str) -> str:
         keys = init_vpg_from_stage1(model.vpg, path)
         return f"VPG initialised from stage-1 checkpoint {path} ({len(keys)} tensors)"
     if (path / MANIFEST).exists():
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            keys = set(f.keys())
-        expected = model.trainable_state_dict()
-        shared = sorted(k for k in keys & set(expected))
-        if not shared:
-            raise CheckpointError(f"{path} shares no weights with this model", "check train.init_from")
-        load_weights(model, path, strict=False)
-        return f"initialised {len(shared)}/{len(expected)} trainable tensors from {path}"
+        from ..init_report import init_from_model_dir
+
+        return "\n".join(init_from_model_dir(model, path))
     raise CheckpointError(f"train.init_from {path} is neither a vpgtrans model dir nor a stage-1 dir",
                           "pass a directory written by `vpgtrans train` or by BLIP-2 stage 1")
 
