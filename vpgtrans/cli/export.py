@@ -16,17 +16,33 @@ _FORMATS = ["hf-blip2", "hf-instructblip", "hf-llava"]
 @click.option("--lora", type=click.Choice(["merge", "peft"]), default=None,
               help="For models with a LoRA adapter: merge it into the LLM weights (default) or ship it "
                    "unmerged in peft's format in OUT/lora.")
-def export(model_dir: str, fmt: str, out_dir: str, lora: str | None) -> None:
-    """Write a model that stock transformers loads with from_pretrained (plus its processor)."""
-    from ..checkpoint import load_model
+@click.option("--scores", "scores_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON written by `vpgtrans eval --out`: its metrics go into the model card (README.md).")
+def export(model_dir: str, fmt: str, out_dir: str, lora: str | None, scores_path: str | None) -> None:
+    """Write a model that stock transformers loads with from_pretrained (processor, chat template, model card)."""
+    import json
+    from pathlib import Path
+
+    from ..checkpoint import load_model, read_manifest
+    from ..errors import DataError
     from ..formats import FORMATS, export_model
 
+    scores = None
+    if scores_path:
+        try:
+            report = json.loads(Path(scores_path).read_text())
+            scores = {**{k: report[k] for k in ("data", "task") if k in report}, **report["metrics"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"--scores {scores_path} is not a `vpgtrans eval --out` report ({type(exc).__name__})",
+                            "pass the JSON file `vpgtrans eval ... --out FILE` wrote") from None
     model = load_model(model_dir).eval()
-    result = export_model(model, out_dir, fmt, lora=lora)
+    result = export_model(model, out_dir, fmt, lora=lora, card={"manifest": read_manifest(model_dir),
+                                                                "scores": scores})
     for note in result.notes:
         click.echo(f"note: {note}")
     cls = FORMATS[fmt][2].split()[1]
-    click.echo(f"wrote {result.out} ({fmt}); load it with transformers.{cls}.from_pretrained('{result.out}')")
+    click.echo(f"wrote {result.out} ({fmt}); load it with transformers.{cls}.from_pretrained('{result.out}'); "
+               f"usage: {result.out}/README.md")
 
 
 @click.command("import")

@@ -24,16 +24,16 @@ __all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "export_mod
            "stock_inputs"]
 
 
-def _export_blip2(model: Any, out: Path, lora: str | None) -> ExportResult:
+def _export_blip2(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
     from . import blip2
 
-    return blip2.export(model, out, lora, blip2.BLIP2)
+    return blip2.export(model, out, lora, blip2.BLIP2, card)
 
 
-def _export_instructblip(model: Any, out: Path, lora: str | None) -> ExportResult:
+def _export_instructblip(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
     from . import blip2
 
-    return blip2.export(model, out, lora, blip2.INSTRUCTBLIP)
+    return blip2.export(model, out, lora, blip2.INSTRUCTBLIP, card)
 
 
 def _import_blip2(src: Path, out: Path) -> Path:
@@ -48,10 +48,10 @@ def _import_instructblip(src: Path, out: Path) -> Path:
     return blip2.import_(src, out, blip2.INSTRUCTBLIP)
 
 
-def _export_llava(model: Any, out: Path, lora: str | None) -> ExportResult:
+def _export_llava(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
     from . import llava
 
-    return llava.export(model, out, lora)
+    return llava.export(model, out, lora, card)
 
 
 def _import_llava(src: Path, out: Path) -> Path:
@@ -75,11 +75,15 @@ def _format(fmt: str) -> tuple[Callable[..., ExportResult], Callable[..., Path],
     return FORMATS[fmt]
 
 
-def export_model(model: Any, out: str | Path, fmt: str = "hf-blip2", *, lora: str | None = None) -> ExportResult:
-    """Write `model` as a stock transformers checkpoint directory (`lora`: merge (default) or peft)."""
+def export_model(model: Any, out: str | Path, fmt: str = "hf-blip2", *, lora: str | None = None,
+                 card: dict[str, Any] | None = None) -> ExportResult:
+    """Write `model` as a stock transformers checkpoint directory (`lora`: merge (default) or peft).
+
+    `card`: {"manifest": the model directory's manifest, "scores": measured metrics} for the README.md.
+    """
     if lora is not None and lora not in LORA_MODES:
         raise ConfigError(f"unknown --lora mode '{lora}'", f"use one of {', '.join(LORA_MODES)}")
-    return _format(fmt)[0](model, Path(out), lora)
+    return _format(fmt)[0](model, Path(out), lora, card)
 
 
 def import_model(src: str | Path, out: str | Path, fmt: str = "hf-blip2") -> Path:

@@ -38,6 +38,14 @@ class ExportRefused(ConfigError):
     """The chosen format cannot represent this model."""
 
 
+def refuse_abstractor(model: Any, fmt: str) -> None:
+    """No stock transformers class holds mPLUG-Owl's visual abstractor: say so instead of naming another format."""
+    if model.spec.vpg.get("name") == "abstractor":
+        raise ExportRefused(f"{fmt} cannot hold this model: no stock transformers class holds a visual abstractor "
+                            "(mPLUG-Owl's VPG)", "use the vpgtrans model directory itself (vpgtrans generate / "
+                            "eval / lmms-eval --model vpgtrans)")
+
+
 def _lora_layers(lm: nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 
@@ -116,12 +124,13 @@ def grow_vocab(state: dict[str, torch.Tensor], keys: Sequence[str], rows: int) -
     return added
 
 
-def image_token_tokenizer(tokenizer: Any, decoder_only: bool) -> tuple[Any, int, list[str]]:
+def image_token_tokenizer(tokenizer: Any, decoder_only: bool, add_bos: bool = True) -> tuple[Any, int, list[str]]:
     """A copy of the LLM tokenizer with the `<image>` token, set to frame text as vpgtrans does.
 
     vpgtrans feeds `[soft prompts][BOS] text` (decoder-only) and `[soft prompts] text [EOS]` (T5); BLIP-2's
     processor puts the image tokens in front of whatever the tokenizer's own template makes, so the
-    template must add BOS (resp. EOS) for both to build the same sequence.
+    template must add BOS (resp. EOS) for both to build the same sequence. `add_bos=False`: the chat
+    template writes BOS itself (after the image, where the tokenizer cannot put it).
     """
     from tokenizers.processors import TemplateProcessing
     from transformers.tokenization_utils_base import AddedToken
@@ -131,20 +140,31 @@ def image_token_tokenizer(tokenizer: Any, decoder_only: bool) -> tuple[Any, int,
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
     image_id = int(tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    special = tok.bos_token if decoder_only else tok.eos_token
-    probe = tok("a", add_special_tokens=True).input_ids
+    # Decoder-only generation appends on the right: prompts of different lengths must be padded on the left.
+    # T5's encoder uses relative positions, so the processor's image tokens must touch the text: pad right.
+    tok.padding_side = tok.init_kwargs["padding_side"] = "left" if decoder_only else "right"
+    special = (tok.bos_token if add_bos else None) if decoder_only else tok.eos_token
+    flag = "add_bos_token" if decoder_only else "add_eos_token"
+    if hasattr(tok, flag):  # saved in tokenizer_config.json: on reload it rebuilds the template from this flag
+        setattr(tok, flag, special is not None)
+        tok.init_kwargs[flag] = special is not None
     plain = tok("a", add_special_tokens=False).input_ids
-    if special is not None:
+    if special is None:
+        want = plain
+    else:
         sid = tok.convert_tokens_to_ids(special)
         want = [sid] + plain if decoder_only else plain + [sid]
-        if probe != want:
-            backend = getattr(tok, "backend_tokenizer", None)
-            if backend is None:
-                notes.append(f"the tokenizer cannot be told to add {special}; add it to the processor's text yourself")
-            else:
-                single, pair = (f"{special} $A", f"{special} $A $B") if decoder_only else (f"$A {special}",
-                                                                                            f"$A $B {special}")
-                backend.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=[(special, sid)])
+    if tok("a", add_special_tokens=True).input_ids != want:
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            notes.append(f"the tokenizer cannot be told how to frame text ({special or 'no BOS'}); build the "
+                         "ids yourself")
+        elif special is None:
+            backend.post_processor = TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+        else:
+            single, pair = (f"{special} $A", f"{special} $A $B") if decoder_only else (f"$A {special}",
+                                                                                        f"$A $B {special}")
+            backend.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=[(special, sid)])
     return tok, image_id, notes
 
 
@@ -191,15 +211,23 @@ class LLMPart:
     notes: list[str]
 
 
-def llm_part(model: Any, lora: str | None, fmt: str) -> LLMPart:
+def llm_part(model: Any, lora: str | None, fmt: str, add_bos: bool = True) -> LLMPart:
     """Prepare the LLM for a stock checkpoint: image token (growing the vocabulary if needed), LoRA handled."""
     from dataclasses import asdict
+
+    from vpgtrans_adapters.llm import stop_token_ids
 
     from ..lora import is_applied
 
     lm = model.llm.model
+    proj_dim = getattr(lm.config, "word_embed_proj_dim", None)
+    if proj_dim is not None and proj_dim != lm.config.hidden_size:
+        raise ExportRefused(f"{fmt} splices soft prompts of the LLM's hidden size ({lm.config.hidden_size}) but this "
+                            f"OPT reads {proj_dim}-wide input embeddings (project_in, the OPT-350m layout)",
+                            "keep this model in the vpgtrans format (vpgtrans generate / eval); no stock "
+                            "transformers class holds it")
     lora = (lora or "merge") if is_applied(model) else None
-    tok, image_id, notes = image_token_tokenizer(model.llm.tokenizer, not lm.config.is_encoder_decoder)
+    tok, image_id, notes = image_token_tokenizer(model.llm.tokenizer, not lm.config.is_encoder_decoder, add_bos)
     state = llm_state(model, lora or "merge")
     rows = lm.get_input_embeddings().weight.shape[0]
     added = grow_vocab(state, embedding_keys(lm), image_id + 1)
@@ -208,22 +236,33 @@ def llm_part(model: Any, lora: str | None, fmt: str) -> LLMPart:
                      "is never read (the soft prompts replace it)")
     config = copy.deepcopy(lm.config)
     config.vocab_size = max(int(config.vocab_size), image_id + 1)
+    # The stock BLIP-2 generate reads the language model's own config (not generation_config.json): the stop ids
+    # go there. T5 has no BOS; BLIP-2's image-only call puts `bos_token_id` after the image, where vpgtrans has EOS.
+    eos = stop_token_ids(model.llm)
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    config.pad_token_id = tok.pad_token_id
+    if lm.config.is_encoder_decoder:
+        config.bos_token_id = tok.eos_token_id
     info = {"format": fmt, "image_token_id": image_id, "vocab_rows": rows, "vocab_size": int(lm.config.vocab_size),
             "added_rows": added, "lora": lora, "spec": asdict(model.spec)}
     return LLMPart(tok, image_id, state, config, lora, info, notes)
 
 
 def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_processor: Any,
-                 improc: Any) -> ExportResult:
-    """Save the stock model, its processor (or tokenizer + image processor), any LoRA adapter and the marker."""
+                 improc: Any, usage: Any, card: dict[str, Any] | None = None) -> ExportResult:
+    """Save the stock model with what its stock call needs (processor, generation config, chat template, card)."""
     from ..checkpoint import atomic_dir
     from ..lora import LORA_DIR, save_adapter
+    from .usage import generation_config, write_usage
 
     notes = part.notes
+    card = card or {}
+    part.tokenizer.chat_template = usage.chat_template
+    generation_config(stock, part)
     with atomic_dir(out) as tmp:
         stock.save_pretrained(str(tmp))
         try:
-            make_processor().save_pretrained(str(tmp))
+            make_processor(usage.chat_template).save_pretrained(str(tmp))
         except Exception as exc:  # noqa: BLE001 - the model is still useful without a processor
             notes.append(f"no processor written ({type(exc).__name__}: {exc}); the tokenizer and image processor "
                          "are saved separately")
@@ -236,6 +275,7 @@ def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_pr
         elif part.lora == "merge":
             notes.append("LoRA adapter merged into the LLM weights")
         (tmp / EXPORT_INFO).write_text(json.dumps(part.info, indent=2, default=str))
+        write_usage(tmp, model, usage, part.info["format"], card.get("manifest"), notes, card.get("scores"))
         model.llm.tokenizer.save_pretrained(str(tmp / SOURCE_TOKENIZER))
     return ExportResult(out=out, format=part.info["format"], image_token_id=part.image_id, notes=notes)
 

@@ -19,9 +19,9 @@ import torch
 
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
-from ._common import (ExportRefused, ExportResult, assemble, build_imported, dtype_name,
+from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name,
                       finish_import, image_processor, llm_part, prefixed, preprocessor_settings, read_export_info,
-                      read_hf_config, restore_llm, save_frozen_parts, write_export)
+                      read_hf_config, refuse_abstractor, restore_llm, save_frozen_parts, write_export)
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -105,15 +105,33 @@ def _qformer_state(vpg: Any, instruct: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def export(model: Any, out: str | Path, lora: str | None, family: Family) -> ExportResult:
+def _layout(model: Any, family: Family, n_query: int) -> tuple[str, int | None]:
+    """(what the chat template puts where the soft prompts go, num_query_tokens for the processor).
+
+    The stock processor prepends the image tokens to whatever text it gets; a template with text before
+    the image instead gets the tokens from the chat template and a processor that prepends none.
+    """
+    from ..model import IMAGE_SLOT
+
+    if family.instruct and model.template.text != IMAGE_SLOT + "{instruction}":
+        raise ExportRefused(f"{family.processor_cls} puts the image first and gives the Q-Former the same text as the "
+                            f"LLM, but this model's template is {model.template.text!r}",
+                            "export models trained with the default template '<ImageHere>{instruction}'")
+    if model.template.text.startswith(IMAGE_SLOT):
+        return "", n_query
+    return IMAGE_TOKEN * n_query, None
+
+
+def export(model: Any, out: str | Path, lora: str | None, family: Family,
+           card: dict[str, Any] | None = None) -> ExportResult:
     """Write `model` as a stock (InstructBlip|Blip2)ForConditionalGeneration directory (+ processor)."""
+    from .usage import Usage, chat_template
+
+    refuse_abstractor(model, family.fmt)
     _check(model, family)
-    part = llm_part(model, lora, family.fmt)
-    if model.template.sample().before:
-        part.notes.append(f"the model's template has text before the image: vpgtrans feeds [BOS] before [image "
-                          f"tokens] after, while {family.processor_cls} puts the image tokens first; build inputs "
-                          "with vpgtrans.formats.stock_inputs to match")
     n_query = model.vpg.config.num_query_tokens
+    slot, processor_queries = _layout(model, family, n_query)
+    part = llm_part(model, lora, family.fmt)
     qcfg = {k: v for k, v in model.vpg.qformer_config.to_dict().items()
             if k not in ("model_type", "transformers_version", "architectures")}
     if family.instruct:
@@ -126,8 +144,15 @@ def export(model: Any, out: str | Path, lora: str | None, family: Family) -> Exp
     stock = assemble(_cls(family.model_cls), config, state)
     improc = image_processor(model.vision)
     extra = {"qformer_tokenizer": model.vpg.tokenizer} if family.instruct else {}
-    return write_export(Path(out), stock, part, model, lambda: _cls(family.processor_cls)(
-        image_processor=improc, tokenizer=part.tokenizer, num_query_tokens=n_query, **extra), improc)
+    usage = Usage(family.model_cls, chat_template(model, slot), not part.config.is_encoder_decoder,
+                  model.template.end)
+    if family.instruct and usage.decoder_only:
+        part.notes.append("InstructBlipProcessor pads the Q-Former's instruction on the LLM tokenizer's side (left); "
+                          "the Q-Former was trained with right padding: pass one prompt per call, or prompts of "
+                          "equal token length, to get vpgtrans's text")
+    return write_export(Path(out), stock, part, model, lambda template: _cls(family.processor_cls)(
+        image_processor=improc, tokenizer=part.tokenizer, num_query_tokens=processor_queries, chat_template=template,
+        **extra), improc, usage, card)
 
 
 def _instruct_vpg(stock: Any, info: dict[str, Any], tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,9 +17,9 @@ import torch
 
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
-from ._common import (ExportRefused, ExportResult, assemble, build_imported, dtype_name,
+from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name,
                       finish_import, image_processor, llm_part, prefixed, preprocessor_settings, read_export_info,
-                      read_hf_config, restore_llm, save_frozen_parts, write_export)
+                      read_hf_config, refuse_abstractor, restore_llm, save_frozen_parts, write_export)
 
 FMT = "hf-llava"
 
@@ -75,13 +75,20 @@ def _text_keys(state: dict[str, torch.Tensor], prefix: str, to_llava: bool) -> d
     return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in state.items()}
 
 
-def export(model: Any, out: str | Path, lora: str | None) -> ExportResult:
+def export(model: Any, out: str | Path, lora: str | None, card: dict[str, Any] | None = None) -> ExportResult:
     """Write `model` as a stock LlavaForConditionalGeneration directory (+ LlavaProcessor)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from ..model import IMAGE_SLOT
+    from .usage import Usage, chat_template
+
+    refuse_abstractor(model, FMT)
     drop_cls, act = _check(model)
     lm = model.llm.model
-    part = llm_part(model, lora, FMT)
+    # vpgtrans feeds `[image][BOS] text` for image-first templates; the tokenizer can only put BOS first, so
+    # there the chat template writes BOS after the image and the tokenizer adds none.
+    image_first = model.template.text.startswith(IMAGE_SLOT)
+    part = llm_part(model, lora, FMT, add_bos=not image_first)
     # LLaVA ties lm_head to `language_model.embed_tokens`; LLMs keeping it elsewhere (OPT: decoder.embed_tokens)
     # ship an untied copy instead, which gives the same logits.
     tie = bool(getattr(lm.config, "tie_word_embeddings", False))
@@ -90,9 +97,9 @@ def export(model: Any, out: str | Path, lora: str | None) -> ExportResult:
         part.notes.append("the output embeddings are stored untied (LLaVA cannot tie them for this LLM)")
         for key in [k for k in part.state if k.startswith("lm_head.")]:
             part.state[key] = part.state[key].clone()  # its own storage, or save_pretrained drops it as tied
-    if model.template.sample().before == "":
-        part.notes.append("the model's template puts the image first: vpgtrans feeds [image tokens][BOS] text, "
-                          "while LlavaProcessor puts BOS first; build inputs with vpgtrans.formats.stock_inputs")
+    if image_first:
+        part.notes.append("the model was trained on [image][BOS] text: the tokenizer adds no BOS, the chat template "
+                          "writes it after <image> (hand-written prompts must do the same)")
     vision = model.vision
     config = LlavaConfig(vision_config=vision.model.config.to_dict(), text_config=part.config.to_dict(),
                          image_token_index=part.image_id, image_seq_length=model.vpg.num_prompts(vision.num_tokens),
@@ -104,9 +111,12 @@ def export(model: Any, out: str | Path, lora: str | None) -> ExportResult:
              **_text_keys(part.state, lm.base_model_prefix, True)}
     stock = assemble(LlavaForConditionalGeneration, config, state)
     improc = image_processor(vision)
-    return write_export(Path(out), stock, part, model, lambda: LlavaProcessor(
+    usage = Usage("LlavaForConditionalGeneration", chat_template(model, IMAGE_TOKEN, bos_after_image=image_first),
+                  True, model.template.end)
+    return write_export(Path(out), stock, part, model, lambda template: LlavaProcessor(
         image_processor=improc, tokenizer=part.tokenizer, patch_size=vision.model.config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1), improc)
+        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+        chat_template=template), improc, usage, card)
 
 
 def _vpg_from_projector(stock: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -154,6 +164,7 @@ def import_(src: str | Path, out: str | Path) -> Path:
     lm_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg.text_config)]
     lm_state = {k: v for k, v in stock.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
     lm = assemble(lm_cls, cfg.text_config, _text_keys(lm_state, lm_cls.base_model_prefix, False))
+    lm.generation_config = stock.generation_config  # LLaVA's generate stops on the top-level config's eos
     tokenizer = restore_llm(src, info, lm)
     vpg_spec, vpg_state, proj_state = _vpg_from_projector(stock)
     old = info.get("spec") or {}
