@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -192,3 +193,47 @@ def test_unknown_sources(tmp_path):
         load_source(str(tmp_path / "missing"))
     with pytest.raises(WeightsNotFoundError, match="hf download Salesforce/blip2-opt-2.7b"):
         load_source("opt-2.7b")
+
+
+def _lavis_reference(model, vpg, pixels):
+    """What LAVIS computes: the ViT without its final norm, then the source's ln_vision, then the Q-Former."""
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        return vpg.qformer(query_embeds=vpg.query_tokens.expand(len(pixels), -1, -1),
+                           encoder_hidden_states=vpg.ln_vision(hidden)).last_hidden_state
+
+
+@pytest.mark.parametrize("same_norm", [True, False])
+def test_lavis_ln_vision_is_applied_once_on_a_tower_that_ends_with_it(blip2, tmp_path, same_norm):
+    from vpgtrans.transfer.sources import reconcile_ln_vision
+
+    model = copy.deepcopy(blip2[0])
+    with torch.no_grad():  # a trained ln_vision is far from the identity (else LN(LN(x)) ≈ LN(x) hides the bug)
+        model.vision_model.post_layernorm.weight.normal_(1.0, 0.5)
+        model.vision_model.post_layernorm.bias.normal_(0.0, 0.5)
+    root = tmp_path
+    model.save_pretrained(root / "single")
+    state = _lavis_state(model)
+    if not same_norm:  # another BLIP-2 model's ln_vision: LAVIS trains it with the Q-Former
+        state["ln_vision.weight"] = state["ln_vision.weight"] * 1.5 + 0.1
+    torch.save({"model": state}, tmp_path / "lavis.pth")
+    src = load_source(tmp_path / "lavis.pth", trust_pickle=True)
+    reference_vpg = _vpg_from(src)  # as loaded: its own ln_vision
+    pixels = torch.randn(2, 3, 16, 16)
+    want = _lavis_reference(model, reference_vpg, pixels)
+
+    vision_spec = {"name": "blip2-vit", "path": str(root / "single")}
+    spec, note = reconcile_ln_vision(src, vision_spec)
+    tower = registry.build("vision", "blip2-vit", {k: v for k, v in spec.items() if k != "name"})
+    vpg = _vpg_from(src)
+    with torch.no_grad():
+        got = vpg(tower(pixels))
+        twice = reference_vpg(registry.build("vision", "blip2-vit", {"path": str(root / "single")})(pixels))
+    # Same norm: exact up to the epsilons (the ViT's 1e-6 where LAVIS's ln_vision has 1e-5).
+    torch.testing.assert_close(got, want, atol=1e-3 if same_norm else 1e-5, rtol=0)
+    assert (twice - want).abs().max() > 2e-2  # what applying it on top of post_layernorm gave
+    if same_norm:
+        assert "does not apply it a second time" in note and spec == vision_spec
+        assert src.vpg_spec["vision_layernorm"] is False and isinstance(vpg.ln_vision, torch.nn.Identity)
+    else:
+        assert "read before it (layer 1)" in note and spec["layer"] == 1

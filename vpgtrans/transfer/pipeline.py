@@ -97,7 +97,7 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     from ..names import missing_error, missing_weights
     from ..train.config import parse_until
     from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
-    from .sources import load_source
+    from .sources import load_source, reconcile_ln_vision
 
     if warmup_lr_scale <= 0:
         raise ConfigError(f"--warmup-lr-scale must be positive, got {warmup_lr_scale}", "e.g. --warmup-lr-scale 5")
@@ -131,6 +131,7 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     else:
         source = load_source(src, trust_pickle=trust_pickle)
         vision, template, llm_src = _source_parts(source, base, src_llm)
+    vision, ln_note = reconcile_ln_vision(source, vision) if source else (vision, None)
     dst_missing = any(role == "destination LLM" for role, *_ in missing)
     spec = {"vision": vision, "vpg": dict(source.vpg_spec if source else base.model.vpg or {"name": "qformer"}),
             "template": template,
@@ -154,7 +155,7 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         total = count_steps(stage1.train, n)[0] + count_steps(stage2.train, n)[0]
         scratch = build_recipe(_stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total,
                                           until=None), name="scratch", source=str(path))
-    notes = list(source.notes) if source else []
+    notes = (list(source.notes) if source else []) + ([ln_note] if ln_note else [])
     if source and source.vision_post_layernorm:
         notes.append("the source's vision post-layernorm is not carried over (the vision encoder is loaded as is)")
     return TransferPlan(source=source, src_llm=llm_src, spec=spec, stage1=stage1, stage2=stage2, scratch=scratch,

@@ -304,6 +304,60 @@ def _load_vpgtrans(path: Path) -> SourceVPG:
     return _finish(state, qcfg, "vpgtrans", path, llm, bool(vpg.get("vision_layernorm")), [], spec=vpg)
 
 
+# ---------------------------------------------------------------------------------------------- LAVIS ln_vision
+def _tower_final_norm(vision: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int] | None:
+    """(the tower's post_layernorm weights, its layer count) when its output ends in that LayerNorm, else None."""
+    from vpgtrans.names import VISION_ALIASES, resolve
+
+    if vision.get("name") != "blip2-vit" or int(vision.get("layer", -1)) != -1:
+        return None
+    target = Path(resolve(str(vision.get("path", "eva-vit-g")), VISION_ALIASES))
+    if not target.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            target = Path(snapshot_download(str(target), local_files_only=True))
+        except Exception:  # not cached: the transfer itself will say where to get it
+            return None
+    if not (target / "config.json").exists():
+        return None
+    config = json.loads((target / "config.json").read_text())
+    layers = int((config.get("vision_config") or config).get("num_hidden_layers", 0))
+    names = [f"{p}post_layernorm.{leaf}" for p in ("", "vision_model.") for leaf in ("weight", "bias")]
+    try:
+        raw = _read_safetensors(target, names)
+    except CheckpointError:
+        return None
+    norm = {k.rsplit(".", 1)[1]: v for k, v in raw.items()}
+    return (norm, layers) if len(norm) == 2 and layers else None
+
+
+def reconcile_ln_vision(source: SourceVPG, vision: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Apply LAVIS's ln_vision once: (vision spec to use, a line for the transfer plan).
+
+    LAVIS's EVA ViT has no final norm and the BLIP-2 model applies `ln_vision`; transformers' Blip2VisionModel
+    ends with it (`post_layernorm`). A LAVIS source on such a tower would normalise twice. When the tower's
+    norm is the source's own, the VPG drops its copy (the layout `hf-blip2` exports); otherwise the tower is
+    read one step earlier (its last layer, before the norm) and the VPG keeps the source's ln_vision.
+    """
+    if not source.vpg_spec.get("vision_layernorm") or "vpg.ln_vision.weight" not in source.state:
+        return vision, None
+    found = _tower_final_norm(vision)
+    if found is None:
+        return vision, None
+    norm, layers = found
+    ours = {leaf: source.state[f"vpg.ln_vision.{leaf}"] for leaf in ("weight", "bias")}
+    if all(norm[k].shape == v.shape and torch.allclose(norm[k].float(), v.float(), atol=1e-6) for k, v in ours.items()):
+        for leaf in ours:
+            del source.state[f"vpg.ln_vision.{leaf}"]
+        source.vpg_spec = {**source.vpg_spec, "vision_layernorm": False}
+        return vision, ("the vision tower already ends with the source's ln_vision (its post_layernorm): the VPG "
+                        "does not apply it a second time")
+    return {**vision, "layer": layers}, (f"the vision tower ends with another LayerNorm than the source's ln_vision: "
+                                         f"features are read before it (layer {layers}) and the VPG applies the "
+                                         "source's ln_vision, as LAVIS does (hf-blip2 cannot export this layout)")
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def _resolve(path_or_alias: str | Path) -> Path:
     """A local path, a published BLIP-2 alias (opt-2.7b …) or hub id found in the local HF cache."""
