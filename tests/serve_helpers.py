@@ -59,7 +59,8 @@ def user_turn(text: str, url: str | None = None) -> dict:
     """A user message, with the image first when given (the page and most clients send it that way)."""
     if url is None:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": text}]}
 
 
 @contextlib.contextmanager

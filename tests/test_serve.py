@@ -139,6 +139,7 @@ def test_sampling_follows_the_seed(client, image_files):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_concurrent_clients_are_all_answered(server, client, model_dir, image_files):
     """Load test: 16 clients × 10 requests on loopback; every answer equals the unbatched greedy one."""
     cases = [(image_files[i % 2], prompt) for i, prompt in enumerate(["describe", "what is in it?", "colours?"])]
@@ -182,3 +183,29 @@ def test_public_host_warns_and_a_taken_port_is_one_line(model_dir):
     assert lines[0].startswith("warning: --host 0.0.0.0 listens on every network interface")
     assert lines[1].startswith(f"error: cannot listen on 0.0.0.0:{port}") and len(lines) == 2
 
+
+
+def test_a_cancelled_job_stops_decoding_and_a_full_queue_is_429(local_model, image_files):
+    from vpgtrans.images import open_image
+    from vpgtrans.serve.engine import Engine, Job
+    from vpgtrans.serve.schema import ApiError, Conversation
+
+    engine = Engine(local_model, max_queue=2)
+    conv = Conversation(history=[], question="describe", image=open_image(image_files[0]), image_key="k")
+    events: list[tuple] = []
+
+    def emit(event: tuple) -> None:  # the client "goes away" after the first piece of text
+        events.append(event)
+        if event[0] == "delta":
+            job.cancelled.set()
+
+    job = Job(conv, emit=emit, max_tokens=100, temperature=0)
+    engine._run([job])  # on this thread: no worker started
+    assert events[0] == ("start", events[0][1]) and events[-1][0] == "done"
+    assert events[-1][4] <= 2  # completion tokens: decoding stopped right after the cancel
+
+    for _ in range(2):
+        engine.submit(Job(conv, emit=events.append))
+    with pytest.raises(ApiError) as refused:
+        engine.submit(Job(conv, emit=events.append))
+    assert refused.value.status == 429 and refused.value.body()["error"]["code"] == "queue_full"

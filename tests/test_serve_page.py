@@ -41,6 +41,7 @@ def _api_answer(url: str, messages: list[dict]) -> str:
     return reply["choices"][0]["message"]["content"]
 
 
+@pytest.mark.slow
 def test_page_upload_ask_answer_continue_reset(server, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -33,7 +33,8 @@ def _bind(host: str, port: int) -> socket.socket:
               help="Address to listen on (0.0.0.0 exposes the server to the network: no authentication!).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--name", "model_id", default=None, help="Model id clients pass as `model` (default: directory name).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto = cuda when available).")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ... (auto = cuda when available).")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1),
               help="New tokens when a request gives no max_tokens.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
@@ -69,6 +70,7 @@ def serve(model_dir: str, host: str, port: int, model_id: str | None, device: st
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     click.echo(f"serving {model_id} at http://{shown}:{bound_port}/ (OpenAI base URL http://{shown}:{bound_port}/v1;"
-               f" context {engine.context} tokens, {engine.soft_prompts} image soft prompts) — Ctrl-C stops", err=True)
+               f" context {engine.context} tokens, {engine.soft_prompts} image soft prompts) — Ctrl-C stops",
+               err=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -163,7 +163,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         for job in self._pending:
-            job.emit(("error", ApiError(503, "the server is shutting down", type="server_error")))
+            try:
+                job.emit(("error", ApiError(503, "the server is shutting down", type="server_error")))
+            except RuntimeError:  # its event loop is already closed: nobody is waiting
+                pass
 
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue is refused (429) rather than letting latency grow without bound."""
@@ -257,7 +260,8 @@ class Engine:
         instructions = [r.job.conversation.question for r in rows] if model.vpg.uses_instruction else None
         extra: dict[str, Any] = {}
         if first.temperature > 0:
-            extra.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
+            # top_k=0: OpenAI's API has no top-k, so the checkpoint's default (often 50) must not apply.
+            extra.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
             if first.seed is not None:
                 torch.manual_seed(first.seed)
         from transformers import StoppingCriteriaList
