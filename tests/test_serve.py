@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +15,7 @@ from vpgtrans.testing import tiny_images
 
 require_serve_extra()
 MAX_TOKENS = 12
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 
 
 @pytest.fixture(scope="module")
@@ -140,35 +141,19 @@ def test_sampling_follows_the_seed(client, image_files):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_are_all_answered(server, client, model_dir, image_files):
-    """Load test: 16 clients × 10 requests on loopback; every answer equals the unbatched greedy one."""
+def test_concurrent_clients_are_all_answered(server, model_dir, image_files):
+    """Load test: 16 clients × 10 requests on loopback; none lost, each equal to the unbatched greedy answer."""
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     cases = [(image_files[i % 2], prompt) for i, prompt in enumerate(["describe", "what is in it?", "colours?"])]
-    expected = {(p.name, q): _generate_cli(model_dir, p, q, max_tokens=8) for p, q in cases}
-    urls = {p.name: data_url(p.read_bytes()) for p, _ in cases}
-
-    def one_client(k: int) -> list[tuple[float, bool]]:
-        out = []
-        for j in range(10):
-            image, prompt = cases[(k + j) % len(cases)]
-            start = time.perf_counter()
-            text, _, _ = _ask(client, [user_turn(prompt, urls[image.name])], max_tokens=8)
-            out.append((time.perf_counter() - start, text == expected[(image.name, prompt)]))
-        return out
-
-    _, before = request("GET", server[0] + "/health")
-    start = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        results = [r for rows in pool.map(one_client, range(16)) for r in rows]
-    wall = time.perf_counter() - start
-    _, after = request("GET", server[0] + "/health")
-    assert len(results) == 160 and all(ok for _, ok in results)
-    latencies = sorted(t for t, _ in results)
-    batches = after["batches"] - before["batches"]
-    pct = {p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] for p in (50, 90, 99)}
-    print(f"\nload: 160 requests from 16 clients in {wall:.2f}s ({160 / wall:.1f} req/s), latency p50 "
-          f"{pct[50] * 1000:.0f} ms, p90 {pct[90] * 1000:.0f} ms, p99 {pct[99] * 1000:.0f} ms, max "
-          f"{latencies[-1] * 1000:.0f} ms; {batches} batches, mean {160 / batches:.2f} requests per batch")
-    assert batches < 160  # concurrent requests were decoded together
+    expected = [_generate_cli(model_dir, image, prompt, max_tokens=8) for image, prompt in cases]
+    report = bench.run(server[0], "tiny-chat", [(data_url(p.read_bytes()), q) for p, q in cases], clients=16,
+                       requests=10, max_tokens=8)
+    print("\nload:", bench.summary(report))
+    assert report["requests"] == report["answered"] == 160
+    assert all(text == expected[case] for case, text in report["answers"])
+    assert report["batches"] < 160  # concurrent requests were decoded together
 
 
 def test_public_host_warns_and_a_taken_port_is_one_line(model_dir):

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .paths import honour_umask
 from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -42,6 +43,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    honour_umask(tmp, directory=True)  # mkdtemp makes it 0700: teammates could not read the result
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -66,6 +68,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        honour_umask(tmp)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import DataError
+from ..paths import honour_umask
 from .readers import BadSamples, ImageReader
 
 
@@ -61,6 +62,7 @@ class FeatureCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
+        honour_umask(tmp)  # mkstemp makes it 0600: a shared cache must be readable by the team
         try:
             save_file({"features": features.detach().to("cpu").contiguous()}, tmp)
             os.replace(tmp, final)
