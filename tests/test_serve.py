@@ -194,3 +194,17 @@ def test_a_cancelled_job_stops_decoding_and_a_full_queue_is_429(local_model, ima
     with pytest.raises(ApiError) as refused:
         engine.submit(Job(conv, emit=events.append))
     assert refused.value.status == 429 and refused.value.body()["error"]["code"] == "queue_full"
+
+
+def test_the_page_is_told_where_the_vpg_came_from(tiny_paths, tmp_path):
+    from vpgtrans.checkpoint import save_model
+    from vpgtrans.model import build_model
+    from vpgtrans.serve.app import describe
+    from vpgtrans.testing import tiny_spec
+
+    model = build_model(tiny_spec(tiny_paths, llm="llama"))
+    save_model(model, tmp_path / "m", extra={"transfer": {"source": "runs/opt-s/model", "dst": "world-llama",
+                                                          "report": {"nested": "left out"}}})
+    info = describe(str(tmp_path / "m"))
+    assert info["components"]["llm"] == {"name": "llama", "path": str(tiny_paths["llama"])}
+    assert info["origin"] == {"kind": "VPGTrans transfer", "source": "runs/opt-s/model", "dst": "world-llama"}
