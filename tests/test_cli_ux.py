@@ -94,3 +94,54 @@ def test_init_from_says_what_it_skipped_and_refuses_when_nothing_that_trains_fit
     projector_only.set_trainable(vpg=False, projector=True)
     with pytest.raises(CheckpointError, match="nothing that trains here \\(projector\\) fits"):
         init_from_model_dir(projector_only, src)
+
+
+def test_thread_default_is_one_on_a_busy_machine_and_overridable(monkeypatch):
+    from vpgtrans import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    n, why = threads.choose_threads()
+    assert n == 1 and "load 6.0 on 4 cores" in why
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert threads.choose_threads()[0] == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads() == (3, "OMP_NUM_THREADS")
+    assert threads.choose_threads(2) == (2, "--threads")
+
+
+def test_threads_are_stated_before_the_plan_but_not_before_a_one_line_error(tmp_path):
+    data = _jsonl(tmp_path)
+    ok = CliRunner().invoke(main, ["train", "--recipe", "blip2_stage2_world", "--dry-run", "--threads", "1",
+                                   f"data.train={data}", "data.val=null", "eval.metrics=[]"])
+    assert ok.output.splitlines()[0] == "threads 1 (--threads)", ok.output
+    bad = CliRunner().invoke(main, ["train", "--recipe", "blip2_stage2_world", "--threads", "1", "train.lr=-1"])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1, bad.output
+
+
+def test_eval_progress_line_has_an_eta():
+    from vpgtrans.cli.eval import progress_line
+
+    assert progress_line("eval", 64, 500, 20.0) == "eval 64/500 (12.8%), 3.2/s, ETA 2 min 16 s"
+    assert progress_line("eval", 500, 500, 100.0).endswith("ETA 0 s")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_honour_the_umask(tiny_paths, tmp_path, mask):
+    import os
+    import stat
+
+    from vpgtrans.checkpoint import atomic_write_text, save_model
+    from vpgtrans.model import build_model
+    from vpgtrans.testing import tiny_spec
+
+    old = os.umask(mask)
+    try:
+        out = save_model(build_model(tiny_spec(tiny_paths)), tmp_path / "model")
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for f in [*out.iterdir(), tmp_path / "report.json"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f

@@ -48,6 +48,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
+                honour_umask(f)  # safetensors writes 0600 files
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():

@@ -22,25 +22,50 @@ import click
               help="Caption instruction (default none) or VQA format string (default 'Question: {} Answer:').")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write metrics and every prediction to this JSON file.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
+@click.option("--no-progress", is_flag=True, help="No progress lines.")
 def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, beams: int, max_new_tokens: int,
-                 batch_size: int, prompt: str | None, out_path: str | None) -> None:
+                 batch_size: int, prompt: str | None, out_path: str | None, threads: int | None,
+                 no_progress: bool) -> None:
     """Generate for every record and print the metrics."""
     from ..checkpoint import atomic_write_text, load_model
     from ..evaluation import load_eval_records, predict, score
     from ..interfaces import GenerationConfig
+    from ..threads import announce_before, apply_threads
 
+    threads_line = apply_threads(threads)
+    note = announce_before(threads_line, lambda text: click.echo(text, err=True))
     records = load_eval_records(data_path, task, limit)
     model = load_model(model_dir)
     start = time.perf_counter()
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams)
-    predictions = predict(model, records, task=task, batch_size=batch_size, gen_config=config, prompt=prompt)
+    predictions: list[str] = []
+    last = start
+    # Chunks of a few batches: a progress line (with ETA from the measured speed) at most every 10 s.
+    chunk = batch_size * 4
+    for first in range(0, len(records), chunk):
+        part = records[first:first + chunk]
+        predictions += predict(model, part, task=task, batch_size=batch_size, gen_config=config, prompt=prompt)
+        now = time.perf_counter()
+        if not no_progress and (now - last >= 10 or len(predictions) == len(records)) and len(records) > chunk:
+            last = now
+            note(progress_line("eval", len(predictions), len(records), now - start))
     metrics = score(task, predictions, records)
     seconds = time.perf_counter() - start
     for key, value in metrics.items():
         click.echo(f"{key}: {int(value) if key == 'n' else f'{value:.4f}'}")
-    click.echo(f"time: {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.1f} samples/s)")
+    click.echo(f"time: {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.1f} samples/s); {threads_line}")
     if out_path:
         rows = [{"image": r["image"], "prediction": p, **({"question": r["question"]} if task == "vqa" else {})}
                 for r, p in zip(records, predictions)]
         atomic_write_text(out_path, json.dumps({"model": model_dir, "data": data_path, "task": task,
                                                 "metrics": metrics, "predictions": rows}, indent=2))
+
+
+def progress_line(what: str, done: int, total: int, seconds: float) -> str:
+    """'eval 64/500 (12.8%), 3.2/s, ETA 2 min 16 s' from the speed measured so far."""
+    rate = done / max(seconds, 1e-9)
+    left = (total - done) / max(rate, 1e-9)
+    eta = f"{int(left // 60)} min {int(left % 60)} s" if left >= 60 else f"{left:.0f} s"
+    return f"{what} {done}/{total} ({100 * done / max(total, 1):.1f}%), {rate:.1f}/s, ETA {eta}"

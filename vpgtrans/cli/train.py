@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -20,12 +20,18 @@ import click
 @click.option("--skip-bad-samples", is_flag=True, help="Skip unreadable rows/images (with a count) instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite a previous run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
 def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: str | None, until: str | None,
-          max_steps: int | None, dry_run: bool, skip_bad_samples: bool, force: bool, no_progress: bool) -> None:
+          max_steps: int | None, dry_run: bool, skip_bad_samples: bool, force: bool, no_progress: bool,
+          threads: int | None) -> None:
     """Train from a recipe; overrides are key=value (e.g. train.lr=1e-4 max_steps=100 data.train=my.jsonl)."""
     from ..recipes import load_recipe
     from ..train.runner import run_recipe
 
+    from ..threads import announce_before, apply_threads
+
+    echo = announce_before(apply_threads(threads), click.echo)
     extra = list(overrides)
     if until:
         extra.append(f"train.until={until}")
@@ -35,12 +41,12 @@ def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: 
     out = Path(out_dir) if out_dir else Path("runs") / loaded.name
     if not dry_run:
         run_recipe(loaded, out, resume=resume, force=force, dry_run=False, skip_bad=skip_bad_samples,
-                   progress=not no_progress, echo=click.echo)
+                   progress=not no_progress, echo=echo)
         return
-    _dry_run(loaded, out, skip_bad_samples)
+    _dry_run(loaded, out, skip_bad_samples, echo)
 
 
-def _dry_run(loaded: Any, out: Path, skip_bad: bool) -> None:
+def _dry_run(loaded: Any, out: Path, skip_bad: bool, echo: Callable[[str], None]) -> None:
     """Print the plan, then fail naming every missing weight (and missing data) at once."""
     from ..errors import VpgtransError
     from ..names import missing_error, missing_weights, recipe_weights
@@ -48,13 +54,13 @@ def _dry_run(loaded: Any, out: Path, skip_bad: bool) -> None:
 
     missing = missing_weights(recipe_weights(loaded))
     try:
-        run_recipe(loaded, out, dry_run=True, skip_bad=skip_bad, progress=False, echo=click.echo)
+        run_recipe(loaded, out, dry_run=True, skip_bad=skip_bad, progress=False, echo=echo)
     except VpgtransError as exc:
         if not missing:
             raise
         err = missing_error(missing)
         raise type(err)(f"{exc.what}; {err.what}", "; ".join(f for f in (exc.fix, err.fix) if f)) from None
     for role, name, target, why in missing:
-        click.echo(f"MISSING {role} {name}" + (f" ({target})" if target != name else "") + f": {why}")
+        echo(f"MISSING {role} {name}" + (f" ({target})" if target != name else "") + f": {why}")
     if missing:
         raise missing_error(missing)

@@ -37,17 +37,21 @@ import click
 @click.option("--min-coverage", type=float, default=0.05, show_default=True,
               help="Refuse token pairings covering less of the destination vocabulary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
 def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, data_fraction: float | None,
              out_dir: str, recipe: str | None,
              converter: str, warmup_lr_scale: float, warmup_epochs: float, lora: bool, until: str | None,
              compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
-             src_llm: str | None, min_coverage: float, no_progress: bool) -> None:
+             src_llm: str | None, min_coverage: float, no_progress: bool, threads: int | None) -> None:
     """Transfer the VPG of SRC to the LLM DST; overrides are recipe key=value (e.g. train.max_steps=500)."""
+    from ..threads import announce_before, apply_threads
     from ..transfer.pipeline import transfer as run
 
+    echo = announce_before(apply_threads(threads), click.echo)
     if data_fraction is not None:
         overrides = (*overrides, f"data.fraction={data_fraction}")
     run(src, dst, data, out_dir, converter=converter, warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs,
         lora=lora, until=until, compare_scratch=compare_scratch, dry_run=dry_run, resume=resume, force=force,
         recipe=recipe, overrides=overrides, trust_pickle=trust_pickle, src_llm=src_llm, min_coverage=min_coverage,
-        progress=not no_progress, echo=click.echo)
+        progress=not no_progress, echo=echo)
