@@ -6,6 +6,7 @@ Fits run in fp32 (gradient) or fp64 (closed form) whatever the embeddings' dtype
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -219,6 +220,180 @@ def _polar(m: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+# ---------------------------------------------------------------------------------------------- ridge
+@dataclass
+class RidgeConfig:
+    """Closed-form ridge least squares; the penalty is picked by cross-validation on the pairs."""
+
+    lambdas: list = help_field([1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0],
+                               help="candidate penalties, as multiples of the mean eigenvalue of XᵀX (scale-free)")
+    folds: int = help_field(5, help="cross-validation folds that choose the penalty (held-out mean cosine)")
+    whiten: Literal["none", "standardise", "zca"] = help_field(
+        "none", help="transform both spaces before the fit (and undo it after): standardise = per dimension, "
+                     "zca = full whitening with a shrunk covariance")
+    shrink: float = help_field(0.1, help="zca: covariance shrinkage towards its mean eigenvalue (0-1)")
+
+
+class RidgeConverter(Converter):
+    """argmin ‖X·W + b − Y‖² + λ‖W‖², λ chosen on held-out folds of the pairs, optionally after whitening."""
+
+    def __init__(self, config: RidgeConfig):
+        if not config.lambdas or min(config.lambdas) < 0:
+            raise ConfigError("converter ridge: lambdas must be non-empty and ≥ 0", "e.g. lambdas=[0.01,0.1,1]")
+        if config.folds < 2:
+            raise ConfigError("converter ridge: folds must be ≥ 2", "e.g. folds=5")
+        if not 0.0 <= config.shrink <= 1.0:
+            raise ConfigError("converter ridge: shrink must be within [0, 1]", "e.g. shrink=0.1")
+        self.config = config
+        self.chosen: float | None = None  # the penalty of the last fit (relative), for reports
+
+    def fit(self, src: torch.Tensor, dst: torch.Tensor, *, seed: int = 0) -> nn.Linear:
+        """Whiten, choose λ by k-fold held-out cosine, refit on every pair, fold the whitening back in."""
+        _check_pairs(src, dst)
+        xc, yc, mx, my = _centred(src, dst)
+        a_in, a_in_inv = _whitener(xc, self.config.whiten, self.config.shrink)
+        a_out, a_out_inv = _whitener(yc, self.config.whiten, self.config.shrink)
+        xw, yw = xc @ a_in, yc @ a_out
+        self.chosen = self._choose(xw, yw, yc, a_out_inv, seed)
+        w = a_in @ _ridge(xw, yw, self.chosen) @ a_out_inv
+        return _linear_from(w, my - mx @ w)
+
+    def _choose(self, xw: np.ndarray, yw: np.ndarray, yc: np.ndarray, a_out_inv: np.ndarray, seed: int) -> float:
+        n = xw.shape[0]
+        lambdas = sorted(self.config.lambdas)
+        if n < 2 * self.config.folds:
+            return lambdas[len(lambdas) // 2]
+        folds = np.random.default_rng(seed).permutation(n) % self.config.folds
+        scores = []
+        for lam in lambdas:
+            cos = []
+            for k in range(self.config.folds):
+                fit, held = folds != k, folds == k
+                # Held-out cosine in the original (un-whitened, centred) space: what the merge will use.
+                pred = xw[held] @ _ridge(xw[fit], yw[fit] - yw[fit].mean(0), lam) @ a_out_inv
+                cos.append(_row_cosine(pred, yc[held]))
+            scores.append(float(np.concatenate(cos).mean()))
+        return lambdas[int(np.argmax(scores))]
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge solution with λ relative to the mean eigenvalue of XᵀX."""
+    gram = x.T @ x
+    scale = max(float(np.trace(gram)) / gram.shape[0], 1e-30)
+    return scipy.linalg.solve(gram + lam * scale * np.eye(gram.shape[0]), x.T @ y, assume_a="sym")
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(den, 1e-30)
+
+
+def _whitener(xc: np.ndarray, mode: str, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """(A, A⁻¹) with X·A standardised ('standardise') or whitened ('zca'); identity for 'none'."""
+    d = xc.shape[1]
+    if mode == "none":
+        return np.eye(d), np.eye(d)
+    if mode == "standardise":
+        std = np.maximum(xc.std(0), 1e-12)
+        return np.diag(1.0 / std), np.diag(std)
+    cov = xc.T @ xc / max(1, xc.shape[0] - 1)
+    cov = (1 - shrink) * cov + shrink * (np.trace(cov) / d) * np.eye(d)  # fewer pairs than dimensions: keep it invertible
+    vals, vecs = scipy.linalg.eigh(cov)
+    vals = np.maximum(vals, 1e-12 * vals.max())
+    return (vecs / np.sqrt(vals)) @ vecs.T, (vecs * np.sqrt(vals)) @ vecs.T
+
+
+@dataclass
+class RidgeWhitenedConfig(RidgeConfig):
+    """Ridge after ZCA-whitening both spaces (every direction weighs the same in the fit and the penalty)."""
+
+    whiten: Literal["none", "standardise", "zca"] = help_field(
+        "zca", help="none | standardise (per dimension) | zca (full whitening with a shrunk covariance)")
+
+
+# ---------------------------------------------------------------------------------------------- anchor-omp
+@dataclass
+class AnchorOmpConfig(RidgeConfig):
+    """Ridge on the pairs plus anchor-based pairs for tokens without a string match (OMP, arXiv 2506.06607)."""
+
+    atoms: int = help_field(8, help="anchor tokens per unmatched token (non-zero coefficients of the OMP fit)")
+    weight: float = help_field(0.5, help="weight of an anchor-based pair relative to a string-matched one")
+
+
+class AnchorOmpConverter(Converter):
+    """Tokens without a partner get one built from anchors, then a ridge map is fitted on all pairs.
+
+    As tokenizer transplantation does: an unmatched destination token is expressed as a sparse combination
+    of paired (anchor) destination tokens by orthogonal matching pursuit, and the same combination of the
+    anchors' source embeddings becomes its source partner; an unmatched source token likewise gets a
+    destination partner. The map stays linear (it is merged into the projector); the anchor-based pairs
+    tell it where the tokens the string match could not pair should go. Without unmatched tokens
+    (`fit(src, dst)` alone) this is `ridge`.
+    """
+
+    uses_unpaired = True
+
+    def __init__(self, config: AnchorOmpConfig):
+        if config.atoms < 1 or config.weight < 0:
+            raise ConfigError("converter anchor-omp: atoms must be ≥ 1 and weight ≥ 0", "e.g. atoms=8 weight=0.5")
+        self.config = config
+        self.ridge = RidgeConverter(config)
+
+    def fit(self, src: torch.Tensor, dst: torch.Tensor, *, seed: int = 0, unpaired_src: torch.Tensor | None = None,
+            unpaired_dst: torch.Tensor | None = None) -> nn.Linear:
+        """Build anchor-based partners for the unpaired rows, then fit ridge on real + anchor-based pairs."""
+        _check_pairs(src, dst)
+        x, y = src.detach().double().cpu().numpy(), dst.detach().double().cpu().numpy()
+        mx, my = x.mean(0), y.mean(0)
+        extra_x, extra_y = [], []
+        k = min(self.config.atoms, x.shape[0])
+        if unpaired_src is not None and len(unpaired_src):
+            u = unpaired_src.detach().double().cpu().numpy()
+            extra_x.append(u)
+            extra_y.append(omp_coefficients(u - mx, x - mx, k) @ (y - my) + my)
+        if unpaired_dst is not None and len(unpaired_dst):
+            v = unpaired_dst.detach().double().cpu().numpy()
+            extra_x.append(omp_coefficients(v - my, y - my, k) @ (x - mx) + mx)
+            extra_y.append(v)
+        if not extra_x or self.config.weight == 0:
+            return self.ridge.fit(src, dst, seed=seed)
+        lam = self.ridge.config.lambdas
+        self.ridge.fit(src, dst, seed=seed)  # λ chosen on the real pairs only: the anchor-based ones are not evidence
+        self.chosen = self.ridge.chosen
+        try:
+            self.ridge.config = dataclasses.replace(self.ridge.config, lambdas=[self.chosen])
+            rows = np.sqrt(np.concatenate([np.ones(len(x)), np.full(sum(map(len, extra_x)), self.config.weight)]))
+            ax, ay = np.concatenate([x, *extra_x]), np.concatenate([y, *extra_y])
+            # Weighted least squares = ordinary least squares on rows scaled by √weight around the weighted mean.
+            wx = (ax * rows[:, None] ** 2).sum(0) / (rows ** 2).sum()
+            wy = (ay * rows[:, None] ** 2).sum(0) / (rows ** 2).sum()
+            w = _ridge((ax - wx) * rows[:, None], (ay - wy) * rows[:, None], self.chosen)
+        finally:
+            self.ridge.config = dataclasses.replace(self.ridge.config, lambdas=lam)
+        return _linear_from(w, wy - wx @ w)
+
+
+def omp_coefficients(targets: np.ndarray, atoms: np.ndarray, k: int) -> np.ndarray:
+    """Coefficients C [T, A] with at most `k` non-zeros per row such that C·atoms ≈ targets (greedy OMP)."""
+    norms = np.maximum(np.linalg.norm(atoms, axis=1), 1e-30)
+    unit = atoms / norms[:, None]
+    out = np.zeros((targets.shape[0], atoms.shape[0]))
+    for t, target in enumerate(targets):
+        chosen: list[int] = []
+        residual = target.copy()
+        coef = np.zeros(0)
+        for _ in range(min(k, atoms.shape[0])):
+            score = np.abs(unit @ residual)
+            score[chosen] = -1.0
+            chosen.append(int(np.argmax(score)))
+            coef = scipy.linalg.lstsq(atoms[chosen].T, target)[0]
+            residual = target - coef @ atoms[chosen]
+            if np.linalg.norm(residual) <= 1e-9 * max(np.linalg.norm(target), 1e-30):
+                break
+        out[t, chosen] = coef
+    return out
+
+
 LINEAR_COSINE = Component(kind="converter", name="linear-cosine", factory=LinearCosineConverter,
                           config_class=LinearCosineConfig,
                           description="the paper's converter: linear map trained on 1 − cosine (SGD or Adam)")
@@ -228,3 +403,13 @@ PROCRUSTES = Component(kind="converter", name="procrustes", factory=ProcrustesCo
                        config_class=ProcrustesConfig,
                        description="orthogonal Procrustes (scipy) for equal widths, semi-orthogonal otherwise; "
                                    "plus scale and bias")
+RIDGE = Component(kind="converter", name="ridge", factory=RidgeConverter, config_class=RidgeConfig,
+                  description="closed-form ridge least squares, penalty chosen by held-out cosine on the pairs; "
+                              "optional whitening")
+RIDGE_WHITENED = Component(kind="converter", name="ridge-whitened", factory=RidgeConverter,
+                           config_class=RidgeWhitenedConfig,
+                           description="ridge after ZCA-whitening both embedding spaces (undone afterwards)")
+ANCHOR_OMP = Component(kind="converter", name="anchor-omp", factory=AnchorOmpConverter,
+                       config_class=AnchorOmpConfig,
+                       description="ridge on the string pairs plus anchor-based pairs for unmatched tokens "
+                                   "(each a sparse OMP combination of paired anchors, as tokenizer transplantation)")

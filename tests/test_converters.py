@@ -121,3 +121,89 @@ def test_merge_keeps_the_source_dtype():
     src_proj = nn.Linear(8, 6).to(torch.bfloat16)
     merged = merge_projector(src_proj, nn.Linear(6, 10))
     assert merged.weight.dtype == torch.bfloat16 and merged.bias.dtype == torch.bfloat16
+
+
+# ---- ridge, whitening, anchor-based (OMP) converters ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ridge", "ridge-whitened", "anchor-omp"])
+@pytest.mark.parametrize("ds,dd", [(24, 24), (16, 40), (40, 16)])
+def test_ridge_family_recovers_a_linear_map(name, ds, dd):
+    src, dst = _embeddings(ds, dd, orthogonal=False)
+    fit = fit_converter(registry.build("converter", name), src, dst,
+                        (torch.arange(len(src)), torch.arange(len(src))), heldout=0.2, seed=1)
+    assert (fit.linear.in_features, fit.linear.out_features) == (ds, dd)
+    assert fit.heldout_cosine > 0.98
+
+
+def test_ridge_picks_a_penalty_on_held_out_pairs():
+    # Few, noisy pairs in many dimensions: plain least squares interpolates the noise, a penalty generalises.
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(60, 48, generator=g)
+    w = torch.randn(48, 32, generator=g) / 7
+    clean = src @ w
+    dst = clean + 0.8 * clean.std() * torch.randn(60, 32, generator=g)
+    test_src = torch.randn(400, 48, generator=g)
+    conv = registry.build("converter", "ridge")
+    ridge = conv.fit(src, dst)
+    assert conv.chosen is not None and conv.chosen > min(conv.config.lambdas)
+    plain = registry.build("converter", "lstsq").fit(src, dst)
+    cos = lambda lin: float(torch.nn.functional.cosine_similarity(lin(test_src), test_src @ w, dim=-1).mean().detach())
+    assert cos(ridge) > cos(plain) + 0.05
+    # With a single candidate the choice is forced: the grid really is what is searched.
+    only = registry.build("converter", "ridge", {"lambdas": [1e-4]})
+    only.fit(src, dst)
+    assert only.chosen == 1e-4
+
+
+def test_whitening_is_undone_after_the_fit():
+    # Badly scaled source dimensions: whitening must change nothing about what the map computes on clean data.
+    src, dst = _embeddings(16, 12, orthogonal=False)
+    src = src * torch.logspace(-2, 1, 16)
+    for mode in ("standardise", "zca"):
+        lin = registry.build("converter", "ridge", {"whiten": mode, "lambdas": [1e-6]}).fit(src, dst)
+        assert float(torch.nn.functional.cosine_similarity(lin(src), dst, dim=-1).mean().detach()) > 0.99
+    with pytest.raises(ConfigError):
+        registry.build("converter", "ridge", {"whiten": "pca"})
+    with pytest.raises(ConfigError):
+        registry.build("converter", "ridge", {"lambdas": []})
+
+
+def test_omp_coefficients_recover_a_sparse_combination():
+    from vpgtrans_adapters.converters import omp_coefficients
+
+    rng = torch.Generator().manual_seed(0)
+    atoms = torch.randn(50, 30, generator=rng).double().numpy()
+    true = torch.zeros(3, 50, dtype=torch.float64)
+    true[0, [3, 17]] = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    true[1, [0, 8, 44]] = torch.tensor([0.3, 0.9, 2.0], dtype=torch.float64)
+    true[2, 21] = 1.0
+    coef = omp_coefficients(true.numpy() @ atoms, atoms, k=4)
+    assert torch.allclose(torch.from_numpy(coef), true, atol=1e-8)
+    assert ((coef != 0).sum(1) <= 4).all()
+
+
+def test_anchor_omp_sends_unmatched_tokens_towards_their_anchor_partners():
+    from vpgtrans_adapters.converters import omp_coefficients
+
+    src, dst = _embeddings(16, 12, orthogonal=False, n=30)
+    g = torch.Generator().manual_seed(5)
+    lone_src = 0.05 * torch.randn(40, 16, generator=g)  # tokens the string match left without a partner
+    lone_dst = 0.05 * torch.randn(40, 12, generator=g)
+    x, y = src.double().numpy(), dst.double().numpy()
+    mx, my = x.mean(0), y.mean(0)
+    # Their anchor-based partners: the same sparse combination of anchors, on the other side.
+    target = torch.from_numpy(omp_coefficients(lone_src.double().numpy() - mx, x - mx, 4) @ (y - my) + my).float()
+    partner = torch.from_numpy(omp_coefficients(lone_dst.double().numpy() - my, y - my, 4) @ (x - mx) + mx).float()
+    ridge = registry.build("converter", "ridge").fit(src, dst)
+    gaps = []
+    for weight in (0.0, 1.0, 20.0):
+        conv = registry.build("converter", "anchor-omp", {"atoms": 4, "weight": weight})
+        lin = conv.fit(src, dst, unpaired_src=lone_src, unpaired_dst=lone_dst)
+        with torch.no_grad():
+            gaps.append((float((lin(lone_src) - target).norm()), float((lin(partner) - lone_dst).norm())))
+        if weight == 0.0:
+            assert torch.allclose(lin.weight, ridge.weight, atol=1e-6)
+    assert gaps[0][0] > gaps[1][0] > gaps[2][0] and gaps[0][1] > gaps[1][1] > gaps[2][1]
+    # Without unmatched tokens it is ridge.
+    alone = registry.build("converter", "anchor-omp").fit(src, dst)
+    assert torch.allclose(alone.weight, ridge.weight, atol=1e-6)

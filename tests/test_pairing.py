@@ -146,3 +146,35 @@ def test_saved_llm_tokenizers(tiny_paths):
     partner = _partner(pairs, opt, llama)
     assert partner["\u0120the"] == "\u2581the"
     assert pairs.dst_coverage > 0.1
+
+
+def test_unpaired_tokens_are_listed(toks):
+    bpe, sp = toks["bytelevel"], toks["sentencepiece"]
+    pairs = pair_tokens(bpe, sp)
+    lone_src, lone_dst = set(pairs.src_unpaired.tolist()), set(pairs.dst_unpaired.tolist())
+    assert lone_src and lone_dst
+    assert not lone_src & set(pairs.src_ids.tolist()) and not lone_dst & set(pairs.dst_ids.tolist())
+    # Specials and byte-fallback pieces have no string to pair: they are neither paired nor unpaired.
+    special = set(sp.all_special_ids)
+    assert not special & lone_dst
+    names = set(sp.convert_ids_to_tokens(sorted(lone_dst)))
+    assert not any(n.startswith("<0x") for n in names)
+
+
+def test_restrict_to_texts_keeps_the_tokens_that_occur(toks):
+    from vpgtrans.transfer.pairing import restrict_to_texts
+
+    bpe, sp = toks["bytelevel"], toks["sentencepiece"]
+    pairs = pair_tokens(bpe, sp)
+    texts = ["a red cube is above the blue ball."] * 3
+    kept = restrict_to_texts(pairs, bpe, sp, texts, min_pairs=3)
+    words = set(sp.convert_ids_to_tokens(kept.dst_ids.tolist()))
+    assert {"\u2581red", "\u2581blue", "\u2581the", "\u2581above"} <= words
+    assert "\u2581green" not in words and "\u2581cone" not in words
+    assert kept.n_pairs == len(kept.src_ids) < pairs.n_pairs and "occur in 3 texts" in kept.summary()
+    assert kept.dst_coverage == pairs.dst_coverage  # coverage stays that of the string match
+    seen = set(sp(texts[0], add_special_tokens=False).input_ids)
+    assert set(kept.dst_unpaired.tolist()) <= seen
+    # Too few pairs in the texts: nothing is dropped, and the details say why.
+    unchanged = restrict_to_texts(pairs, bpe, sp, ["red"], min_pairs=16)
+    assert unchanged.n_pairs == pairs.n_pairs and "all pairs kept" in unchanged.details["in_texts"]

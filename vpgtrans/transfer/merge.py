@@ -94,8 +94,18 @@ def fit_converter(converter: Any, src_emb: torch.Tensor, dst_emb: torch.Tensor,
     src = src_emb.detach()[src_ids.to(src_emb.device)].float()
     dst = dst_emb.detach()[dst_ids.to(dst_emb.device)].float().to(src.device)
     fit_idx, held_idx = fit_idx.to(src.device), held_idx.to(src.device)
+    extra: dict[str, torch.Tensor] = {}
+    if getattr(converter, "uses_unpaired", False):
+        # Anchor-based converters also map tokens without a partner; the held-out pairs count as such
+        # (their embeddings are known, their pairing is hidden from the fit).
+        lone = (pairs.src_unpaired, pairs.dst_unpaired) if isinstance(pairs, TokenPairs) else (None, None)
+        for key, ids, emb, rows in (("unpaired_src", lone[0], src_emb, src), ("unpaired_dst", lone[1], dst_emb, dst)):
+            parts = [rows[held_idx]]
+            if ids is not None and ids.numel():
+                parts.append(emb.detach()[ids.to(emb.device)].float().to(src.device))
+            extra[key] = torch.cat(parts)
     start = time.perf_counter()
-    linear = converter.fit(src[fit_idx], dst[fit_idx], seed=seed)
+    linear = converter.fit(src[fit_idx], dst[fit_idx], seed=seed, **extra)
     seconds = time.perf_counter() - start
     return ConverterFit(linear=linear, train_cosine=mean_cosine(linear, src[fit_idx], dst[fit_idx]),
                         heldout_cosine=mean_cosine(linear, src[held_idx], dst[held_idx]) if n_held else None,

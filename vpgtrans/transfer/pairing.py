@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal
 
 import torch
@@ -40,6 +40,9 @@ class TokenPairs:
     src_vocab_size: int = 0
     dst_vocab_size: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    # Tokens with a string of their own that found no partner (what anchor-based converters map).
+    src_unpaired: torch.Tensor | None = None
+    dst_unpaired: torch.Tensor | None = None
 
     def summary(self) -> str:
         """One line for logs and `--dry-run`."""
@@ -146,14 +149,17 @@ def _check_coverage(pairs: TokenPairs, min_coverage: float) -> TokenPairs:
 
 
 def _make_pairs(pairs: list[tuple[int, int]], src_tok: Any, dst_tok: Any, method: str,
-                details: dict[str, Any] | None = None) -> TokenPairs:
+                details: dict[str, Any] | None = None, unpaired: tuple[list[int], list[int]] | None = None
+                ) -> TokenPairs:
     src_vocab, dst_vocab = _vocab_size(src_tok), _vocab_size(dst_tok)
     src_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     dst_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    lone = [torch.tensor(sorted(u), dtype=torch.long) for u in unpaired] if unpaired is not None else [None, None]
     return TokenPairs(src_ids=src_ids, dst_ids=dst_ids, n_pairs=len(pairs),
                       src_coverage=len(set(src_ids.tolist())) / max(src_vocab, 1),
                       dst_coverage=len(set(dst_ids.tolist())) / max(dst_vocab, 1),
-                      method=method, src_vocab_size=src_vocab, dst_vocab_size=dst_vocab, details=details or {})
+                      method=method, src_vocab_size=src_vocab, dst_vocab_size=dst_vocab, details=details or {},
+                      src_unpaired=lone[0], dst_unpaired=lone[1])
 
 
 def pair_tokens(src_tok: Any, dst_tok: Any, *, case: Literal["sensitive", "insensitive"] = "sensitive",
@@ -185,7 +191,39 @@ def pair_tokens(src_tok: Any, dst_tok: Any, *, case: Literal["sensitive", "insen
             n_folded += 1
     details = {"case_folded": n_folded} if case == "insensitive" else {}
     method = f"string match, case-{case}"
-    return _check_coverage(_make_pairs(pairs, src_tok, dst_tok, method, details), min_coverage)
+    unpaired = (set(src_norm) - {p[0] for p in pairs}, set(dst_norm) - {p[1] for p in pairs})
+    return _check_coverage(_make_pairs(pairs, src_tok, dst_tok, method, details, unpaired), min_coverage)
+
+
+def restrict_to_texts(pairs: TokenPairs, src_tok: Any, dst_tok: Any, texts: Iterable[str], *,
+                      min_pairs: int = 16) -> TokenPairs:
+    """Keep the pairs (and unpaired tokens) that occur in `texts`, e.g. the training captions.
+
+    The official VPGTrans code fits its converter on the tokens of training captions; a token that
+    never occurs in text keeps an untrained embedding that no map relates. Coverage figures stay those
+    of the string match; `details` says how many pairs the texts kept. With fewer than `min_pairs`
+    left, the pairs are returned unchanged (and `details` says so).
+    """
+    src_tok, dst_tok = _as_hf(src_tok), _as_hf(dst_tok)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        return pairs
+    src_seen = {i for ids in src_tok(texts, add_special_tokens=False)["input_ids"] for i in ids}
+    dst_seen = {i for ids in dst_tok(texts, add_special_tokens=False)["input_ids"] for i in ids}
+    keep = [k for k, (s, d) in enumerate(zip(pairs.src_ids.tolist(), pairs.dst_ids.tolist()))
+            if s in src_seen and d in dst_seen]
+    details = dict(pairs.details)
+    if len(keep) < min_pairs:
+        details["in_texts"] = f"only {len(keep)} pairs occur in the texts: all pairs kept"
+        return replace(pairs, details=details)
+    paired_dst = {pairs.dst_ids[k].item() for k in keep}
+    details["in_texts"] = (f"{len(keep)} of {pairs.n_pairs} pairs occur in {len(texts)} texts, covering "
+                           f"{len(paired_dst & dst_seen)}/{len(dst_seen)} destination tokens there")
+    lone = [None if u is None else torch.tensor([i for i in u.tolist() if i in seen], dtype=torch.long)
+            for u, seen in ((pairs.src_unpaired, src_seen), (pairs.dst_unpaired, dst_seen))]
+    idx = torch.tensor(keep, dtype=torch.long)
+    return replace(pairs, src_ids=pairs.src_ids[idx], dst_ids=pairs.dst_ids[idx], n_pairs=len(keep),
+                   details=details, src_unpaired=lone[0], dst_unpaired=lone[1])
 
 
 def pair_tokens_positional(src_tok: Any, dst_tok: Any, texts: Iterable[str], *,
