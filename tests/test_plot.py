@@ -80,3 +80,52 @@ def test_plot_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     res = CliRunner().invoke(main, ["plot", str(_fake_run(tmp_path / "run"))])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "pip install vpgtrans[plot]" in res.output
+
+
+def _transfer_dir(root):
+    """What `vpgtrans transfer --compare-scratch` leaves: stage1/, stage2/, scratch/ logs and report.json."""
+    _fake_run(root / "stage1", steps=10)
+    _fake_run(root / "stage2", steps=20)
+    _fake_run(root / "scratch", steps=30, scale=2.0)
+    (root / "report.json").write_text(json.dumps({"speedup": {"metric": "cider", "scratch_best": 0.75}}))
+    return root
+
+
+def test_every_directory_the_tool_writes_is_accepted(tmp_path):
+    from vpgtrans.plot import expand
+
+    transfer = _transfer_dir(tmp_path / "demo" / "transfer")
+    _fake_run(tmp_path / "demo" / "source", steps=12)
+    ours, scratch = expand(transfer)
+    assert (ours.label, scratch.label) == ("VPGTrans", "scratch") and ours.warmup_rows == 10
+    assert [r["step"] for r in ours.rows][9:11] == [10, 11]  # stage 2 continues the step axis after the warm-up
+    assert ours.threshold == {"metric": "cider", "value": 0.75}
+    demo = expand(tmp_path / "demo")  # the demo folder: its source run and its transfer
+    assert [s.label for s in demo] == ["source", "transfer VPGTrans", "transfer scratch"]
+    bench = expand(tmp_path)  # a benchmark work folder: every run inside, labelled by where it sits
+    assert len(bench) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no training log under"):
+        expand(tmp_path / "empty")
+
+
+def test_panels_are_labelled_warmup_shaded_threshold_drawn_constants_dropped(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vpgtrans.plot import expand, render
+
+    transfer = _transfer_dir(tmp_path / "t")
+    rows = read_rows(transfer / "scratch")
+    for r in rows:
+        r.setdefault("metrics", {})["attribute_accuracy_refs"] = 0.88  # a constant ceiling: not worth a panel
+    (transfer / "scratch" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = render(expand(transfer))
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert "attribute_accuracy_refs" not in axes and {"loss", "lr", "cider"} <= set(axes)
+    assert axes["loss"].get_ylabel() == "training loss" and axes["cider"].get_ylabel() == "CIDEr (0-10)"
+    assert axes["loss"].get_xlabel() == "optimiser steps (all stages)"
+    assert axes["loss"].patches  # the warm-up span
+    dashed = [ln for ln in axes["cider"].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 0.75
+    res = CliRunner().invoke(main, ["plot", str(transfer)])
+    assert res.exit_code == 0, res.output
+    assert (transfer / "curves.png").read_bytes().startswith(PNG_MAGIC)

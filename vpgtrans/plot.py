@@ -1,8 +1,11 @@
 """Training curves: a run's `log.jsonl` (or several runs, overlaid) rendered to a PNG.
 
 One panel for the loss, one for the learning rate, and one per metric found in the rows (the
-trainer's nested `metrics` dict and any other numeric field such as `grad_norm`). matplotlib is
-the optional `plot` extra.
+trainer's nested `metrics` dict and any other numeric field such as `grad_norm`); series that never
+change are left out. Every directory the tool writes is accepted: a training run, a transfer (its
+stages joined on one step axis with the warm-up shaded, scratch beside it, the speed-up threshold
+drawn), the demo, and benchmark work folders (every run found inside). matplotlib is the optional
+`plot` extra.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ConfigError, DataError
@@ -66,6 +70,74 @@ def curves(rows: Sequence[dict[str, Any]], x: str = "step") -> dict[str, tuple[l
     return {k: out[k] for k in order}
 
 
+# Axis labels of well-known series; anything else is labelled with its own name.
+Y_LABELS = {"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss", "cider": "CIDEr (0-10)",
+            "grad_norm": "gradient norm", "vqa_accuracy": "VQA accuracy", "attribute_accuracy": "attribute accuracy"}
+X_LABELS = {"step": "optimiser steps (all stages)", "samples": "training samples", "wall_time": "wall time (s)",
+            "epoch": "epoch"}
+MAX_SERIES = 12
+
+
+@dataclass
+class Series:
+    """One line set to draw: rows of a log, where its warm-up ends, and a threshold to draw (speed-up)."""
+
+    label: str
+    rows: list[dict[str, Any]]
+    warmup_rows: int = 0  # the first N rows are the projector warm-up (transfer stage 1)
+    threshold: dict[str, Any] = field(default_factory=dict)  # {"metric": ..., "value": ...}
+
+
+def _threshold(run: Path) -> dict[str, Any]:
+    """The scratch-best line a transfer's speed-up is read at (from its report.json), if any."""
+    try:
+        sp = json.loads((run / "report.json").read_text()).get("speedup") or {}
+    except (OSError, ValueError):
+        return {}
+    return {"metric": sp["metric"], "value": sp["scratch_best"]} if "scratch_best" in sp else {}
+
+
+def _transfer_series(run: Path, label: str) -> list[Series]:
+    from .transfer.report import joined_rows
+
+    stages = [run / s for s in ("stage1", "stage2") if (run / s / LOG_FILE).exists()]
+    warm = len(read_rows(stages[0])) if stages and stages[0].name == "stage1" else 0
+    out = [Series(f"{label} VPGTrans".strip(), joined_rows(stages), warm, _threshold(run))]
+    if (run / "scratch" / LOG_FILE).exists():
+        out.append(Series(f"{label} scratch".strip(), read_rows(run / "scratch")))
+    return out
+
+
+def expand(path: str | Path, label: str | None = None) -> list[Series]:
+    """The series a path holds: a log file, a run dir, a transfer dir, a demo dir, or a folder of runs."""
+    path = Path(path)
+    name = label if label is not None else (path.name or str(path))
+    if path.is_file() or (path / LOG_FILE).exists():
+        rows = read_rows(path)
+        warm = sum(1 for r in rows if r.get("stage") == 1)  # a joined transfer log tags its stages
+        return [Series(name, rows, warm if warm < len(rows) else 0)]
+    if (path / "stage1" / LOG_FILE).exists() or (path / "stage2" / LOG_FILE).exists():
+        return _transfer_series(path, label or "")
+    if not path.is_dir():
+        raise DataError(f"no training log at {path}", "pass a run directory written by `vpgtrans train`/`transfer`")
+    found: list[Series] = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name in ("checkpoints", "model", "curves", "tb", "converter"):
+            continue
+        try:
+            found += expand(sub, f"{name}/{sub.name}" if label else sub.name)
+        except DataError:
+            continue
+    if not found:
+        raise DataError(f"no training log under {path}",
+                        "pass a run directory written by `vpgtrans train`/`transfer`/`demo` (or its log.jsonl)")
+    return found[:MAX_SERIES]
+
+
+def _constant(values: Sequence[float]) -> bool:
+    return len(values) > 1 and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
+
+
 def _matplotlib() -> Any:
     try:
         from matplotlib.figure import Figure
@@ -76,44 +148,66 @@ def _matplotlib() -> Any:
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, x: str = "step",
-              labels: Sequence[str] | None = None, title: str | None = None) -> Path:
+              labels: Sequence[str] | None = None, title: str | None = None,
+              threshold: dict[str, Any] | None = None) -> Path:
     """Render one or more runs' logs into one PNG (default `<first run>/curves.png`); returns its path."""
     if x not in X_AXES:
         raise ConfigError(f"unknown x axis '{x}'", f"use one of {', '.join(X_AXES)}")
     if not run_dirs:
         raise ConfigError("no run directory given", "pass at least one run directory")
-    Figure = _matplotlib()
-    labels = list(labels) if labels else [Path(d).name or str(d) for d in run_dirs]
-    if len(labels) != len(run_dirs):
+    if labels and len(labels) != len(run_dirs):
         raise ConfigError(f"{len(labels)} labels for {len(run_dirs)} runs", "give one label per run")
-    runs = [(label, curves(read_rows(d), x)) for label, d in zip(labels, run_dirs)]
-    names: list[str] = []
-    for _, run in runs:
-        names += [n for n in run if n not in names]
-    if not names:
-        raise DataError(f"the log of {run_dirs[0]} has no numeric values along '{x}'",
-                        "train for at least one logged step (log_every) first")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        for label, run in runs:
-            if name in run:
-                xs, ys = run[name]
-                ax.plot(xs, ys, label=label, marker="." if len(xs) <= 15 else None)
-        ys_all = [y for _, run in runs if name in run for y in run[name][1]]
-        if name in ("loss", "lr") and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 50:
-            ax.set_yscale("log")
-        ax.set_title(name)
-        ax.set_xlabel(x.replace("_", " ") + (" (s)" if x == "wall_time" else ""))
-        ax.grid(True, alpha=0.3)
-        if len(runs) > 1:
-            ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
+    series = [s for i, d in enumerate(run_dirs) for s in expand(d, labels[i] if labels else None)]
+    fig = render(series, x, title=title, threshold=threshold, where=str(run_dirs[0]))
     first = Path(run_dirs[0])
     target = Path(out) if out is not None else (first if first.is_dir() else first.parent) / PNG_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(target), format="png")
     return target
+
+
+def render(series: Sequence[Series], x: str = "step", *, title: str | None = None,
+           threshold: dict[str, Any] | None = None, where: str = "the run") -> Any:
+    """The matplotlib Figure of `series`: one labelled panel per varying curve, warm-ups shaded, threshold dashed."""
+    Figure = _matplotlib()
+    runs = [(s, curves(s.rows, x)) for s in series]
+    names: list[str] = []
+    for _, run in runs:
+        names += [n for n in run if n not in names]
+    if not names:
+        raise DataError(f"the log of {where} has no numeric values along '{x}'",
+                        "train for at least one logged step (log_every) first")
+    # A series that never changes (a reference ceiling, a constant LR) is a flat line: it says nothing.
+    varying = [n for n in names if not _constant([y for _, run in runs if n in run for y in run[n][1]])]
+    names = varying or names[:1]
+    lines = [t for t in [threshold or {}] + [s.threshold for s in series] if t.get("metric") in names]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for s, run in runs:
+            if name not in run:
+                continue
+            xs, ys = run[name]
+            (line,) = ax.plot(xs, ys, label=s.label, marker="." if len(xs) <= 15 else None)
+            warm = [v for v in (_number(r.get(x)) for r in s.rows[:s.warmup_rows]) if v is not None]
+            if warm:
+                ax.axvspan(0, max(warm), color=line.get_color(), alpha=0.12,
+                           label=f"{s.label} warm-up" if i == 0 else None)
+        for t in lines[:1]:
+            if t["metric"] == name:
+                ax.axhline(t["value"], color="0.3", linestyle="--", linewidth=1,
+                           label=f"speed-up threshold {t['value']:.4g}")
+        ys_all = [y for _, run in runs if name in run for y in run[name][1]]
+        if name in ("loss", "lr") and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 50:
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel(X_LABELS[x] if any(s.warmup_rows for s in series) or x != "step" else "optimiser steps")
+        ax.set_ylabel(Y_LABELS.get(name, name.replace("_", " ")))
+        ax.grid(True, alpha=0.3)
+        if len(runs) > 1 or any(s.warmup_rows for s in series) or any(t["metric"] == name for t in lines[:1]):
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -398,7 +398,7 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
         fit_s = {"step": 0, "samples": 0, "wall_time": report["converter"].get("seconds", 0.0)}
         report["speedup"] = rep.speedup(rep.eval_curve(ours_rows, metric, fit_s),
                                         rep.eval_curve(scratch_rows, metric), metric)
-        report["plot"] = _plot(plan, echo)
+        report["plot"] = _plot(plan, echo, report["speedup"])
         if "error" not in report["speedup"]:
             for line in rep.table(report["speedup"]):
                 echo(line)
@@ -453,12 +453,13 @@ def _run_scratch(plan: TransferPlan, progress: bool, echo: Callable[[str], None]
     return _stage_summary(plan.out / "scratch")
 
 
-def _plot(plan: TransferPlan, echo: Callable[[str], None]) -> str | None:
+def _plot(plan: TransferPlan, echo: Callable[[str], None], speedup: dict[str, Any]) -> str | None:
     try:
         from ..plot import plot_runs
 
+        line = {"metric": speedup["metric"], "value": speedup["scratch_best"]} if "scratch_best" in speedup else None
         path = plot_runs([plan.out / "curves" / "vpgtrans", plan.out / "scratch"], plan.out / "curves.png",
-                         labels=["VPGTrans", "scratch"], title="VPGTrans vs training from scratch")
+                         labels=["VPGTrans", "scratch"], title="VPGTrans vs training from scratch", threshold=line)
     except Exception as exc:  # the plot is optional (matplotlib is an extra); the numbers are in report.json
         echo(f"note: no plot ({exc})")
         return None
