@@ -145,3 +145,28 @@ def test_written_files_honour_the_umask(tiny_paths, tmp_path, mask):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     for f in [*out.iterdir(), tmp_path / "report.json"]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_chat_reads_terminal_lines_through_readline(monkeypatch):
+    import io
+    import sys
+
+    from vpgtrans.cli import chat
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty(""))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or "what colour?")
+    assert chat.read_line() == "what colour?\n" and asked == ["> "]
+    assert "readline" in sys.modules  # line editing and history for input()
+
+    def eof(prompt):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    assert chat.read_line() == ""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("piped\n"))  # not a terminal: plain lines
+    assert chat.read_line() == "piped\n"

@@ -97,6 +97,21 @@ class ChatSession:
         return answer
 
 
+def read_line() -> str:
+    """The user's next line ('' at EOF): with line editing and history (readline) on a terminal."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() cursor keys, editing and history
+        except ImportError:  # e.g. Windows without pyreadline: plain input still works
+            pass
+        try:
+            return input("> ") + "\n"
+        except EOFError:
+            return ""
+    click.echo("> ", nl=False, err=True)
+    return sys.stdin.readline()
+
+
 @click.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A vpgtrans model directory.")
@@ -113,8 +128,7 @@ def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, devic
     session = ChatSession(model, image, GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams))
     click.echo(f"chatting about {image_path} — {HELP}", err=True)
     while True:
-        click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        line = read_line()
         if not line:  # EOF (Ctrl-D or end of piped input)
             click.echo("", err=True)
             break
