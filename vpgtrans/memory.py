@@ -212,9 +212,10 @@ class MemoryPlan:
         out = ["memory  estimated peak per device (an estimate, not a measurement):"]
         for key, value in self.parts.items():
             out.append(f"  {key:<20}{value / GIB:>9.2f} GiB  {self.details.get(key, '')}".rstrip())
+        other = "" if (not self.checkpointing) not in self.activations else (
+            f"; {'off' if self.checkpointing else 'on'}: {self.total_with(not self.checkpointing) / GIB:.2f} GiB")
         out.append(f"  {'total':<20}{self.total / GIB:>9.2f} GiB  (checkpointing "
-                   f"{'on' if self.checkpointing else 'off'}; {'off' if self.checkpointing else 'on'}: "
-                   f"{self.total_with(not self.checkpointing) / GIB:.2f} GiB)")
+                   f"{'on' if self.checkpointing else 'off'}{other})")
         if self.host_features:
             out.append(f"  feature cache       {self.host_features / GIB:>9.2f} GiB on disk / host memory, "
                        f"not on the device")
@@ -226,8 +227,12 @@ class MemoryPlan:
 
 
 def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, checkpointing: bool | None = None,
-             text_len: int | None = None, processes: int = 1, sharded: bool = False) -> MemoryPlan:
-    """Estimate the peak memory of one device training `spec` with `train` (a TrainConfig) on `data`."""
+             text_len: int | None = None, processes: int = 1, sharded: bool = False,
+             modes: tuple[bool, ...] = (False, True)) -> MemoryPlan:
+    """Estimate the peak memory of one device training `spec` with `train` (a TrainConfig) on `data`.
+
+    `modes`: the checkpointing settings whose activations are simulated (both by default, for the printout).
+    """
     from .model import ModelSpec
 
     spec = ModelSpec(**spec) if isinstance(spec, dict) else spec
@@ -253,8 +258,9 @@ def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, ch
     batch = int(train.batch_size)
     on = bool(train.gradient_checkpointing if checkpointing is None else checkpointing)
     mp = getattr(train, "mixed_precision", "no")
+    modes = tuple(sorted(set(modes) | {on}))
     sim = _simulate(spec, llm_cfg, llm_dtype, width, n_vis, batch, template, max_text, mp,
-                    trainable=list(train.trainable))
+                    trainable=list(train.trainable), modes=modes)
     llm_params = sim["llm_params"]
     lora = sim["lora_params"]
     trainable = sim["trainable_params"] + lora
@@ -271,9 +277,8 @@ def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, ch
         "frozen weights": f"LLM {llm_params - lora:,} @ {llm_dtype}, vision {vision_params:,} @ {vis_dtype}",
         "trainable weights": f"{trainable:,} params @ float32 (VPG + projector{' + LoRA' if lora else ''})",
         "gradients": "float32", "optimizer state": "AdamW: 2 × float32 per trainable parameter",
-        "activations": f"batch {batch} × {sim['seq']} LLM tokens, {depth} layers; checkpointing "
-                       f"{'on' if on else 'off'} (on {sim['activations'][True] / GIB:.2f} / "
-                       f"off {sim['activations'][False] / GIB:.2f} GiB)",
+        "activations": f"batch {batch} × {sim['seq']} LLM tokens, {depth} layers, checkpointing "
+                       + " / ".join(f"{'on' if m else 'off'} {v / GIB:.2f} GiB" for m, v in sim["activations"].items()),
         "features (batch)": f"{batch} × {n_vis} × {width} @ {feats_dtype}",
     }
     if shard > 1:
@@ -320,24 +325,23 @@ def _template_tokens(spec: Any, data: Any, llm_path: str) -> int:
 
 
 def _simulate(spec: Any, llm_cfg: Any, llm_dtype: str, width: int, n_vis: int, batch: int, template: int,
-              max_text: int, mixed_precision: str, trainable: list[str]) -> dict[str, Any]:
+              max_text: int, mixed_precision: str, trainable: list[str], modes: tuple[bool, ...]) -> dict[str, Any]:
     """Fake-tensor forward + backward of VPG + projector + a 1- and 2-layer LLM; extrapolate to full depth."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     depth = _depth(llm_cfg)
     runs = {}
-    for on in (False, True):
+    for on in modes:
         for layers in (1, 2):
             with FakeTensorMode(allow_non_fake_inputs=True):
                 runs[on, layers] = _step(spec, _with_layers(llm_cfg, layers), llm_dtype, width, n_vis, batch,
                                          template, max_text, mixed_precision, trainable, on)
-    out = dict(runs[False, 1])
-    per_layer_params = runs[False, 2]["llm_params"] - runs[False, 1]["llm_params"]
-    out["llm_params"] = runs[False, 1]["llm_params"] + (depth - 1) * per_layer_params
-    per_layer_lora = runs[False, 2]["lora_params"] - runs[False, 1]["lora_params"]
-    out["lora_params"] = runs[False, 1]["lora_params"] + (depth - 1) * per_layer_lora
+    one, two = runs[modes[0], 1], runs[modes[0], 2]
+    out = dict(one)
+    out["llm_params"] = one["llm_params"] + (depth - 1) * (two["llm_params"] - one["llm_params"])
+    out["lora_params"] = one["lora_params"] + (depth - 1) * (two["lora_params"] - one["lora_params"])
     out["activations"] = {on: runs[on, 1]["peak"] + (depth - 1) * (runs[on, 2]["peak"] - runs[on, 1]["peak"])
-                          for on in (False, True)}
+                          for on in modes}
     return out
 
 
@@ -366,10 +370,15 @@ def _step(spec: Any, cfg: Any, llm_dtype: str, width: int, n_vis: int, batch: in
 
         from .lora import default_targets, settings
 
+        from unittest import mock
+
         opts = settings(spec.lora)
         targets = list(opts.target_modules) if opts.target_modules else default_targets(llm)
-        inject_adapter_in_model(LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                                           target_modules=targets, bias=opts.bias), llm)
+        # peft moves each new module to its base layer's device with .to(), which fake tensors cannot swap;
+        # they all sit on the one fake device already, and peft keeps adapters in float32 anyway.
+        with mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+            inject_adapter_in_model(LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                                               target_modules=targets, bias=opts.bias), llm)
         lora = _count(llm, trainable=True)
     checkpoint_layers(llm, checkpointing)
     hidden = llm.get_input_embeddings().embedding_dim
@@ -392,10 +401,11 @@ def _step(spec: Any, cfg: Any, llm_dtype: str, width: int, n_vis: int, batch: in
             prompts = projector(vpg(feats))
             embeds = llm.get_input_embeddings()(ids)
             embeds = embeds.masked_scatter(soft.unsqueeze(-1), prompts.to(embeds.dtype).reshape(-1, hidden))
-            out = llm(inputs_embeds=embeds, attention_mask=torch.ones(batch, seq, dtype=torch.long), labels=labels,
-                      use_cache=False)
-        out.loss.backward()
-        del out, prompts, embeds
+            # Like the backend, keep only the loss: the logits are not held through the backward pass.
+            loss = llm(inputs_embeds=embeds, attention_mask=torch.ones(batch, seq, dtype=torch.long), labels=labels,
+                       use_cache=False).loss
+        loss.backward()
+        del loss, prompts, embeds
     trained = [p for p in params if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trained)
     return {"peak": max(tracker.peak - tracker.baseline - grads, 0), "seq": seq,
@@ -405,6 +415,16 @@ def _step(spec: Any, cfg: Any, llm_dtype: str, width: int, n_vis: int, batch: in
 
 
 # --- the console and the early refusal ---------------------------------------------------------------
+def _llm_bytes_roughly(spec: Any) -> int:
+    """The frozen LLM's weight bytes from its config alone (12·h² per layer + embeddings), no simulation."""
+    entry = dict(spec.llm) if not isinstance(spec, dict) else dict(spec["llm"])
+    cfg, _ = _hf_config(entry.get("path", "opt-2.7b"), _aliases("LLM"), KNOWN_LLMS, "LLM")
+    cfg = getattr(cfg, "text_config", None) or cfg
+    h = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+    params = 12 * _depth(cfg) * h * h * (2 if getattr(cfg, "is_encoder_decoder", False) else 1)
+    return (params + 2 * int(cfg.vocab_size) * h) * dtype_bytes(entry.get("dtype", "float32"))
+
+
 def plan_recipe(recipe: Any, n_examples: int = 0, **kw: Any) -> MemoryPlan:
     """The memory plan of a recipe's run (processes taken from the launcher's WORLD_SIZE)."""
     kw.setdefault("processes", int(os.environ.get("WORLD_SIZE", "1")))
@@ -434,7 +454,9 @@ def check_run_fits(recipe: Any, n_examples: int = 0) -> None:
     if free is None:
         return
     try:
-        plan = plan_recipe(recipe, n_examples)
+        if _llm_bytes_roughly(recipe.model) * 100 < free:
+            return  # an LLM under 1% of the free memory: skip the few seconds of simulation
+        plan = plan_recipe(recipe, n_examples, modes=(bool(recipe.train.gradient_checkpointing),))
     except Exception:  # noqa: BLE001 - an estimate we cannot make must never stop a run
         return
     if plan.total <= free:
