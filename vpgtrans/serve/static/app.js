@@ -85,7 +85,9 @@ async function ask(question) {
     temperature: Number($("temperature").value),
     max_tokens: Number($("max-tokens").value),
   };
-  addMessage("user", question);
+  // An empty first question is how BLIP-2-style captioners are asked for a caption.
+  const asked = addMessage("user", question || "(no question: caption)");
+  if (!question) asked.classList.add("empty");
   const bubble = addMessage("assistant streaming", "");
   setBusy(true);
   let answer = "";
@@ -125,7 +127,10 @@ async function ask(question) {
       }
     }
     state.history.push([question, answer]);
-    if (!answer) bubble.classList.add("empty");
+    if (!answer) {
+      bubble.classList.add("empty");
+      bubble.textContent = "(empty answer)";
+    }
   } catch (err) {
     bubble.className = "msg error";
     bubble.textContent = "error: " + err.message;
@@ -139,7 +144,7 @@ async function ask(question) {
 $("ask").addEventListener("submit", (event) => {
   event.preventDefault();
   const question = $("prompt").value.trim();
-  if (!question || state.busy) return;
+  if ((!question && state.history.length > 0) || state.busy) return;
   if (!state.image) {
     addMessage("error", "choose or drop an image first");
     return;
