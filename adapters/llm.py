@@ -43,10 +43,13 @@ def _count_params(target: str) -> int | None:
     files = sorted(Path(target).glob("*.safetensors")) if os.path.isdir(target) else []
     if files:
         total = 0
-        for f in files:
-            with open(f, "rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        try:
+            for f in files:
+                with open(f, "rb") as fh:
+                    header = json.loads(fh.read(min(struct.unpack("<Q", fh.read(8))[0], 100 << 20)))
+                total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError):
+            return None  # a damaged file: the loader itself reports it, in one line
         return total
     try:
         from transformers import AutoConfig

@@ -76,7 +76,7 @@ def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None
     train_records = load_records(recipe.data, "train", bad)
     val_records = load_records(recipe.data, "val", bad) if recipe.data.val else []
     if not dry_run:
-        check_out_dir(out, fingerprint, resume=resume, force=force)
+        resume = check_out_dir(out, fingerprint, resume=resume, force=force, echo=echo)
     t = recipe.train
     steps, _ = count_steps(t, len(train_records))
     for line in (f"recipe  {recipe.name} (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)",

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from .paths import honour_umask
-from .errors import CheckpointError
+from .errors import CheckpointError, as_os_errors
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -96,7 +96,7 @@ def save_model(model: Any, out_dir: str | Path, *, extra: dict[str, Any] | None 
         "versions": library_versions(),
         **(extra or {}),
     }
-    with atomic_dir(out_dir) as tmp:
+    with as_os_errors(), atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if getattr(model.spec, "lora", None):
             from .lora import LORA_DIR, save_adapter
@@ -108,29 +108,86 @@ def save_model(model: Any, out_dir: str | Path, *, extra: dict[str, Any] | None 
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    """Read and check a model directory's manifest."""
+    """Read a model directory's manifest and check it against the schema (one line naming the bad field)."""
     path = Path(model_dir) / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{model_dir} is not a vpgtrans model directory (no {MANIFEST})",
                               "pass a directory written by `vpgtrans train`/`transfer`")
+    damaged = "the directory is damaged; re-export the model"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}",
-                              "the directory is damaged; re-export the model") from None
-    if manifest.get("format") != "vpgtrans-model":
+        raise CheckpointError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}", damaged) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text", damaged) from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a manifest", damaged) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})", "check the path and permissions") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "vpgtrans-model":
         raise CheckpointError(f"{path} is not a vpgtrans model manifest", "pass a vpgtrans model directory")
+    validate_manifest(manifest, str(path))
     return manifest
+
+
+# field → (allowed types, required); `spec.*` parts are checked separately.
+_MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format_version": ((int,), False), "spec": ((dict,), True), "projector": ((dict,), False),
+    "weights": ((list,), False), "versions": ((dict,), False), "training": ((dict,), False),
+}
+_SPEC_PARTS = ("vision", "vpg", "llm", "template", "lora")
+
+
+def _bad_field(where: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where}: field '{field}' {problem}",
+                           "the manifest is damaged or hand-edited; re-export the model or fix that field")
+
+
+def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> None:
+    """Check types and required fields of a parsed manifest; raise a CheckpointError naming the first bad one."""
+    for name, (types, required) in _MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if value is None:
+            if required:
+                raise _bad_field(where, name, "is missing")
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise _bad_field(where, name, f"should be {types[0].__name__}, got {type(value).__name__}")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{where}: format_version {version} is not one this vpgtrans reads "
+                              f"(1..{FORMAT_VERSION})", "upgrade vpgtrans (pip install -U vpgtrans)")
+    spec = manifest["spec"]
+    unknown = sorted(set(spec) - set(_SPEC_PARTS))
+    if unknown:
+        raise _bad_field(where, f"spec.{unknown[0]}", f"is unknown (expected {', '.join(_SPEC_PARTS)})")
+    for part in ("vision", "vpg", "llm"):
+        entry = spec.get(part)
+        if not isinstance(entry, dict):
+            raise _bad_field(where, f"spec.{part}", "is missing or not an object")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            if part != "llm" or not isinstance(entry.get("path"), str):
+                raise _bad_field(where, f"spec.{part}.name", "is missing or not a string")
+        if "path" in entry and not isinstance(entry["path"], (str, type(None))):
+            raise _bad_field(where, f"spec.{part}.path", f"should be a string, got {type(entry['path']).__name__}")
+    for part in ("template", "lora"):
+        if spec.get(part) is not None and not isinstance(spec[part], dict):
+            raise _bad_field(where, f"spec.{part}", f"should be an object, got {type(spec[part]).__name__}")
+    for key in ("in_features", "out_features"):
+        value = (manifest.get("projector") or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _bad_field(where, f"projector.{key}", f"should be a positive integer, got {value!r}")
+    if any(not isinstance(w, str) for w in manifest.get("weights") or []):
+        raise _bad_field(where, "weights", "should list tensor names (strings)")
 
 
 def load_weights(model: Any, model_dir: str | Path, *, strict: bool = True) -> None:
     """Load trainable weights from a model directory into an assembled model, checking they fit."""
-    from safetensors.torch import load_file
-
     path = Path(model_dir) / WEIGHTS
     if not path.exists():
         raise CheckpointError(f"{path} is missing", "the model directory is incomplete; save it again")
-    state = load_file(str(path))
+    state = read_safetensors(path, "model weights")
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -152,16 +209,43 @@ def load_weights(model: Any, model_dir: str | Path, *, strict: bool = True) -> N
             target.copy_(value.to(target.dtype))
 
 
+def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a truncated or damaged file is one CheckpointError line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{what} {path} are truncated or damaged ({_first_line(exc)})",
+                              "re-create or re-download the file (a checkpoint: resume from an earlier one)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def manifest_spec(manifest: dict[str, Any]) -> Any:
+    """The ModelSpec of a validated manifest, each component's config checked (cheap: nothing is loaded)."""
+    from .model import ModelSpec
+    from .recipes import check_components
+
+    spec = ModelSpec(**manifest["spec"])
+    check_components(spec)
+    return spec
+
+
 def load_model(model_dir: str | Path, *, device: str | torch.device | None = None,
                overrides: dict[str, dict[str, Any]] | None = None) -> Any:
     """Rebuild the components named in the manifest and load the trained weights."""
-    from .model import ModelSpec, build_model
+    from .model import build_model
 
     manifest = read_manifest(model_dir)
     spec_dict = manifest["spec"]
     for kind, values in (overrides or {}).items():
         spec_dict[kind] = {**spec_dict.get(kind, {}), **values}
-    spec = ModelSpec(**spec_dict)
+    spec = manifest_spec({**manifest, "spec": spec_dict})
     # The VPG config in the manifest is fully resolved; don't re-read a BERT checkpoint for weights we overwrite.
     if spec.vpg.get("init_from"):
         spec.vpg = {**spec.vpg, "tokenizer": spec.vpg.get("tokenizer") or spec.vpg["init_from"], "init_from": None}

@@ -70,10 +70,28 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "config
                 f"fix the value of '{key}'",
             )
         kwargs[key] = _coerce(value, tp)
+        _check_value(key, kwargs[key], where)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{where}: {exc}", "add the missing key") from None
+
+
+def _is_count(key: str) -> bool:
+    """Fields that count things (layers, queries, tokens, batch sizes): zero or negative is never meaningful."""
+    return (key.startswith(("num_", "max_")) and key != "num_workers") or key.endswith("_size") or \
+        key == "cross_attention_frequency"
+
+
+def _check_value(key: str, value: Any, where: str) -> None:
+    """Values no config wants: NaN/inf anywhere (also inside lists), counts below 1."""
+    import math
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}", f"give '{key}' a finite value")
+    if _is_count(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ConfigError(f"{where}: '{key}' must be >= 1, got {value}", f"set '{key}' to 1 or more")
 
 
 def _type_name(tp: Any) -> str:
@@ -114,7 +132,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     # YAML reads 1e-4 as a string; numbers written that way are still numbers to a user.
     if isinstance(value, str):
         try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
+            # nan/inf parse too, so that validation can say "must be finite" rather than "got str".
+            numeric = any(c in value for c in ".eE") or value.strip().lower().lstrip("+-") in ("nan", "inf")
+            value = float(value) if numeric else int(value)
         except ValueError:
             pass
     return key.strip(), value

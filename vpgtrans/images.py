@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import DataError
 
@@ -32,19 +32,62 @@ def to_rgb(img: Any) -> Any:
     return img.convert("RGB")
 
 
-def open_image(path: str | Path) -> Any:
-    """Open and fully decode an image file, raising a one-line DataError when it cannot be read."""
+# Decoded pixels allowed per image: well below Pillow's decompression-bomb limit (~89 MP), so a batch of large
+# images cannot take gigabytes. JPEGs above it are decoded at a reduced scale (Image.draft); others are refused.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "VPGTRANS_MAX_IMAGE_PIXELS"
+
+
+def max_pixels() -> int:
+    """The decoded-pixel cap: $VPGTRANS_MAX_IMAGE_PIXELS, else DEFAULT_MAX_PIXELS."""
+    import os
+
+    raw = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        value = int(float(raw)) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise DataError(f"{MAX_PIXELS_ENV}={raw!r} is not a number", "set it to a pixel count, e.g. 50000000") from None
+    return value if value > 0 else DEFAULT_MAX_PIXELS
+
+
+def decode_image(source: str | Path | IO[bytes], where: str, fix: str) -> Any:
+    """Decode an image file or stream to 8-bit RGB with at most `max_pixels()` pixels; DataError otherwise."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    cap = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it: treat every bomb the same way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                w, h = img.size
+                if w * h > cap and img.format == "JPEG":
+                    # DCT scaling: the decoder itself produces 1/2, 1/4 or 1/8 size; full size is never held.
+                    s = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= cap), 8)
+                    img.draft("RGB", (-(-w // s), -(-h // s)))
+                if img.size[0] * img.size[1] > cap:
+                    raise DataError(f"image is too large: {where} ({w}×{h} = {w * h:,} pixels, the cap is {cap:,})",
+                                    f"downscale it, set {MAX_PIXELS_ENV} higher, or {fix}")
+                img.load()
+                return to_rgb(img)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image is too large to decode safely: {where} ({exc})", f"downscale it or {fix}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"image is corrupt or not an image: {where} ({detail})", f"re-download it, or {fix}") from None
+
+
+def open_image(path: str | Path) -> Any:
+    """Open and decode an image file (pixel cap applied before decoding), raising a one-line DataError."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"image not found: {path}", "check the path or the image root directory")
+    if path.is_dir():
+        raise DataError(f"image path is a directory: {path}", "pass an image file")
     if path.stat().st_size == 0:
         raise DataError(f"image file is empty (0 bytes): {path}", "re-download or remove it from the annotations")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"image is corrupt or not an image: {path} ({exc})",
-                        "re-download it, or pass --skip-bad-samples to skip broken images") from None
+    return decode_image(path, str(path), "pass --skip-bad-samples to skip broken images")

@@ -163,6 +163,22 @@ def looks_local(target: str) -> bool:
     return "/" in target and os.path.isdir(target.split("/")[0])  # runs/model: a folder here, not an org
 
 
+def _damaged_as_error(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
+    """Call the loader; a damaged file in a local checkpoint (errors.translate knows its kind) is one line."""
+    from .errors import CheckpointError, translate
+
+    try:
+        return loader(target, **kwargs)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a known file-format failure
+        known = translate(exc)
+        if known is None or known is exc:
+            raise
+        raise CheckpointError(f"{what} '{name}': a file in {target} is truncated or damaged ({known.what})",
+                              "re-download or re-save that checkpoint") from None
+
+
 def _load_local_or_hub(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
     if not os.path.isdir(target) and looks_local(target):
         state = "is a file, not a checkpoint directory" if os.path.exists(target) else "does not exist"
@@ -171,7 +187,7 @@ def _load_local_or_hub(loader: Callable[..., T], name: str, target: str, what: s
                                    "id like org/name")
     if os.path.isdir(target):
         try:
-            return loader(target, **kwargs)
+            return _damaged_as_error(loader, name, target, what, kwargs)
         except OSError as exc:
             raise WeightsNotFoundError(f"{what} '{name}': directory {target} is not a loadable checkpoint ({exc})",
                                        "point to a directory written by save_pretrained") from None

@@ -92,16 +92,42 @@ def find_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"recipe '{name_or_path}' not found (neither a file nor a name in {recipes_dir()})", hint)
 
 
+def _strict_loader() -> Any:
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Strict
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_strict_loader())  # noqa: S506 - SafeLoader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {path} is nested too deeply", "flatten it to model:/data:/train:/eval:") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path} ({exc.strerror or exc})", "check the path") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})",
-                          "fix the YAML syntax") from None
+        raise ConfigError(f"recipe {path}{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})",
+                          "fix the YAML syntax (each key once per section)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -152,6 +178,7 @@ def build_recipe(data: dict[str, Any], overrides: Sequence[str] = (), *, name: s
     raw = _expand(raw, _variables())
     top = from_dict(_Top, raw, where="recipe")
     model = from_dict(ModelSpec, top.model, where="recipe model")
+    check_components(model)
     sections = {s: from_dict(cls, getattr(top, s), where=f"recipe {s}") for s, cls in SECTIONS.items()}
     if not sections["data"].train:
         raise ConfigError("recipe data: 'train' is not set", "set data.train=PATH (annotations of the training data)")
@@ -161,6 +188,20 @@ def build_recipe(data: dict[str, Any], overrides: Sequence[str] = (), *, name: s
     raw.setdefault("name", top.name or name)
     return Recipe(name=top.name or name, description=top.description, model=model, source=source, raw=raw,
                   stage=top.stage, **sections)
+
+
+def check_components(model: ModelSpec) -> None:
+    """Validate each named component's config now (cheap dataclasses), not after minutes of loading."""
+    from .registry import get as get_component
+
+    for kind in ("vision", "vpg", "llm"):
+        entry = getattr(model, kind)
+        if entry.get("name") is not None and not isinstance(entry["name"], str):
+            raise ConfigError(f"model.{kind}.name should be a component name, got {entry['name']!r}",
+                              "see `vpgtrans components` for the names")
+        if entry.get("name"):
+            config = {k: v for k, v in entry.items() if k != "name"}
+            get_component(kind, entry["name"]).component.make_config(config)
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:

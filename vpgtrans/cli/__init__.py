@@ -8,30 +8,64 @@ import traceback
 
 import click
 
-from ..errors import VpgtransError
+from ..errors import VpgtransError, translate
+
+
+class _UsageLine(click.ClickException):
+    """A click usage error shown as the project's one line instead of usage + hint + error."""
+
+    exit_code = 2
+
+    def __init__(self, exc: click.UsageError):
+        where = exc.ctx.command_path if exc.ctx is not None else "vpgtrans"
+        super().__init__(f"{exc.format_message().rstrip('.')} — see `{where} --help`")
+
+    def show(self, file: object = None) -> None:
+        """Print `error: …` on stderr."""
+        click.echo(f"error: {_one_line(self.message)}", err=True)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split("\n")).strip()
+
+
+def _fail(ctx: click.Context, exc: VpgtransError) -> None:
+    if _debug(ctx):
+        traceback.print_exc()
+    click.echo(f"error: {_one_line(exc)}", err=True)
+    sys.exit(exc.exit_code)
 
 
 class _Group(click.Group):
-    """Turns VpgtransError (and unexpected crashes) into one line on stderr unless --debug."""
+    """Turns VpgtransError, file/format failures (errors.translate) and crashes into one line unless --debug."""
+
+    def make_context(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _UsageLine(exc) from None
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except VpgtransError as exc:
-            if _debug(ctx):
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(ctx, exc)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.UsageError as exc:
+            raise _UsageLine(exc) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - last line of defence for the user
+            known = translate(exc)
+            if known is not None:
+                _fail(ctx, known)
             if _debug(ctx):
                 traceback.print_exc()
             else:
-                click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+                click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                           err=True)
             sys.exit(1)
 
 
@@ -59,6 +93,12 @@ def main(debug: bool, trust_remote_code: bool) -> None:
         click.echo("warning: --trust-remote-code: code shipped with the models this command loads may run; "
                    "each file is named before it is imported", err=True)
 
+    if not debug:
+        import warnings
+
+        # Library warnings (torch, transformers) would precede our own one-line messages; --debug shows them.
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
     # Weight-loading progress bars from transformers drown our own progress output.
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, as_os_errors, write_error
 from ..paths import honour_umask
 from .readers import BadSamples, ImageReader
 
@@ -64,15 +64,30 @@ class FeatureCache:
         os.close(fd)
         honour_umask(tmp)  # mkstemp makes it 0600: a shared cache must be readable by the team
         try:
-            save_file({"features": features.detach().to("cpu").contiguous()}, tmp)
+            with as_os_errors():
+                save_file({"features": features.detach().to("cpu").contiguous()}, tmp)
             os.replace(tmp, final)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise DataError(f"could not write cached features under {self.dir} ({exc.strerror or exc})",
-                            "free disk space or set data.cache_dir to a disk with room") from None
+            raise write_error(exc, f"cached features under {self.dir}",  # type: ignore[misc]
+                              "free disk space or set data.cache_dir to a disk with room") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def clean_stale(self, older_than_s: float = 600.0) -> int:
+        """Remove temp files that killed runs left mid-write (old enough that no live writer owns them)."""
+        import time
+
+        limit, removed = time.time() - older_than_s, 0
+        for tmp in [*self.dir.glob("*/.*.tmp"), *self.dir.glob("*/.tmp*")]:
+            try:
+                if tmp.is_file() and tmp.stat().st_mtime < limit:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
 
 
 @dataclass
@@ -119,6 +134,7 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
     report = CacheReport()
     start = time.perf_counter()
     shas = hash_images(records, reader, bad)
+    cache.clean_stale()
     todo: dict[str, dict[str, Any]] = {}
     for rec, sha in zip(records, shas):
         if sha is not None and sha not in todo and not cache.has(sha):
@@ -134,13 +150,14 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
         images, ok = [], []
         for sha, rec in chunk:
             try:
-                images.append(reader.decode(rec))
+                # preprocess per image: one that decodes but cannot be preprocessed is a bad sample, not a crash
+                images.append(vision.preprocess([reader.decode(rec)]))
                 ok.append(sha)
             except DataError as exc:
                 bad.add(exc)
                 failed.add(sha)
         if images:
-            feats = _encode(vision, images, device)
+            feats = _encode(vision, torch.cat(images), device)
             report.vision_batches += 1
             for sha, f in zip(ok, feats):
                 cache.save(sha, f.to(dtype) if dtype is not None else f)
@@ -155,8 +172,7 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
 
 
 @torch.no_grad()
-def _encode(vision: Any, images: list[Any], device: str | torch.device | None) -> torch.Tensor:
-    pixels = vision.preprocess(images)
+def _encode(vision: Any, pixels: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
     if device is not None:
         pixels = pixels.to(device)
     return vision(pixels).float().cpu()

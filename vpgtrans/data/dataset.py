@@ -55,6 +55,8 @@ class DataConfig:
         if not 0.0 < float(self.fraction) <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}",
                               "e.g. data.fraction=0.107 (10.7% of the training records)")
+        if not 0 <= float(self.preload_gb) < float("inf"):
+            raise ConfigError(f"data.preload_gb must be a finite number >= 0, got {self.preload_gb}", "e.g. 2")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"data.cache_dtype '{self.cache_dtype}' is unknown", "use float32, float16 or bfloat16")
 

@@ -44,17 +44,52 @@ class BadSamples:
         return f"skipped {len(self.items)} bad sample(s); first: {self.items[0]}"
 
 
+# Longer than any real caption or question; a megabyte "caption" is a broken row, not text to train on.
+MAX_TEXT_CHARS = 20_000
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, where: str, fix: str, line: int | None = None) -> Any:
+    """Strict JSON: no NaN/Infinity, no duplicate keys, bounded nesting; any problem is one DataError naming `where`.
+
+    `line`: the text is that one line of a file (JSONL), so messages name it rather than a line inside it.
+    """
+    at = f"{where} line {line}" if line is not None else where
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        at = f"{where} line {line if line is not None else exc.lineno}"
+        raise DataError(f"{at}: malformed JSON ({exc.msg})", fix) from None
+    except RecursionError:
+        raise DataError(f"{at}: JSON nested too deeply", fix) from None
+    except ValueError as exc:
+        raise DataError(f"{at}: {exc}", fix) from None
+
+
 def _load_json(path: Path) -> Any:
     if not path.exists():
         raise DataError(f"annotation file not found: {path}", "check the data path in the recipe")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise DataError(f"annotation path is a directory: {path}", "point the recipe at the annotation file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start})", "save the annotation file as UTF-8") from None
     if not text.strip():
         raise DataError(f"annotation file is empty: {path}", "point the recipe at a non-empty annotation file")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})",
-                        "fix that line of the annotation file") from None
+    return parse_json(text, str(path), "fix that line of the annotation file")
 
 
 def _need(row: Any, key: str, where: str) -> Any:
@@ -66,16 +101,39 @@ def _need(row: Any, key: str, where: str) -> Any:
     return row[key]
 
 
+def _text(value: Any, key: str, where: str, numbers: bool = False) -> str:
+    """A caption/question/answer as text; numbers only where allowed (VQA answers), never objects or NaN."""
+    ok = isinstance(value, str) or (numbers and isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and value == value and abs(value) != float("inf"))
+    if not ok:
+        raise DataError(f"{where}: '{key}' should be text, got {type(value).__name__} {str(value)[:40]!r}",
+                        "fix that row or pass --skip-bad-samples")
+    text = str(value)
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: '{key}' is {len(text):,} characters long (at most {MAX_TEXT_CHARS:,})",
+                        "fix that row or pass --skip-bad-samples")
+    return text
+
+
+def _texts(value: Any, key: str, where: str, numbers: bool = False) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise DataError(f"{where}: empty {key} list", f"give at least one {key} or remove the row")
+    return [_text(v, key, where, numbers) for v in items]
+
+
 def _text_fields(row: dict[str, Any], where: str, task: str) -> dict[str, Any]:
     """caption, or question + answer, depending on what the row has and the task asks for."""
     if task == "vqa" or (task == "auto" and "caption" not in row and "question" in row):
-        return {"question": str(_need(row, "question", where)), "answer": _need(row, "answer", where)}
+        question = _text(_need(row, "question", where), "question", where)
+        answer = _need(row, "answer", where)
+        answers = _texts(answer, "answer", where, numbers=True)
+        return {"question": question, "answer": answers if isinstance(answer, list) else answers[0]}
     caption = _need(row, "caption", where)
+    captions = _texts(caption, "caption", where)
     if isinstance(caption, list):
-        if not caption:
-            raise DataError(f"{where}: empty caption list", "give at least one caption or remove the row")
-        return {"caption": str(caption[0]), "captions": [str(c) for c in caption]}
-    return {"caption": str(caption)}
+        return {"caption": captions[0], "captions": captions}
+    return {"caption": captions[0]}
 
 
 def _record(row: dict[str, Any], image: str, where: str, task: str, **extra: Any) -> dict[str, Any]:
@@ -95,21 +153,22 @@ def read_jsonl(path: str | Path, *, task: str = "auto", image_root: str | Path |
     if not path.exists():
         raise DataError(f"annotation file not found: {path}", "check the data path in the recipe")
     root = Path(image_root).expanduser().resolve() if image_root else path.parent
+    if path.is_dir():
+        raise DataError(f"annotation path is a directory: {path}", "point the recipe at the .jsonl file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path.name} line {lineno}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.add(DataError(f"{path} line {lineno}: malformed JSON ({exc.msg})",
-                                  "fix that line or pass --skip-bad-samples"))
-                continue
-            try:
-                image = str(_need(row, "image", where))
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = parse_json(line.strip(), str(path), "fix that line or pass --skip-bad-samples", lineno)
+                image = _text(_need(row, "image", where), "image", where)
                 records.append(_record(row, str(root / image), where, task))
+            except UnicodeDecodeError as exc:
+                bad.add(DataError(f"{path} line {lineno}: not UTF-8 text (byte {exc.start})",
+                                  "save the file as UTF-8 or pass --skip-bad-samples"))
             except DataError as exc:
                 bad.add(exc)
     if not records and not len(bad):
@@ -129,27 +188,31 @@ def read_coco(path: str | Path, *, image_root: str | Path | None = None, task: s
         for i, row in enumerate(data):
             where = f"{path.name} item {i}"
             try:
-                image = str(_need(row, "image", where))
+                image = _text(_need(row, "image", where), "image", where)
                 caps = row.get("caption")
                 for cap in caps if isinstance(caps, list) else [caps]:
                     records.append(_record({**row, "caption": cap}, str(root / image), where, task))
             except DataError as exc:
                 bad.add(exc)
         return records
-    if not isinstance(data, dict) or "annotations" not in data:
-        raise DataError(f"{path}: not a COCO captions file (no 'annotations')",
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise DataError(f"{path}: not a COCO captions file (no 'annotations' list)",
                         "use format jsonl for one-object-per-line files")
+    if not isinstance(data.get("images", []), list):
+        raise DataError(f"{path}: 'images' should be a list", "fix the annotation file")
     files = {}
     for i, img in enumerate(data.get("images", [])):
         try:
-            files[_need(img, "id", f"{path.name} images[{i}]")] = _need(img, "file_name", f"{path.name} images[{i}]")
+            at = f"{path.name} images[{i}]"
+            files[_text(_need(img, "id", at), "id", at, numbers=True)] = _text(_need(img, "file_name", at),
+                                                                              "file_name", at)
         except DataError as exc:
             bad.add(exc)
     for i, ann in enumerate(data["annotations"]):
         where = f"{path.name} annotations[{i}]"
         try:
             image_id = _need(ann, "image_id", where)
-            name = files.get(image_id)
+            name = files.get(_text(image_id, "image_id", where, numbers=True))
             if name is None:
                 raise DataError(f"{where}: image_id {image_id} is not in 'images'", "fix the annotation file")
             records.append(_record(ann, str(root / name), where, task))
@@ -164,13 +227,13 @@ def read_cc_sbu_align(folder: str | Path, *, task: str = "caption",
     folder = Path(folder).expanduser().resolve()
     bad = bad if bad is not None else BadSamples()
     data = _load_json(folder / "filter_cap.json")
-    if not isinstance(data, dict) or "annotations" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{folder / 'filter_cap.json'}: no 'annotations' list", "is this a cc_sbu_align folder?")
     records = []
     for i, ann in enumerate(data["annotations"]):
         where = f"filter_cap.json annotations[{i}]"
         try:
-            image_id = _need(ann, "image_id", where)
+            image_id = _text(_need(ann, "image_id", where), "image_id", where, numbers=True)
             records.append(_record(ann, str(folder / "image" / f"{image_id}.jpg"), where, task))
         except DataError as exc:
             bad.add(exc)
@@ -244,11 +307,8 @@ def read_webdataset(spec: str | Path, *, task: str = "caption", bad: BadSamples 
                     raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTS)})", "every key needs an image")
                 row: dict[str, Any] = {"key": key}
                 if (key, "json") in texts:
-                    try:
-                        meta = json.loads(texts[(key, "json")])
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{where}.json line {exc.lineno}: malformed JSON ({exc.msg})",
-                                        "fix the shard or pass --skip-bad-samples") from None
+                    meta = parse_json(texts[(key, "json")], f"{where}.json",
+                                      "fix the shard or pass --skip-bad-samples")
                     if isinstance(meta, dict):
                         row.update(meta)
                 if (key, "txt") in texts:
@@ -326,23 +386,15 @@ class ImageReader:
 
     def decode(self, record: dict[str, Any], data: bytes | None = None) -> Any:
         """8-bit RGB PIL image of a record."""
-        from ..images import open_image, to_rgb
+        from ..images import decode_image, open_image
 
         if not record.get("archive"):
             return open_image(record["image"])
-        from PIL import Image, UnidentifiedImageError
-
         data = self.read_bytes(record) if data is None else data
         where = f"{record['archive']}:{record['image']}"
         if not data:
             raise DataError(f"image is empty (0 bytes): {where}", "re-create the shard or pass --skip-bad-samples")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"image is corrupt or not an image: {where} ({exc})",
-                            "re-create the shard, or pass --skip-bad-samples") from None
+        return decode_image(io.BytesIO(data), where, "pass --skip-bad-samples")
 
     def close(self) -> None:
         """Close open tar files."""

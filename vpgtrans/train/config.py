@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -57,15 +58,40 @@ class TrainConfig:
                                   f"set train.{name}=1 or more")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}", "set a positive number of steps")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}", "e.g. train.lr=1e-4")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas needs two numbers, got {self.betas}", "e.g. train.betas=[0.9,0.999]")
+        self._check_ranges()
         unknown = sorted(set(self.trainable) - {"vpg", "projector"})
         if unknown or not self.trainable:
             raise ConfigError(f"train.trainable {self.trainable} is invalid", "use [vpg, projector] or [projector]")
         if self.until:
             parse_until(self.until)
+
+    def _check_ranges(self) -> None:
+        """Every number finite and in its range, before anything is written (one line naming the key)."""
+        def bad(name: str, rule: str, example: str) -> ConfigError:
+            return ConfigError(f"train.{name} must be {rule}, got {getattr(self, name)!r}",
+                               f"e.g. train.{name}={example}")
+
+        finite = {"lr": self.lr, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr, "weight_decay": self.weight_decay,
+                  "eps": self.eps, "grad_clip": self.grad_clip, "epochs": self.epochs}
+        for name, value in finite.items():
+            if value is not None and not math.isfinite(value):
+                raise bad(name, "a finite number", {"lr": "1e-4", "epochs": "1"}.get(name, "0.05"))
+        for name, example in (("lr", "1e-4"), ("eps", "1e-8"), ("epochs", "1"), ("grad_clip", "1.0")):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise bad(name, "positive", example)
+        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_steps", "eval_every", "save_every",
+                     "keep_checkpoints", "num_workers"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0", "0")
+        if self.max_text_len < 1:
+            raise bad("max_text_len", ">= 1", "64")
+        if not 0 <= self.seed < 2 ** 32:
+            raise bad("seed", "in [0, 2**32)", "42")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}",
+                              "e.g. train.betas=[0.9,0.999]")
 
 
 def count_steps(config: TrainConfig, n_examples: int, processes: int = 1) -> tuple[int, int]:

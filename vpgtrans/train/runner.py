@@ -11,40 +11,102 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoint import atomic_write_text, library_versions, save_model
-from ..errors import CheckpointError, ConfigError, VpgtransError
+from ..errors import CheckpointError, ConfigError, VpgtransError, write_error
 from .config import count_steps
 
 RUN_FILE = "run.json"
 _ARTIFACTS = (RUN_FILE, "checkpoints", "model", "log.jsonl", "tb")
 
 
-def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: bool) -> None:
-    """Refuse to mix two runs in one directory unless resuming (same run) or forcing (start over)."""
+def _read_run(out: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _still_running(previous: dict[str, Any]) -> bool:
+    """True when run.json says a process on this machine is training into the same directory right now."""
+    import os
+    import socket
+
+    pid = previous.get("pid")
+    if previous.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if previous.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def check_writable(out: Path) -> None:
+    """Refuse early, writing nothing, when `out` cannot be created or written (under a file, read-only, no access)."""
+    import os
+
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"cannot write to {out}: {probe} is a file, not a directory", "choose another --out")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        read_only = False
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            pass
+        why = "is on a read-only file system" if read_only else "is not writable by you"
+        raise ConfigError(f"cannot write to {out}: {probe} {why}", "choose a writable --out")
+
+
+def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: bool,
+                  echo: Callable[[str], None] | None = None) -> str | None:
+    """Refuse to mix two runs in one directory unless resuming (same run) or forcing (start over).
+
+    Returns the `resume` to use: a run that failed or was killed before its first checkpoint has nothing
+    to resume, so a plain rerun (or `--resume latest`) starts it over instead of refusing.
+    """
+    check_writable(out)
     present = [name for name in _ARTIFACTS if (out / name).exists()]
     if not present:
         if resume == "latest":
             raise CheckpointError(f"nothing to resume in {out} (no run there)", "start without --resume")
-        return
-    previous = {}
-    if (out / RUN_FILE).exists():
-        try:
-            previous = json.loads((out / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            previous = {}
+        return resume
+    previous = _read_run(out)
+    if _still_running(previous) and not force:
+        raise ConfigError(f"{out} is being written by a run in progress (pid {previous['pid']})",
+                          "wait for it, stop it, or choose another --out")
     same = previous.get("fingerprint") == fingerprint
+    checkpoints = any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*"))
+    if not checkpoints and not (out / "model").exists() and resume in (None, "latest"):
+        status = previous.get("status", "no run.json")
+        (echo or print)(f"note: the run in {out} stopped before its first checkpoint ({status}); starting over")
+        _remove(out, present)
+        return None
     if resume:
         if previous and not same and not force:
             raise CheckpointError(f"{out} holds a run with different settings (recipe {previous.get('recipe_name')})",
                                   "resume with the same recipe and overrides, or pass --force to resume anyway")
-        return
+        return resume
     if force:
-        for name in present:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        return
+        _remove(out, present)
+        return None
     what = "a run of this recipe" if same else f"a different run (recipe {previous.get('recipe_name', '?')})"
     raise ConfigError(f"{out} already holds {what}",
                       "pass --resume latest to continue it, --force to start over, or choose another --out")
+
+
+def _remove(out: Path, names: list[str]) -> None:
+    for name in names:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def init_weights(model: Any, source: str) -> str:
@@ -106,6 +168,19 @@ def _write_run(out: Path, run: dict[str, Any]) -> None:
     atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))
 
 
+def mark_failed(out: Path, run: dict[str, Any], error: BaseException, status: str = "failed") -> None:
+    """Record the failure in run.json, best effort: on a full disk the atomic write may fail, so overwrite."""
+    run.update(status=status, error=str(error) or type(error).__name__)
+    text = json.dumps(run, indent=2, default=str)
+    try:
+        atomic_write_text(out / RUN_FILE, text)
+    except OSError:
+        try:
+            (out / RUN_FILE).write_text(text)
+        except OSError:
+            pass
+
+
 def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force: bool = False,
                dry_run: bool = False, skip_bad: bool = False, progress: bool = True,
                echo: Callable[[str], None] = print, model: Any = None) -> dict[str, Any]:
@@ -132,7 +207,7 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     if bad:
         echo(f"warning: {bad.summary()}")
     if not dry_run:
-        check_out_dir(out, fingerprint, resume=resume, force=force)
+        resume = check_out_dir(out, fingerprint, resume=resume, force=force, echo=echo)
     for line in _plan_lines(recipe, len(train_records), len(val_records), out):
         echo(line)
     if dry_run:
@@ -157,16 +232,6 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
         model.set_trainable(vpg="vpg" in recipe.train.trainable, projector="projector" in recipe.train.trainable)
         model.to(accelerator.device)
         echo(model.describe_trainable())
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run: dict[str, Any] = {"format": "vpgtrans-run", "recipe_name": recipe.name, "recipe_path": recipe.source,
-                           "fingerprint": fingerprint, "seed": recipe.train.seed, "recipe": recipe.raw,
-                           "command": sys.argv, "versions": library_versions(), "started": started,
-                           "status": "running"}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        previous = json.loads((out / RUN_FILE).read_text()) if resume and (out / RUN_FILE).exists() else {}
-        run["started"] = previous.get("started", started)
-        _write_run(out, run)
     with accelerator.main_process_first():
         train_set, report = build_dataset(train_records, model, recipe.data, seed=recipe.train.seed, bad=bad,
                                           progress=progress, device=accelerator.device)
@@ -185,17 +250,19 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     trainer = Trainer(model, lm_loss(recipe.train.max_text_len), train_set, recipe.train, out,
                       collate_fn=train_set.collate, eval_fn=make_eval_fn(ctx), accelerator=accelerator,
                       progress=progress, echo=echo, fingerprint=None if force else fingerprint)
+    # Inputs are valid (records read, images decoded, model built): only now does anything go into --out.
+    run = _start_run(out, recipe, fingerprint, resume, accelerator.is_main_process)
     run.update(plan=trainer.plan(), data={"train_examples": len(train_set), "val_examples": len(val_records),
                                           "bad_samples": len(bad), "features": report.__dict__ if report else None})
     try:
         result = trainer.train(resume=resume)
-    except VpgtransError as exc:
-        run.update(status="failed", error=str(exc))
         if accelerator.is_main_process:
-            _write_run(out, run)
+            _save_final(trainer.unwrapped, out, recipe.name, fingerprint, result)
+    except (VpgtransError, OSError, KeyboardInterrupt) as exc:
+        if accelerator.is_main_process:
+            mark_failed(out, run, exc, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     if accelerator.is_main_process:
-        _save_final(trainer.unwrapped, out, recipe.name, fingerprint, result)
         run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), results=result.to_dict(),
                    model_dir=str(out / "model"))
         _write_run(out, run)
@@ -206,13 +273,33 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     return run
 
 
+def _start_run(out: Path, recipe: Any, fingerprint: str, resume: str | None, main: bool) -> dict[str, Any]:
+    """Create `out`, clear temp files of killed runs, and write run.json with status "running"."""
+    import os
+    import socket
+
+    from .state import clean_partial
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run: dict[str, Any] = {"format": "vpgtrans-run", "recipe_name": recipe.name, "recipe_path": recipe.source,
+                           "fingerprint": fingerprint, "seed": recipe.train.seed, "recipe": recipe.raw,
+                           "command": sys.argv, "versions": library_versions(), "started": started,
+                           "status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+        run["started"] = (_read_run(out).get("started") if resume else None) or started
+        _write_run(out, run)
+    return run
+
+
 def _save_final(model: Any, out: Path, recipe_name: str, fingerprint: str, result: Any) -> None:
     try:
         save_model(model, out / "model", extra={"training": {"recipe": recipe_name, "steps": result.steps,
                                                              "samples": result.samples, "fingerprint": fingerprint}})
     except OSError as exc:
-        raise CheckpointError(f"could not write the final model to {out / 'model'} ({exc.strerror or exc})",
-                              "free disk space, then rerun with --resume latest (training is checkpointed)") from None
+        raise write_error(exc, f"the final model to {out / 'model'}",  # type: ignore[misc]
+                          "free disk space, then rerun with --resume latest (training is checkpointed)") from None
 
 
 def _summary(result: Any) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_dir, atomic_write_text
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError, as_os_errors
 
 LATEST = "latest"
 STATE = "state.json"
@@ -123,6 +123,12 @@ def save_checkpoint(out_dir: Path, step: int, module: nn.Module, optimizer: torc
     ckpt_root = out_dir / "checkpoints"
     final = ckpt_root / step_dir_name(step)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state(module).items()}
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a poisoned checkpoint would be offered as "the last good one": never write it
+        raise TrainingError(f"trainable weights are not finite after step {step} ({len(bad)} tensor(s), e.g. "
+                            f"{bad[0]}); no checkpoint written",
+                            "lower train.lr or set train.grad_clip; the last good checkpoint is kept "
+                            "(--resume latest)")
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     rng_tensors: dict[str, torch.Tensor] = {}
     rng_meta = []
@@ -131,13 +137,14 @@ def save_checkpoint(out_dir: Path, step: int, module: nn.Module, optimizer: torc
         for i, cuda_state in enumerate(st.get("cuda", [])):
             rng_tensors[f"{rank}.cuda{i}"] = cuda_state
         rng_meta.append({"python": st["python"], "numpy": st["numpy"], "cuda_devices": len(st.get("cuda", []))})
-    with atomic_dir(final) as tmp:
+    with as_os_errors(), atomic_dir(final) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / STATE).write_text(json.dumps({**trainer_state, "rng": rng_meta}, indent=1))
-    atomic_write_text(ckpt_root / LATEST, final.name + "\n")
+    with as_os_errors():
+        atomic_write_text(ckpt_root / LATEST, final.name + "\n")
     _prune(ckpt_root, keep, final.name)
     return final
 
@@ -150,9 +157,13 @@ def _prune(ckpt_root: Path, keep: int, latest: str) -> None:
 
 
 def clean_partial(out_dir: Path) -> None:
-    """Remove temp dirs that a killed run left mid-write (never a complete checkpoint)."""
-    for tmp in (out_dir / "checkpoints").glob(".step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Remove temp files and dirs that a killed run left mid-write (never a complete checkpoint or model)."""
+    patterns = [(out_dir / "checkpoints", ".step-*"), (out_dir / "checkpoints", f".{LATEST}.*"),
+                (out_dir, ".model.tmp-*"), (out_dir, ".model.old-*"), (out_dir, ".run.json.*"),
+                (out_dir, ".log.jsonl.*")]
+    for folder, pattern in patterns:
+        for tmp in folder.glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path:
@@ -182,20 +193,38 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     """Load weights and optimizer in place; return the trainer state with per-process RNG states."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     try:
-        state = json.loads((path / STATE).read_text())
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        _check_state(state)
         load_trainable_state(module, load_file(str(path / "model.safetensors")), str(path))
-        meta = json.loads((path / "optimizer.json").read_text())
+        meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
         rng_tensors = load_file(str(path / "rng.safetensors"))
-    except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})",
+        rngs = []
+        for rank, meta_r in enumerate(state.pop("rng")):
+            st = {"python": meta_r["python"], "numpy": meta_r["numpy"], "torch": rng_tensors[f"{rank}.torch"]}
+            if meta_r.get("cuda_devices"):
+                st["cuda"] = [rng_tensors[f"{rank}.cuda{i}"] for i in range(meta_r["cuda_devices"])]
+            rngs.append(st)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, RuntimeError,
+            SafetensorError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {detail})",
                               "resume from an earlier checkpoint: --resume <out>/checkpoints/step-NNNNNN") from None
-    rngs = []
-    for rank, meta_r in enumerate(state.pop("rng")):
-        st = {"python": meta_r["python"], "numpy": meta_r["numpy"], "torch": rng_tensors[f"{rank}.torch"]}
-        if meta_r.get("cuda_devices"):
-            st["cuda"] = [rng_tensors[f"{rank}.cuda{i}"] for i in range(meta_r["cuda_devices"])]
-        rngs.append(st)
     state["rng"] = rngs
     return state
+
+
+def _check_state(state: Any) -> None:
+    """Types of the fields of state.json the trainer relies on (a hand-edited or damaged file fails here)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE} is a {type(state).__name__}, not an object")
+    for key, types in (("step", int), ("position", int), ("samples", int), ("wall_time", (int, float)),
+                       ("rng", list)):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, types) or (key != "rng" and value < 0):
+            raise ValueError(f"{STATE} field '{key}' is {value!r}")
