@@ -64,6 +64,7 @@ CASES = [
     ("wrong model", _image_body(GOOD) | {"model": "gpt-4o"}, 404, "model_not_found"),
     ("n=2", _image_body(GOOD) | {"n": 2}, 400, "n"),
     ("temperature out of range", _image_body(GOOD) | {"temperature": 5}, 400, "temperature"),
+    ("seed past int64", _image_body(GOOD) | {"seed": 2 ** 70}, 400, "seed"),
     ("five stop strings", _image_body(GOOD) | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("ends with the assistant", _body(user_turn("a", data_url(GOOD)), {"role": "assistant", "content": "b"}), 400,
      "alternate"),

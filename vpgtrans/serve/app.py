@@ -127,6 +127,11 @@ def create_app(engine: Engine, model_id: str, info: dict[str, Any], *, max_body_
         error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        error = ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")

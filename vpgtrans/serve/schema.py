@@ -83,7 +83,7 @@ class ChatRequest(_Strict):
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     user: str | None = None
 
     def stops(self) -> list[str]:
