@@ -419,6 +419,9 @@ def _dry_run(plan: TransferPlan, n_train: int | None, min_coverage: float,
     prepared = prepare(plan, fit=False, min_coverage=min_coverage, echo=lambda _: None) if ready else None
     for line in plan_lines(plan, prepared and prepared.model, prepared and prepared.pairs, n_train):
         echo(line)
+    from ..memory import print_memory_plan
+
+    print_memory_plan(plan.stage2, n_train or 0, echo)  # stage 2 trains the most: the run's peak
     if plan.missing or plan.data_problem:
         parts = [plan.data_problem] if plan.data_problem else []
         if plan.missing:
