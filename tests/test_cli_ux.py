@@ -170,3 +170,27 @@ def test_chat_reads_terminal_lines_through_readline(monkeypatch):
     assert chat.read_line() == ""
     monkeypatch.setattr(sys, "stdin", io.StringIO("piped\n"))  # not a terminal: plain lines
     assert chat.read_line() == "piped\n"
+
+
+def test_components_listing_is_cached_and_then_imports_no_plugin(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VPGTRANS_HOME": str(tmp_path / "home")}
+    code = ("import sys\nfrom vpgtrans.cli import main\ntry:\n    main(['components'])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "home" / "components.json").exists() and "qformer" in first.stdout
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "heavy: []" not in second.stdout:  # a plugin file edited meanwhile (a dev checkout) forces one rebuild
+        second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert second.stdout.split("heavy:")[0] == first.stdout.split("heavy:")[0]
+    assert "heavy: []" in second.stdout  # listing from the cache imports neither torch nor transformers
+    saved = json.loads((tmp_path / "home" / "components.json").read_text())
+    saved["fingerprint"] = "stale"
+    saved["components"] = []
+    (tmp_path / "home" / "components.json").write_text(json.dumps(saved))
+    third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "qformer" in third.stdout  # a changed installation is listed afresh, not from the stale cache

@@ -82,8 +82,6 @@ def _debug(ctx: click.Context) -> bool:
 @click.version_option(package_name="vpgtrans")
 def main(debug: bool, trust_remote_code: bool) -> None:
     """vpgtrans: multimodal LLMs from frozen parts, and VPG transfer between LLMs."""
-    from transformers.utils import logging as hf_logging
-
     from ..trust import allow_remote_code
 
     allow_remote_code(trust_remote_code)
@@ -99,9 +97,17 @@ def main(debug: bool, trust_remote_code: bool) -> None:
         # Library warnings (torch, transformers) would precede our own one-line messages; --debug shows them.
         for category in (UserWarning, FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
-    # Weight-loading progress bars from transformers drown our own progress output.
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # Weight-loading progress bars from transformers drown our own progress output. Importing transformers
+    # here would cost a second even for `components` and `--help`: when it is not loaded yet, its defaults are
+    # set through the environment it reads on import.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _add_commands() -> None:
