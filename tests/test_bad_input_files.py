@@ -200,15 +200,47 @@ def test_bad_input_llm_weights_truncated(model_dir, tiny_paths, tmp_path):
     shutil.copytree(tiny_paths["opt"], llm)
     weights = next(llm.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:200])
-    code, out = _generate(_broken_copy(model_dir, tmp_path, _manifest_edit(
-        lambda m: {**m, "spec": {**m["spec"], "llm": {**m["spec"]["llm"], "path": str(llm)}}})), tmp_path)
+    code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(llm)), tmp_path)
     _one_line_error(code, out, "truncated or damaged")
+
+
+class _Unpickle:
+    """Loading this pickle calls open(marker, 'w'): what a malicious pytorch_model.bin would do, harmlessly."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _llm_edit(path):
+    return _manifest_edit(lambda m: {**m, "spec": {**m["spec"], "llm": {**m["spec"]["llm"], "path": str(path)}}})
+
+
+def test_bad_input_malicious_pytorch_model_bin(model_dir, tiny_paths, tmp_path):
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_paths["opt"], llm)
+    for weights in llm.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"model.decoder.embed_tokens.weight": _Unpickle(str(marker))}, llm / "pytorch_model.bin")
+    code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(llm)), tmp_path)
+    _one_line_error(code, out, "never unpickles arbitrary objects")
+    assert "weights_only=False" not in out and not marker.exists()
+
+
+def test_bad_input_truncated_gguf(model_dir, tmp_path):
+    pytest.importorskip("gguf", reason="pip install -e '.[real]'")
+    gguf_file = tmp_path / "broken.gguf"
+    gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(gguf_file)), tmp_path)
+    _one_line_error(code, out, ".gguf file is truncated or damaged")
 
 
 def test_bad_input_missing_local_llm_says_path_does_not_exist(model_dir, tmp_path):
     gone = tmp_path / "no-such-llm"
-    code, out = _generate(_broken_copy(model_dir, tmp_path, _manifest_edit(
-        lambda m: {**m, "spec": {**m["spec"], "llm": {**m["spec"]["llm"], "path": str(gone)}}})), tmp_path)
+    code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(gone)), tmp_path)
     _one_line_error(code, out, f"{gone} does not exist")
     assert "download" not in out and "Hugging Face cache" not in out
 

@@ -175,8 +175,9 @@ def _damaged_as_error(loader: Callable[..., T], name: str, target: str, what: st
         known = translate(exc)
         if known is None or known is exc:
             raise
-        raise CheckpointError(f"{what} '{name}': a file in {target} is truncated or damaged ({known.what})",
-                              "re-download or re-save that checkpoint") from None
+        label = f"{what} '{name}'" + (f" ({target})" if target != name else "")
+        raise CheckpointError(f"{label}: {known.what}",
+                              known.fix or "re-download or re-save that checkpoint") from None
 
 
 def _load_local_or_hub(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
