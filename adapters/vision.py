@@ -90,6 +90,15 @@ def _load_tower(model_cls: Any, name: str, target: str, dtype: torch.dtype) -> A
     return model.to(dtype)
 
 
+def crop_settings(pre: dict[str, Any]) -> tuple[int, tuple[int, int]] | None:
+    """(shortest edge, (crop height, width)) of a resize-short-side-then-centre-crop processor config, else None."""
+    size, crop = pre.get("size"), pre.get("crop_size")
+    if not (pre.get("do_center_crop") and isinstance(size, dict) and "shortest_edge" in size and crop):
+        return None
+    crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
+    return int(size["shortest_edge"]), (int(crop["height"]), int(crop["width"]))
+
+
 class HFVisionEncoder(VisionEncoder):
     """A frozen transformers vision model; outputs patch (and CLS) features of one layer."""
 
@@ -115,6 +124,9 @@ class HFVisionEncoder(VisionEncoder):
                              int(size.get("width", size.get("shortest_edge", self.image_size))))
         else:
             self.input_hw = (int(size), int(size))
+        self.crop = crop_settings(pre)
+        if self.crop is not None:
+            self.input_hw = self.crop[1]
 
     def train(self, mode: bool = True) -> "HFVisionEncoder":
         # The encoder is frozen: keep it in eval mode whatever the parent module does.
@@ -127,7 +139,16 @@ class HFVisionEncoder(VisionEncoder):
         h, w = self.input_hw
         arrays = []
         for img in images:
-            img = to_rgb(img).resize((w, h), Image.BICUBIC)
+            img = to_rgb(img)
+            if self.crop is None:
+                img = img.resize((w, h), Image.BICUBIC)
+            else:  # CLIPImageProcessor: short side to `shortest_edge` (aspect kept), then the centre crop
+                short, (ch, cw) = self.crop
+                iw, ih = img.size
+                nw, nh = (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
+                img = img.resize((nw, nh), Image.BICUBIC)
+                top, left = (nh - ch) // 2, (nw - cw) // 2
+                img = img.crop((left, top, left + cw, top + ch))
             arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -148,7 +169,7 @@ class HFVisionEncoder(VisionEncoder):
         """Encoder class + weights identity + layer choice."""
         ident: list[str] = [type(self.model).__name__, self._target, str(self.config.layer),
                             str(self.config.drop_cls), self.config.dtype, repr(self.mean), repr(self.std),
-                            repr(self.input_hw)]
+                            repr(self.input_hw)] + ([repr(self.crop)] if self.crop else [])
         if os.path.isdir(self._target):
             for name in sorted(os.listdir(self._target)):
                 if name.endswith((".safetensors", ".bin")):

@@ -179,3 +179,32 @@ def test_models_no_stock_class_holds_are_refused_in_one_line(tiny_paths, tmp_pat
             export_model(model, tmp_path / "x", fmt)
         assert "\n" not in str(info.value) and " — " in str(info.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_imported_llava_preprocesses_like_its_clip_processor(tiny_paths, tmp_path):
+    """CLIPImageProcessor resizes the short side and centre-crops: an imported model must see the same pixels."""
+    from transformers import AutoProcessor, CLIPImageProcessor, LlavaProcessor
+
+    from vpgtrans.checkpoint import load_model
+    from vpgtrans.formats import import_model
+
+    model = _model(tiny_paths, "llama", "clip-vit", {"vpg": "mlp", "hidden_size": 32}, LLAVA)
+    export_model(model, tmp_path / "hf", "hf-llava")
+    source = AutoProcessor.from_pretrained(tmp_path / "hf")
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                              image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3], resample=3)
+    LlavaProcessor(image_processor=clip, tokenizer=source.tokenizer, patch_size=source.patch_size,
+                   vision_feature_select_strategy=source.vision_feature_select_strategy,
+                   num_additional_image_tokens=1, chat_template=source.tokenizer.chat_template
+                   ).save_pretrained(tmp_path / "hf")
+    back = load_model(import_model(tmp_path / "hf", tmp_path / "imported", "hf-llava")).eval()
+    images = [tiny_images(1, size=40)[0].resize((40, 64)), tiny_images(1, size=40, seed=2)[0].resize((70, 36))]
+    want = AutoProcessor.from_pretrained(tmp_path / "hf").image_processor(images, return_tensors="pt").pixel_values
+    torch.testing.assert_close(back.vision.preprocess(images), want, atol=1e-5, rtol=0)
+    back.vision.crop = None  # what vpgtrans did before: straight resize to 32x32, same statistics
+    assert (back.vision.preprocess(images) - want).abs().max() > 0.1
+    back.vision.crop = (32, (32, 32))
+    # Exported again, the processor still crops.
+    export_model(back, tmp_path / "again", "hf-llava")
+    again = AutoProcessor.from_pretrained(tmp_path / "again").image_processor(images, return_tensors="pt")
+    torch.testing.assert_close(again.pixel_values, want, atol=1e-5, rtol=0)

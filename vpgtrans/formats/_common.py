@@ -169,10 +169,15 @@ def image_token_tokenizer(tokenizer: Any, decoder_only: bool, add_bos: bool = Tr
 
 
 def image_processor(vision: Any) -> Any:
-    """A BLIP image processor with the vision encoder's own size and statistics (bicubic, as vpgtrans does)."""
-    from transformers import BlipImageProcessor
+    """An image processor doing what the vision encoder's preprocess does (size, crop, statistics, bicubic)."""
+    from transformers import BlipImageProcessor, CLIPImageProcessor
 
     h, w = vision.input_hw
+    crop = getattr(vision, "crop", None)
+    if crop is not None:
+        return CLIPImageProcessor(size={"shortest_edge": crop[0]}, crop_size={"height": h, "width": w},
+                                  do_center_crop=True, image_mean=list(vision.mean), image_std=list(vision.std),
+                                  resample=3, do_convert_rgb=True)
     return BlipImageProcessor(size={"height": h, "width": w}, image_mean=list(vision.mean),
                               image_std=list(vision.std), resample=3, do_convert_rgb=True)
 
@@ -312,19 +317,27 @@ def read_hf_config(src: str | Path, model_types: Sequence[str], fmt: str) -> dic
 
 
 def preprocessor_settings(src: Path) -> dict[str, Any]:
-    """Image size and statistics from a stock processor config, in the form the vision adapters read."""
+    """Image size and statistics from a stock processor config, in the form the vision adapters read.
+
+    A resize-short-side-then-centre-crop config (CLIPImageProcessor) is kept as it is: the vision component
+    follows it, so non-square images give the source model's pixels.
+    """
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = src / name
         if path.exists():
             data = json.loads(path.read_text())
             data = data.get("image_processor", data)
-            keep = {k: data[k] for k in ("image_mean", "image_std", "size", "crop_size") if k in data}
+            keep = {k: data[k] for k in ("image_mean", "image_std", "size", "crop_size", "do_center_crop")
+                    if k in data}
+            if data.get("do_center_crop") and isinstance(keep.get("size"), dict) and "shortest_edge" in keep["size"]:
+                return keep
             size = keep.get("crop_size") if data.get("do_center_crop") else keep.get("size")
             if isinstance(size, dict) and "shortest_edge" in size:
                 size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
             if size is not None:
                 keep["size"] = size
             keep.pop("crop_size", None)
+            keep.pop("do_center_crop", None)
             return keep
     return {}
 
