@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -12,6 +14,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Commands choose their torch threads (vpgtrans.threads); inside the suite that must stay the pinned one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Nothing a test does may touch the user's caches. Module- and session-scoped fixtures run before the
+# per-test VPGTRANS_HOME below, so the whole session starts inside a throwaway root (removed at the end).
+_SESSION_ROOT = tempfile.mkdtemp(prefix="vpgtrans-tests-")
+for _var, _sub in (("VPGTRANS_HOME", "vpgtrans"), ("HF_HOME", "hf"), ("HF_HUB_CACHE", "hf/hub"),
+                   ("XDG_CACHE_HOME", "xdg-cache"), ("MPLCONFIGDIR", "matplotlib")):
+    os.environ[_var] = os.path.join(_SESSION_ROOT, _sub)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_root():
+    """Remove the session's throwaway cache root when the run ends."""
+    yield _SESSION_ROOT
+    shutil.rmtree(_SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
