@@ -112,7 +112,7 @@ def pretrain_vit(cfg: WorldConfig, seed: int, images: np.ndarray, labels: dict[s
     gen = torch.Generator().manual_seed(seed)
     lab = {k: torch.from_numpy(v) for k, v in labels.items()}
     vit.train()
-    t0, recent = time.time(), []
+    t0, recent, last = time.time(), [], time.time()
     perm = torch.randperm(len(images), generator=gen)
     for step in range(steps):
         start = (step * cfg.vit_batch) % len(images)
@@ -128,8 +128,11 @@ def pretrain_vit(cfg: WorldConfig, seed: int, images: np.ndarray, labels: dict[s
         sched.step()
         opt.zero_grad(set_to_none=True)
         recent.append(loss.item())
-        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-            log(f"    step {step + 1}/{steps} loss {np.mean(recent[-20:]):.3f} ({time.time() - t0:.0f}s)")
+        # At least every 30 s (a slow, busy machine must not look hung), with an ETA from the speed so far.
+        now = time.time()
+        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps or now - last >= 30:
+            last, eta = now, (now - t0) / (step + 1) * (steps - step - 1)
+            log(f"    step {step + 1}/{steps} loss {np.mean(recent[-20:]):.3f} ({now - t0:.0f}s, ETA {eta:.0f}s)")
     vit.eval()
     return vit, heads.eval()
 
