@@ -153,8 +153,9 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
 
         n = 0 if no_data else len(load_records(base.data, "train"))
         total = count_steps(stage1.train, n)[0] + count_steps(stage2.train, n)[0]
-        scratch = build_recipe(_stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total,
-                                          until=None), name="scratch", source=str(path))
+        scratch_raw = _stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total, until=None)
+        scratch_raw.setdefault("data", {})["fraction"] = 1.0  # the paper's baseline sees all the training data
+        scratch = build_recipe(scratch_raw, name="scratch", source=str(path))
     notes = (list(source.notes) if source else []) + ([ln_note] if ln_note else [])
     if source and source.vision_post_layernorm:
         notes.append("the source's vision post-layernorm is not carried over (the vision encoder is loaded as is)")
@@ -353,6 +354,8 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
     for note in plan.notes:
         echo(f"note: {note}")
     results: dict[str, Any] = {}
+    # The paper's order: scratch first, to its plateau; VPGTrans then stops once it reaches scratch's best.
+    scratch = _scratch_first(plan, until, progress, echo) if compare_scratch else None
     model = None
     if not (plan.out / "stage1" / "model").exists():
         prepared = prepare(plan, min_coverage=min_coverage, echo=echo)
@@ -367,14 +370,16 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
         results["stage1"] = run_stage(plan, "stage1", model, progress=progress, echo=echo)
     else:
         echo("stage1: done earlier, skipped")
-    if not (plan.out / "stage2" / "model").exists():
+    if _reached(plan.out / "stage1"):
+        echo("stage2: not needed, the warm-up already reached scratch's best")
+    elif not (plan.out / "stage2" / "model").exists():
         if model is None:
             model = load_model(plan.out / "stage1" / "model")
         results["stage2"] = run_stage(plan, "stage2", model, progress=progress, echo=echo)
     else:
         echo("stage2: done earlier, skipped")
     if model is None:
-        model = load_model(plan.out / "stage2" / "model")
+        model = load_model(plan.out / ("stage2" if (plan.out / "stage2" / "model").exists() else "stage1") / "model")
     save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": dst,
                                                               "converter": plan.converter,
                                                               "warmup_lr_scale": warmup_lr_scale}})
@@ -386,18 +391,16 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
                               "model_dir": str(plan.out / "model"), "seconds": round(vpgtrans_time, 1)}
     if (plan.out / "zero_shot.json").exists():
         report["zero_shot"] = json.loads((plan.out / "zero_shot.json").read_text())
-    if compare_scratch:
-        report["scratch"] = _run_scratch(plan, progress, echo)
-        metric = plan.stage2.eval.metrics[0] if plan.stage2.eval.metrics else "val_loss"
-        ours_rows = rep.joined_rows([plan.out / n for n in STAGES])
+    if scratch is not None:
+        report["scratch"] = scratch["summary"]
+        metric = scratch["metric"]
+        stage_dirs = [plan.out / n for n in STAGES]
         curve_dir = plan.out / "curves" / "vpgtrans"
         curve_dir.mkdir(parents=True, exist_ok=True)
-        (curve_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours_rows))
-        scratch_rows = rep.joined_rows([plan.out / "scratch"])
-        # The converter's fitting time counts against VPGTrans, like its warm-up steps.
-        fit_s = {"step": 0, "samples": 0, "wall_time": report["converter"].get("seconds", 0.0)}
-        report["speedup"] = rep.speedup(rep.eval_curve(ours_rows, metric, fit_s),
-                                        rep.eval_curve(scratch_rows, metric), metric)
+        (curve_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.joined_rows(stage_dirs)))
+        # The converter's fitting time and the warm-up steps count against VPGTrans.
+        ours = rep.transfer_curve(stage_dirs, metric, report["converter"].get("seconds", 0.0))
+        report["speedup"] = rep.speedup(ours, scratch["curve"], metric)
         report["plot"] = _plot(plan, echo, report["speedup"])
         if "error" not in report["speedup"]:
             for line in rep.table(report["speedup"]):
@@ -441,7 +444,15 @@ def _stage_summary(run_dir: Path) -> dict[str, Any]:
             "schedule": t.get("schedule"), "trainable": t.get("trainable")}
 
 
-def _run_scratch(plan: TransferPlan, progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+def _reached(run_dir: Path) -> bool:
+    """True when the stage's run stopped because it reached its `until` target."""
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    return bool(((run.get("results") or {}).get("until") or {}).get("reached"))
+
+
+def _scratch_first(plan: TransferPlan, until: str | None, progress: bool,
+                   echo: Callable[[str], None]) -> dict[str, Any]:
+    """Train scratch (100% of the data) to its plateau; make its best the target both VPGTrans stages stop at."""
     from accelerate.utils import set_seed
 
     from ..model import build_model
@@ -451,9 +462,23 @@ def _run_scratch(plan: TransferPlan, progress: bool, echo: Callable[[str], None]
         model = build_model(plan.spec)
         _set_lora(model, True)
         run_stage(plan, "scratch", model, progress=progress, echo=echo)
+        del model
     else:
         echo("scratch: done earlier, skipped")
-    return _stage_summary(plan.out / "scratch")
+    metric = plan.stage2.eval.metrics[0] if plan.stage2.eval.metrics else "val_loss"
+    # Training is causal: cutting the curve at the plateau rule is what an early-stopped run would have logged.
+    curve, stop = rep.until_plateau(rep.transfer_curve([plan.out / "scratch"], metric), metric)
+    summary = {**_stage_summary(plan.out / "scratch"), "plateau_step": stop["step"] if stop else None,
+               "plateau_rule": "best improved < 1% over the last quarter of the steps so far"}
+    if curve:
+        best = (min if rep.lower_is_better(metric) else max)(p["value"] for p in curve)
+        summary["best"] = best
+        echo(f"scratch: best {metric} {best:.4g}, " + (f"plateau at step {stop['step']}" if stop else
+                                                       f"no plateau within {plan.scratch.train.max_steps} steps"))
+        if not until:
+            target = f"{metric}{'<=' if rep.lower_is_better(metric) else '>='}{best!r}"
+            plan.stage1.train.until = plan.stage2.train.until = target
+    return {"summary": summary, "curve": curve, "metric": metric}
 
 
 def _plot(plan: TransferPlan, echo: Callable[[str], None], speedup: dict[str, Any]) -> str | None:

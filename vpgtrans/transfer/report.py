@@ -44,12 +44,42 @@ def joined_rows(stage_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def transfer_curve(stage_dirs: Sequence[Path], metric: str, fit_seconds: float = 0.0) -> list[Point]:
+    """Evaluations of a transfer's consecutive stages on one axis: warm-up steps and the converter fit count."""
+    return eval_curve(joined_rows(stage_dirs), metric, {"step": 0, "samples": 0, "wall_time": fit_seconds})
+
+
 def first_reaching(curve: Sequence[Point], target: float, lower: bool) -> Point | None:
     """The first point whose value is at least as good as `target`."""
     for p in curve:
         if (p["value"] <= target) if lower else (p["value"] >= target):
             return p
     return None
+
+
+def plateau(curve: Sequence[Point], metric: str, tol: float = 0.01, window: float = 0.25,
+            min_evals: int = 4) -> Point | None:
+    """First evaluation where the best so far beats the best before the last `window` of steps by < `tol`."""
+    lower = lower_is_better(metric)
+    pick = min if lower else max
+    for i, p in enumerate(curve):
+        if i + 1 < min_evals:
+            continue
+        before = [q["value"] for q in curve[:i + 1] if q["step"] <= (1.0 - window) * p["step"]]
+        if not before:
+            continue
+        old, new = pick(before), pick(q["value"] for q in curve[:i + 1])
+        gain = (old - new) if lower else (new - old)
+        if gain < tol * abs(old):
+            return p
+    return None
+
+
+def until_plateau(curve: Sequence[Point], metric: str, tol: float = 0.01, window: float = 0.25,
+                  min_evals: int = 4) -> tuple[list[Point], Point | None]:
+    """The curve as a run stopped by the plateau rule would have logged it, and the stopping point (None: cap)."""
+    stop = plateau(curve, metric, tol, window, min_evals)
+    return ([p for p in curve if p["step"] <= stop["step"]] if stop else list(curve)), stop
 
 
 def speedup(vpgtrans_curve: Sequence[Point], scratch_curve: Sequence[Point], metric: str) -> dict[str, Any]:
