@@ -100,3 +100,26 @@ def test_trust_remote_code_flag_allows_it_and_says_what_runs(tiny_paths, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "ran"
     assert str(tmp_path / "llm" / "evil.py") in proc.stderr
+
+
+def test_every_from_pretrained_call_decides_trust_remote_code_explicitly():
+    """Static guard: each `X.from_pretrained(...)` call in the package goes through names.load_pretrained (which
+    sets trust_remote_code from the command line) or passes trust_remote_code itself."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    # vpgtrans/world/ reads back only the checkpoints its own build just wrote: not untrusted input.
+    files = [p for p in [*(root / "vpgtrans").rglob("*.py"), *(root / "adapters").rglob("*.py")]
+             if "world" not in p.relative_to(root).parts]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("from_pretrained", "from_config")
+                    and not any(k.arg == "trust_remote_code" for k in node.keywords)):
+                receiver = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+                if node.func.attr == "from_config" and receiver[:1].isupper() and not receiver.startswith("Auto"):
+                    continue  # a concrete class's from_config runs no shipped code
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, f"from_pretrained without an explicit trust_remote_code: {offenders}"

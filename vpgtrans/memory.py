@@ -302,7 +302,7 @@ def _vision_params(vcfg: Any) -> int:
     classes = {"blip_2_vision_model": Blip2VisionModel, "clip_vision_model": CLIPVisionModel}
     with torch.device("meta"):
         cls = classes.get(vcfg.model_type)
-        return _count(cls(vcfg) if cls else AutoModel.from_config(vcfg))
+        return _count(cls(vcfg) if cls else AutoModel.from_config(vcfg, trust_remote_code=False))
 
 
 def _template_tokens(spec: Any, data: Any, llm_path: str) -> int:
@@ -318,7 +318,8 @@ def _template_tokens(spec: Any, data: Any, llm_path: str) -> int:
 
         from .names import LLM_ALIASES, resolve
 
-        tok = AutoTokenizer.from_pretrained(resolve(llm_path, LLM_ALIASES), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(resolve(llm_path, LLM_ALIASES), local_files_only=True,
+                                            trust_remote_code=False)
         return len(tok(text, add_special_tokens=False).input_ids) + 2
     except Exception:  # no tokenizer on disk: ~4 characters per token
         return math.ceil(len(text) / 4) + 2
@@ -362,7 +363,7 @@ def _step(spec: Any, cfg: Any, llm_dtype: str, width: int, n_vis: int, batch: in
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM
     kw = {"attn_implementation": spec.llm.get("attn_implementation") or "sdpa"} if not enc_dec else {}
-    llm = cls.from_config(cfg, dtype=getattr(torch, llm_dtype), **kw)
+    llm = cls.from_config(cfg, dtype=getattr(torch, llm_dtype), trust_remote_code=False, **kw)
     llm.requires_grad_(False).eval()
     lora = 0
     if spec.lora:
