@@ -208,3 +208,32 @@ def test_the_page_is_told_where_the_vpg_came_from(tiny_paths, tmp_path):
     info = describe(str(tmp_path / "m"))
     assert info["components"]["llm"] == {"name": "llama", "path": str(tiny_paths["llama"])}
     assert info["origin"] == {"kind": "VPGTrans transfer", "source": "runs/opt-s/model", "dst": "world-llama"}
+
+
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_engine_decodes_like_generate_for_other_llm_kinds(tiny_paths, tmp_path, llm):
+    """The worker's batched decoding (streamed pieces included) gives generate's text for LLaMA and FlanT5 too."""
+    import torch
+
+    from vpgtrans.interfaces import GenerationConfig
+    from vpgtrans.model import build_model
+    from vpgtrans.serve.engine import Engine, Job
+    from vpgtrans.serve.schema import Conversation
+    from vpgtrans.testing import tiny_spec
+
+    torch.manual_seed(0)
+    spec = tiny_spec(tiny_paths, llm=llm)
+    spec["template"] = {"text": "###Human: <Img><ImageHere></Img> {instruction} ###Assistant: ", "end": "###"}
+    model = build_model(spec).eval()
+    images = tiny_images(2, seed=4)
+    prompts = ["describe", "what is in this picture?"]
+    expected = [model.generate([img], q, config=GenerationConfig(max_new_tokens=10))[0]
+                for img, q in zip(images, prompts)]
+    assert all(expected), expected  # the comparison must not be between empty texts
+    events: list[list[tuple]] = [[], []]
+    jobs = [Job(Conversation([], q, img, f"k{i}"), emit=events[i].append, max_tokens=10, temperature=0)
+            for i, (img, q) in enumerate(zip(images, prompts))]
+    Engine(model)._run(jobs)  # one batch of two, left-padded
+    for i, got in enumerate(events):
+        assert got[-1][0] == "done" and got[-1][1] == expected[i]
+        assert "".join(e[1] for e in got if e[0] == "delta") == expected[i]
