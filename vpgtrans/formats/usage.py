@@ -1,8 +1,8 @@
 """What a Hugging Face user needs beside the weights: a chat template that writes vpgtrans's prompt layout,
 a generation config that stops where vpgtrans stops, and a README.md model card with the exact snippet.
 
-The documented call is the one stock model cards use: render the prompt with
-`processor.apply_chat_template`, then `processor(images=…, text=…, padding=True)` and `model.generate`.
+The documented call is the one stock model cards use: render the prompt with the chat template
+(`processor.tokenizer.apply_chat_template`), then `processor(images=…, text=…, padding=True)` and `model.generate`.
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ processor = AutoProcessor.from_pretrained("{where}")
 model = {usage.model_cls}.from_pretrained("{where}").eval()
 images = [Image.open("photo.jpg").convert("RGB"), Image.open("other.jpg").convert("RGB")]
 questions = ["{EXAMPLE_INSTRUCTION}", ""]  # "" = plain caption
-prompts = [processor.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": q}}]}}],
-                                         add_generation_prompt=True) for q in questions]
+# (the tokenizer's chat template: Blip2Processor / InstructBlipProcessor do not load one of their own)
+prompts = [processor.tokenizer.apply_chat_template(
+    [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": q}}]}}],
+    add_generation_prompt=True, tokenize=False) for q in questions]
 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
 with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=30)  # greedy; num_beams=5 for beam search
