@@ -140,6 +140,7 @@ def test_dry_run_lists_every_missing_weight_and_still_plans(cache, tmp_path, mon
     assert result.exit_code != 0
     out = result.output
     assert "recipe  vpgtrans_vl_llama" in out and "stage 1 (warm-up)" in out and "stage 2 (fine-tune)" in out
+    assert "source  opt-2.7b: MISSING" in out and "source LLM opt-2.7b (opt)" in out
     error = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "4 missing weights" in error[0]
     for repo in ("Salesforce/blip2-opt-2.7b", "huggyllama/llama-7b", "facebook/opt-2.7b"):
@@ -157,3 +158,4 @@ def test_the_headline_command_runs_end_to_end(cache, tmp_path):
     assert report["stages"]["stage2"]["steps"] == 2 and report["stages"]["stage2"]["lr"] == 1e-4
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["spec"]["llm"]["path"] == "llama-7b" and manifest["spec"]["vision"]["path"] == "eva-vit-g"
+    assert manifest["spec"]["llm"]["dtype"] == "float16"  # the recipe's LLM dtype, as the paper ran its 7B LLMs

@@ -117,7 +117,8 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     no_data = data_problem(path.stem, base.data.train, base.data.val)
     if no_data and not allow_missing:
         raise DataError(*no_data)
-    missing = missing_weights(wanted_weights(src, dst, src_llm, (base.model.vision or {}).get("path")))
+    wanted = wanted_weights(src, dst, src_llm, (base.model.vision or {}).get("path"))
+    missing = missing_weights(wanted)
     # Paths that do not exist and mistyped names are bad input (one line at once), not weights to download.
     typos = [m for m in missing if m[3].startswith(("no such file", "unknown model name"))]
     if any(m[0] == "source" for m in typos):
@@ -126,16 +127,21 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
         raise missing_error(typos or missing)
     if any(role == "source" for role, *_ in missing):
         source = None
-        llm_src = {"name": "?", "path": src_llm or "?"}
+        guess = next((name for role, name, _ in wanted if role == "source LLM"), src_llm or "?")
+        llm_src = {"name": guess_component(guess), "path": guess}
         vision, template = dict(base.model.vision), dict(base.model.template)
     else:
         source = load_source(src, trust_pickle=trust_pickle)
         vision, template, llm_src = _source_parts(source, base, src_llm)
     vision, ln_note = reconcile_ln_vision(source, vision) if source else (vision, None)
     dst_missing = any(role == "destination LLM" for role, *_ in missing)
+    # The recipe's LLM settings other than which LLM (dtype: the paper's 7B LLMs run in float16) hold for both.
+    llm_extra = {k: v for k, v in (base.model.llm or {}).items() if k not in ("name", "path", "lora")}
+    llm_src = {**llm_extra, **llm_src}
     spec = {"vision": vision, "vpg": dict(source.vpg_spec if source else base.model.vpg or {"name": "qformer"}),
             "template": template,
-            "llm": {"name": guess_component(dst) if dst_missing else detect_llm_component(dst), "path": dst}}
+            "llm": {**llm_extra, "name": guess_component(dst) if dst_missing else detect_llm_component(dst),
+                    "path": dst}}
     if lora:
         spec["lora"] = dict(base.model.lora or {"r": 8})
     raw = copy.deepcopy(base.raw)
@@ -274,7 +280,8 @@ def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int | None) 
     fraction = f" (data.fraction {d.fraction:g}, seed {d.fraction_seed})" if d.fraction < 1 else ""
     lines = [f"recipe  {choice.recipe}: {choice.reason}" + ("" if choice.kind == "given" else " (--recipe overrides)")
              if choice else f"recipe  {plan.stage2.name}",
-             plan.source.summary() if plan.source else f"source  {plan.src_llm.get('path')}: MISSING",
+             plan.source.summary() if plan.source else
+             f"source  {next((n for r, n, *_ in plan.missing if r == 'source'), '?')}: MISSING",
              *[f"note: {n}" for n in plan.notes],
              f"source LLM {plan.src_llm.get('path')} ({plan.src_llm.get('name')}) → destination LLM "
              f"{plan.spec['llm']['path']} ({plan.spec['llm']['name']})",
