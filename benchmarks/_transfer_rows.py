@@ -33,6 +33,7 @@ class Row:
     projector: str  # "fresh" or "converter" (source projector merged with the fitted converter)
     converter: str = "linear-cosine"
     warmup_scale: float | None = None  # LR multiplier of the projector-only warm-up; None = no warm-up
+    fraction: float | None = None  # share of the training data; None = the settings' data_fraction
 
     @property
     def warmup(self) -> bool:
@@ -49,9 +50,21 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("warmup-10x", "inherit + converter + warm-up 10x LR", True, "converter", warmup_scale=10.0),
     Row("inherit+warmup", "inherit + fresh projector + warm-up 5x (no converter)", True, "fresh",
         warmup_scale=5.0),
-    Row("conv-lstsq", "VPGTrans with converter lstsq", True, "converter", "lstsq", 5.0),
-    Row("conv-procrustes", "VPGTrans with converter procrustes", True, "converter", "procrustes", 5.0),
+    Row("vpgtrans-all-data", "full VPGTrans on 100% of the training data", True, "converter", warmup_scale=5.0,
+        fraction=1.0),
 )}
+
+
+def converter_rows() -> dict[str, Row]:
+    """One full-VPGTrans row per registered converter other than the paper's (new converters show up here)."""
+    from vpgtrans.registry import available
+
+    names = sorted(r.component.name for r in available("converter") if r.component.name != "linear-cosine")
+    return {f"conv-{n}": Row(f"conv-{n}", f"VPGTrans with converter {n}", True, "converter", n, 5.0)
+            for n in names}
+
+
+ROWS.update(converter_rows())
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,11 @@ class Settings:
     source_lr: float = 5e-4
     max_text_len: int = 32
     cache_dir: str | None = None
+    data_fraction: float = 1.0  # share of the training data the transfer rows see (paper: 0.107); scratch: all
+    warmup_epochs: float = 0.0  # > 0: the warm-up is this many epochs of the row's data (paper: 1), not warmup_steps
+    plateau: bool = False  # scratch stops at the plateau rule; the rows get scratch's steps to its plateau
+    plateau_tol: float = 0.01  # plateau rule: the best improved by less than this share ...
+    plateau_window: float = 0.25  # ... over this last share of the steps so far
 
     def llm(self, key: str) -> str:
         """Directory of a world LLM."""
@@ -119,49 +137,68 @@ def train_source(s: Settings, llm: str, cache: Path, echo: Callable[[str], None]
 
     out = cache / f"source-{llm}"
     key = {"world": str(Path(s.world).resolve()), "llm": llm, "steps": s.source_steps, "lr": s.source_lr,
-           "batch_size": s.batch_size, "max_text_len": s.max_text_len}
+           "batch_size": s.batch_size, "max_text_len": s.max_text_len, "evals": 12}
     meta = out / "bench_source.json"
-    if (out / "model" / "manifest.json").exists() and meta.exists() and json.loads(meta.read_text()) == key:
+    if (out / "model" / "manifest.json").exists() and (out / "source.json").exists() and meta.exists() \
+            and json.loads(meta.read_text()) == key:
         echo(f"source VPG on {llm}: reusing {out / 'model'}")
         return out / "model"
     path = s.llm(llm)
     recipe = load_recipe(SOURCE_RECIPE, s.data_overrides() + [
         f"model.llm.path={path}", f"model.llm.name={detect_llm_component(path)}", f"train.lr={s.source_lr}",
         f"train.min_lr={s.source_lr / 10}", f"train.max_steps={s.source_steps}", "train.warmup_steps=50",
-        f"train.eval_every={s.source_steps}", "train.seed=1234"])
+        f"train.eval_every={max(1, s.source_steps // key['evals'])}",
+        f"train.log_every={max(1, s.source_steps // key['evals'])}", "train.seed=1234"])
     echo(f"source VPG on {llm}: training {s.source_steps} steps → {out}")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "console.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        run = run_recipe(recipe, out, force=True, progress=False, echo=_quiet)
+        run_recipe(recipe, out, force=True, progress=False, echo=_quiet)
+    curve = rep.eval_curve(rep.joined_rows([out]), METRIC)
+    stop = rep.plateau(curve, METRIC, s.plateau_tol, s.plateau_window)
+    info = {"llm": llm, "steps": s.source_steps, "lr": s.source_lr, "curve": curve,
+            "best": min(p["value"] for p in curve), "plateau_step": stop["step"] if stop else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+    (out / "source.json").write_text(json.dumps(info, indent=1))
     meta.write_text(json.dumps(key))
-    metrics = (run.get("results") or {}).get("metrics") or {}
-    echo(f"source VPG on {llm}: {METRIC} {metrics.get(METRIC, float('nan')):.4f} "
-         f"({time.perf_counter() - started:.0f}s)")
+    echo(f"source VPG on {llm}: best {METRIC} {info['best']:.4f}, "
+         + (f"plateau (< {s.plateau_tol:.0%} gain over the last {s.plateau_window:.0%}) at step {stop['step']}"
+            if stop else f"NO plateau within {s.source_steps} steps") + f" ({info['seconds']:.0f}s)")
     return out / "model"
 
 
-def _plan(s: Settings, pair: Pair, row: Row, source: Path, seed: int, out: Path, target: float | None) -> Any:
+def _plan(s: Settings, pair: Pair, row: Row, source: Path, seed: int, out: Path, target: float | None,
+          budget: int) -> tuple[Any, int]:
+    """The pipeline's plan for one row, and its warm-up length in steps; `budget` caps warm-up + fine-tuning."""
     from vpgtrans.data import load_records
+    from vpgtrans.train.config import count_steps
     from vpgtrans.transfer.pipeline import plan_transfer
 
-    warm = s.warmup_steps if row.warmup else 0
+    frac = 1.0 if row.name == "scratch" else (row.fraction if row.fraction is not None else s.data_fraction)
     overrides = s.data_overrides() + [f"train.seed={seed}", f"train.lr={s.lr}", f"train.min_lr={s.min_lr}",
-                                      f"train.max_steps={max(1, s.steps - warm)}", f"train.eval_every={s.eval_every}"]
+                                      f"train.eval_every={s.eval_every}", f"data.fraction={frac}",
+                                      f"data.fraction_seed={seed}"]
     plan = plan_transfer(str(source), s.llm(pair.dst), out=out, recipe=TRANSFER_RECIPE, overrides=overrides,
                          converter=row.converter, warmup_lr_scale=row.warmup_scale or 1.0,
+                         warmup_epochs=s.warmup_epochs or 1.0,
                          until=f"{METRIC}<={target!r}" if target is not None else None)
+    warm = 0
     if row.warmup:
-        # Stage 1 is sized in epochs by the pipeline; pin it to exactly `warm` steps (count_steps floors).
-        per_epoch = len(load_records(plan.stage1.data, "train")) // s.batch_size
-        plan.stage1.train.epochs = (warm + 0.5) / per_epoch
+        n = len(load_records(plan.stage1.data, "train"))
+        if s.warmup_epochs:  # the paper's warm-up: whole epochs of the row's (fraction of the) data
+            warm = count_steps(plan.stage1.train, n)[0]
+        else:  # pin stage 1 to exactly `warmup_steps` steps (count_steps floors)
+            warm = s.warmup_steps
+            plan.stage1.train.epochs = (warm + 0.5) / (n // s.batch_size)
         plan.stage1.train.until = plan.stage2.train.until  # a row may match scratch already while warming up
-    return plan
+    # Fine-tuning has the recipe's schedule over what is left of the budget (at least one step).
+    plan.stage2.train.max_steps = max(1, budget - warm)
+    return plan, warm
 
 
 def run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Path, *,
-            target: float | None = None) -> dict[str, Any]:
-    """Train one (pair, row, seed); stops at the first eval reaching `target` (the seed's scratch best)."""
+            target: float | None = None, budget: int | None = None) -> dict[str, Any]:
+    """Train one (pair, row, seed) for `budget` steps (default s.steps); stops at the first eval reaching `target`."""
     import shutil
 
     if out.exists():
@@ -169,11 +206,11 @@ def run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pat
     out.mkdir(parents=True)
     # The trainer and transformers print per-eval lines and loading bars: keep them in the run's console.log.
     with open(out / "console.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return _run_row(s, pair, row, seed, source, out, target)
+        return _run_row(s, pair, row, seed, source, out, target, budget or s.steps)
 
 
 def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Path,
-             target: float | None) -> dict[str, Any]:
+             target: float | None, budget: int) -> dict[str, Any]:
     import shutil
 
     from accelerate.utils import set_seed
@@ -182,8 +219,9 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
     from vpgtrans.transfer.pipeline import prepare, run_stage
 
     started = time.perf_counter()
-    plan = _plan(s, pair, row, source, seed, out, target)
-    info: dict[str, Any] = {"pair": pair.name, "row": row.name, "seed": seed, "config": asdict(row)}
+    plan, warm = _plan(s, pair, row, source, seed, out, target, budget)
+    info: dict[str, Any] = {"pair": pair.name, "row": row.name, "seed": seed, "config": asdict(row),
+                            "budget": budget, "data_fraction": plan.stage2.data.fraction}
     fit_seconds = 0.0
     if row.inherit_vpg:
         prepared = prepare(plan, fit=row.projector == "converter", seed=seed, echo=_quiet)
@@ -203,19 +241,25 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
     info["vpg_init_fingerprint"] = vpg_fingerprint(model.vpg.state_dict())
     stages, matched = [], False
     if row.warmup:
-        warm = run_stage(plan, "stage1", model, echo=_quiet)
-        matched = bool(((warm.get("results") or {}).get("until") or {}).get("reached"))
+        result = run_stage(plan, "stage1", model, echo=_quiet)
+        matched = bool(((result.get("results") or {}).get("until") or {}).get("reached"))
         stages.append(out / "stage1")
-    if not matched:
+    if not matched and (warm < budget or not row.warmup):
         run_stage(plan, "stage2", model, echo=_quiet)
         stages.append(out / "stage2")
     rows = rep.joined_rows(stages)
-    # Like `vpgtrans transfer`: the converter's fitting time counts against the transfer in wall time.
-    curve = rep.eval_curve(rows, METRIC, {"step": 0, "samples": 0, "wall_time": fit_seconds})
-    info.update(curve=curve, steps=rows[-1]["step"] if rows else 0, samples=rows[-1]["samples"] if rows else 0,
-                train_wall_s=round(rows[-1]["wall_time"] + fit_seconds, 2) if rows else 0.0,
-                warmup_steps=s.warmup_steps if row.warmup else 0,
-                best=min((p["value"] for p in curve), default=None),
+    # Like `vpgtrans transfer`: warm-up steps and the converter's fitting time count against the transfer.
+    curve = rep.transfer_curve(stages, METRIC, fit_seconds)
+    end = {"step": rows[-1]["step"], "samples": rows[-1]["samples"],
+           "wall_time": rows[-1]["wall_time"] + fit_seconds} if rows else {"step": 0, "samples": 0, "wall_time": 0.0}
+    if s.plateau and row.name == "scratch":
+        # Training is causal: cutting the curve at the plateau rule is what an early-stopped run would have logged.
+        info["curve_to_cap"] = curve
+        curve, stop = rep.until_plateau(curve, METRIC, s.plateau_tol, s.plateau_window)
+        info["plateau_step"] = stop["step"] if stop else None
+        end = stop or end
+    info.update(curve=curve, steps=end["step"], samples=end["samples"], train_wall_s=round(end["wall_time"], 2),
+                warmup_steps=warm, best=min((p["value"] for p in curve), default=None),
                 total_s=round(time.perf_counter() - started, 2))
     for d in stages:  # weights are not needed afterwards: keep the logs, free the disk
         for sub in ("checkpoints", "model"):

@@ -4,6 +4,8 @@
     python benchmarks/transfer_efficiency.py --quick    # one pair, three rows, ≤ ~5 min
     python benchmarks/transfer_efficiency.py --full     # every pair × every row × 3 seeds (≥ 2.5 h on 2 cores)
     python benchmarks/transfer_efficiency.py --plateau 2000   # one long scratch run: when does scratch plateau?
+    python benchmarks/transfer_efficiency.py --protocol paper         # the paper's protocol (~1 h on 2 cores)
+    python benchmarks/transfer_efficiency.py --protocol paper --quick # the same on one pair, 2 seeds (minutes)
 
 Speed-up (paper's definition): steps for the scratch run to reach its best val_loss ÷ steps for the row to
 first match it, warm-up steps counted against the row; likewise in samples and in wall time (training time
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _paper_protocol as paper  # noqa: E402
 from _transfer_rows import METRIC, PAIRS, ROWS, Settings, compare, run_row, train_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +74,7 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per pair and row: speed-up mean ± std (min..max) over the seeds that matched scratch's best."""
+    """Per pair and row: speed-up mean ± std (min..max) over the seeds that matched scratch's best (and which did not)."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         cell = out.setdefault(r["pair"], {}).setdefault(r["row"], {"runs": []})
@@ -89,6 +92,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                         best_val_loss=_stats([r["best"] for r in rs if r.get("best") is not None]))
             if name == "scratch":
                 cell["steps_to_best"] = _stats([r["vs_scratch"]["scratch"]["step"] for r in rs])
+                cell["plateau_steps"] = paper.plateau_stats(rs)
+            else:  # seeds that never matched are not in the means above: say which, and their budget
+                cell["never_matched"] = [{"seed": r["seed"], "budget": r.get("budget"), "best": r.get("best")}
+                                         for r, v in zip(rs, vs) if not v.get("speedup")]
             fits = [r["converter_fit"]["heldout_cosine"] for r in rs
                     if r.get("converter_fit") and r["converter_fit"].get("heldout_cosine") is not None]
             if fits:
@@ -260,9 +267,11 @@ def print_table(result: dict[str, Any], echo: Callable[[str], None] = print) -> 
 
 def run_benchmark(profile: str, settings: Settings, pairs: list[str], rows_for: Callable[[str], list[str]],
                   seeds: list[int], work: Path, *, budget_s: float | None = None, stem: str = "transfer_efficiency",
-                  results: Path = RESULTS, echo: Callable[[str], None] = print) -> dict[str, Any]:
+                  results: Path = RESULTS, echo: Callable[[str], None] = print,
+                  judge: Callable[[dict], list] | None = None) -> dict[str, Any]:
     """Train the sources, then per seed and pair: scratch, then every row until it matches scratch's best."""
     started = time.perf_counter()
+    judge = judge or verdicts
     result: dict[str, Any] = {"format": "vpgtrans-bench-transfer-efficiency", "profile": profile,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
                               "settings": asdict(settings), "pairs": {p: asdict(PAIRS[p]) for p in pairs},
@@ -291,7 +300,9 @@ def run_benchmark(profile: str, settings: Settings, pairs: list[str], rows_for: 
             sources[pair.src] = train_source(settings, pair.src, work / "sources", echo)
             result["sources_s"] = round(result["sources_s"] + time.perf_counter() - t0, 1)
         run_dir = work / "runs" / pair_name.replace(">", "-to-") / f"{row_name}-s{seed}"
-        run = run_row(settings, pair, row, seed, sources[pair.src], run_dir, target=target)
+        # Under the paper's protocol a row gets what scratch spent up to its plateau; otherwise the fixed budget.
+        budget = base["steps"] if base is not None and settings.plateau else settings.steps
+        run = run_row(settings, pair, row, seed, sources[pair.src], run_dir, target=target, budget=budget)
         run["vs_scratch"] = compare(run, base or run)
         if row_name == "scratch":
             scratch[(seed, pair_name)] = run
@@ -299,13 +310,15 @@ def run_benchmark(profile: str, settings: Settings, pairs: list[str], rows_for: 
         v = run["vs_scratch"]
         echo(f"[{i}/{len(todo)} {time.perf_counter() - started:6.0f}s] {pair_name} {row_name:<15} seed {seed}: "
              f"{run['steps']} steps, best {run['best']:.4f}, "
-             + (f"scratch best at step {v['scratch']['step']}" if row_name == "scratch" else
+             + (f"scratch best at step {v['scratch']['step']}"
+                + (f", plateau at step {run['plateau_step']}" if run.get("plateau_step") else
+                   ", no plateau within the cap" if settings.plateau else "") if row_name == "scratch" else
                 f"speed-up {_fmt(v['speedup'])} steps / {_fmt(v['speedup_wall_time'])} wall")
              + f" ({run['total_s']:.0f}s)")
         result["summary"] = summarise(result["runs"])
-        write_outputs({**result, "paper_comparison": verdicts(result["summary"])}, stem, results, png=False)  # partial
+        write_outputs({**result, "paper_comparison": judge(result["summary"])}, stem, results, png=False)  # partial
     result["summary"] = summarise(result["runs"])
-    result["paper_comparison"] = verdicts(result["summary"])
+    result["paper_comparison"] = judge(result["summary"])
     result["scratch_plateau"] = plateau_figures(results)
     result["total_s"] = round(time.perf_counter() - started, 1)
     try:
@@ -336,6 +349,17 @@ def plateau(settings: Settings, pair: str, steps: int, work: Path, echo: Callabl
             "within_1pct_step": near["step"], "curve": run["curve"], "settings": asdict(s)}
 
 
+def _judge(protocol: str, ablation_pair: str | None) -> Callable[[dict], list]:
+    return (lambda summary: paper.verdicts(summary, ablation_pair)) if protocol == "paper" else verdicts
+
+
+def _print(result: dict[str, Any]) -> None:
+    if result.get("protocol") == "paper":
+        paper.echo_lines(paper.table_lines(result))
+    else:
+        print_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="one pair, three rows, 2 seeds, 80 steps (≤ ~5 min)")
     size.add_argument("--full", action="store_true", help="every pair × every row, 3 seeds, 480 steps (≥ 2.5 h)")
     size.add_argument("--plateau", type=int, metavar="STEPS", help="only one long scratch run of STEPS steps")
+    ap.add_argument("--protocol", choices=["short", "paper"], default="short",
+                    help="short: fixed short horizon (the profiles above); paper: the paper's protocol (scratch to "
+                         "its plateau, 10.7%% of the data, one warm-up epoch at 5x, stop at scratch's best)")
     ap.add_argument("--world", help="built world directory (default $VPGTRANS_HOME/world)")
     ap.add_argument("--work", help="run directory; trained sources are cached here (default $VPGTRANS_HOME/"
                                    "bench/transfer_efficiency)")
@@ -362,9 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.rescore)
         result = json.loads(path.read_text())
         result.update(summary=summarise(result["runs"]))
-        result.update(paper_comparison=verdicts(result["summary"]), scratch_plateau=plateau_figures(path.parent))
+        result.update(paper_comparison=_judge(result.get("protocol", "short"), result.get("ablation_pair"))(
+            result["summary"]), scratch_plateau=plateau_figures(path.parent))
         write_outputs(result, path.stem, path.parent)
-        print_table(result)
+        _print(result)
         return 0
     from vpgtrans.paths import home, world_dir
 
@@ -372,15 +400,25 @@ def main(argv: list[str] | None = None) -> int:
     if not (world / "world.json").exists():
         print(f"error: no built world at {world} — run `vpgtrans world build` or pass --world DIR", file=sys.stderr)
         return 2
-    profile = "quick" if args.quick else "full" if args.full else "default"
-    prof = PROFILES[profile]
+    if args.protocol == "paper":
+        if args.full:
+            print("error: --full is a short-protocol profile — use --protocol paper with --seeds/--pairs/--rows",
+                  file=sys.stderr)
+            return 2
+        profile = "paper-quick" if args.quick else "paper"
+        prof = {**paper.PROFILES[profile], "rows": {}}
+    else:
+        profile = "quick" if args.quick else "full" if args.full else "default"
+        prof = PROFILES[profile]
     values: dict[str, Any] = dict(prof["settings"])
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in Settings.__dataclass_fields__ or key == "world":
             print(f"error: unknown setting '{key}' — see --help", file=sys.stderr)
             return 2
-        values[key] = type(getattr(Settings(world=""), key) or "")(value)
+        default = getattr(Settings(world=""), key)
+        values[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
+                       else type(default or "")(value))
     settings = Settings(world=str(world), **values)
     work = Path(args.work or home() / "bench" / "transfer_efficiency").expanduser()
     if args.plateau:
@@ -402,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     def rows_for(pair: str) -> list[str]:
         if args.rows:
             chosen = args.rows.split(",")
+        elif args.protocol == "paper":
+            chosen = paper.rows_for(prof, pair, list(ROWS))
         elif isinstance(prof["rows"], dict):
             chosen = prof["rows"].get(pair, prof.get("other_rows", ["scratch", "vpgtrans"]))
         else:
@@ -410,14 +450,17 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = list(range(args.seeds or prof["seeds"]))
     budget = args.budget_min if args.budget_min is not None else prof["budget_min"]
-    stem = "transfer_efficiency" if profile != "quick" else "transfer_efficiency_quick"
+    stem = {"quick": "transfer_efficiency_quick", "paper": "transfer_efficiency_paper",
+            "paper-quick": "transfer_efficiency_paper_quick"}.get(profile, "transfer_efficiency")
     n = sum(len(rows_for(p)) for p in pairs) * len(seeds)
     print(f"transfer efficiency ({profile}): {len(pairs)} pairs, {n} runs, seeds {seeds}, world {world}, work {work}")
+    ablation = prof.get("ablation_pair")
     result = run_benchmark(profile, settings, pairs, rows_for, seeds, work,
                            budget_s=budget * 60 if budget else None, stem=stem,
-                           results=Path(args.results))
+                           results=Path(args.results), judge=_judge(args.protocol, ablation))
+    result.update(protocol=args.protocol, ablation_pair=ablation)
     json_path, png = write_outputs(result, stem, Path(args.results))
-    print_table(result)
+    _print(result)
     print(f"\n{len(result['runs'])} runs in {result['total_s']:.0f}s ({len(result['skipped'])} skipped) → {json_path}"
           + (f", {png}" if png else ""))
     return 0

@@ -1,0 +1,206 @@
+"""The paper's protocol (arXiv 2305.01278 §4) for benchmarks/transfer_efficiency.py --protocol paper.
+
+Scratch: a fresh VPG on the destination LLM, the recipe's schedule (cosine lr → min_lr) over a step cap, all the
+training data; it stops at the plateau rule (its best val_loss improved by < 1% over the last quarter of the steps
+so far), and its figure is the samples / wall time to first reach its best before stopping. Each transfer row:
+inherit → converter → merge → warm-up of whole epochs of the row's data share (projector only, constant LR) →
+fine-tuning with the same schedule, stopping at the first evaluation that reaches that best; its budget is
+scratch's steps to its plateau. Evaluations every k steps on held-out captions, the same k for every run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+# What the paper reports (design notes §2; Tables 2-3 were not available offline, only these figures).
+PAPER_FIGURES = {
+    "size": ("OPT-2.7B→6.7B", 10.7, "10.7x fewer GPU-hours (631.5 vs 59.0 A100-h) with 10.7% of the data"),
+    "flant5": ("FlanT5-XL→XXL", 21.1, "21.1x (a size transfer in the paper)"),
+}
+TARGETS = {"size": 5.0, "type": 3.0}  # issue #13: what this miniature must show
+
+SIZE_PAIR = "opt-s>opt-m"
+TYPE_PAIRS = ("opt-s>llama", "opt-s>flant5")
+MAIN_ROWS = ["scratch", "inherit", "inherit+conv", "vpgtrans", "vpgtrans-all-data"]
+ABLATION_ROWS = ["warmup-1x", "warmup-10x"]  # plus one row per registered converter (conv-*)
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # The recipe's shape at 5x its LR (1e-4 → 5e-5 needs ~2,000 scratch steps to plateau on this world, which a
+    # 1-hour run on 2 shared cores cannot afford for 3 pairs x 3 seeds); the README says so next to the figures.
+    "paper": {"pairs": [SIZE_PAIR, *TYPE_PAIRS], "seeds": 3, "budget_min": 75, "ablation_pair": SIZE_PAIR,
+              "settings": {"lr": 5e-4, "min_lr": 2.5e-4, "steps": 800, "eval_every": 25, "val_samples": 96,
+                           "source_steps": 1200, "source_lr": 5e-4, "data_fraction": 0.107, "warmup_epochs": 1.0,
+                           "plateau": True}},
+    "paper-quick": {"pairs": [SIZE_PAIR], "seeds": 2, "budget_min": 10, "ablation_pair": None,
+                    "settings": {"lr": 5e-4, "min_lr": 2.5e-4, "steps": 240, "eval_every": 20, "val_samples": 64,
+                                 "source_steps": 300, "source_lr": 5e-4, "data_fraction": 0.107,
+                                 "warmup_epochs": 1.0, "plateau": True}},
+}
+
+
+def rows_for(profile: dict[str, Any], pair: str, all_rows: list[str]) -> list[str]:
+    """Main rows on every pair; warm-up and converter ablations on the profile's ablation pair."""
+    rows = list(MAIN_ROWS)
+    if pair == profile.get("ablation_pair"):
+        rows += ABLATION_ROWS + [r for r in all_rows if r.startswith("conv-")]
+    return rows
+
+
+def _cell(summary: dict, pair: str, row: str) -> dict[str, Any] | None:
+    return (summary.get(pair) or {}).get(row)
+
+
+def describe(cell: dict[str, Any] | None) -> str:
+    """'4.10 ± 0.30x (3/3)' — the mean is over the seeds that matched, and the cell says how many did."""
+    if not cell:
+        return "not run"
+    st = cell["speedup_steps"]
+    done, total = (int(x) for x in cell["reached"].split("/"))
+    if st["mean"] is None:
+        return f"never matched (0/{total})"
+    text = f"{st['mean']:.2f} ± {st['std']:.2f}x" if st["n"] > 1 else f"{st['mean']:.2f}x"
+    return text + (f" ({done}/{total})" if done == total else f" (mean of the {done}/{total} seeds that matched; "
+                                                              f"{total - done} never did)")
+
+
+def _all_matched(cell: dict[str, Any] | None) -> bool:
+    if not cell:
+        return False
+    done, total = cell["reached"].split("/")
+    return done == total and int(total) > 0
+
+
+def _target(summary: dict, pair: str, kind: str) -> dict[str, str] | None:
+    cell = _cell(summary, pair, "vpgtrans")
+    if cell is None:
+        return None
+    want = TARGETS[kind]
+    mean = cell["speedup_steps"]["mean"]
+    if mean is None:
+        verdict = f"misses the {want:g}x target: never matched scratch"
+    elif not _all_matched(cell):
+        verdict = f"misses the {want:g}x target: only {cell['reached']} seeds matched scratch"
+    elif mean >= want:
+        verdict = f"meets the {want:g}x target"
+    else:
+        verdict = f"misses the {want:g}x target by {want - mean:.2f}x ({mean / want:.0%} of it)"
+    return {"claim": f"{pair}: VPGTrans speed-up ≥ {want:g}x (issue #13 target, {kind} transfer)",
+            "paper": "", "ours": describe(cell), "verdict": verdict}
+
+
+def _compare(summary: dict, pair: str, row: str, base: str) -> tuple[str, str] | None:
+    """(what was compared, verdict that `row` is faster than `base` by more than the seed spread)."""
+    a, b = _cell(summary, pair, row), _cell(summary, pair, base)
+    if not a or not b:
+        return None
+    text = f"{row} {describe(a)} vs {base} {describe(b)}"
+    if not (_all_matched(a) and _all_matched(b)):
+        if _all_matched(a) and b["speedup_steps"]["mean"] is None:
+            return text, f"agrees: {row} matched scratch on every seed, {base} on none"
+        if _all_matched(b) and a["speedup_steps"]["mean"] is None:
+            return text, f"disagrees: {base} matched scratch on every seed, {row} on none"
+        return text, f"inconclusive: not every seed matched ({row} {a['reached']}, {base} {b['reached']})"
+    ma, mb = a["speedup_steps"]["mean"], b["speedup_steps"]["mean"]
+    spread = max(a["speedup_steps"]["std"] or 0.0, b["speedup_steps"]["std"] or 0.0)
+    if abs(ma - mb) <= spread:
+        return text, f"inconclusive: difference {ma - mb:+.2f}x within the seed std {spread:.2f}x"
+    return text, (f"agrees: ahead by {ma - mb:.2f}x, more than the seed std {spread:.2f}x" if ma > mb
+                  else f"disagrees: behind by {mb - ma:.2f}x, more than the seed std {spread:.2f}x")
+
+
+def verdicts(summary: dict[str, Any], ablation_pair: str | None) -> list[dict[str, str]]:
+    """Each claim of the paper (and each issue target) against the measured means, with the seed spread."""
+    out: list[dict[str, str]] = []
+
+    def add(claim: str, paper: str, ours: str, verdict: str) -> None:
+        out.append({"claim": claim, "paper": paper, "ours": ours, "verdict": verdict})
+
+    for pair, kind in [(SIZE_PAIR, "size"), *[(p, "type") for p in TYPE_PAIRS]]:
+        t = _target(summary, pair, kind)
+        if t:
+            out.append(t)
+    name, figure, note = PAPER_FIGURES["size"]
+    cell = _cell(summary, SIZE_PAIR, "vpgtrans")
+    if cell:
+        mean = cell["speedup_steps"]["mean"] or 0.0
+        v = ("agrees (within 2x of the paper's figure)" if mean >= figure / 2 else
+             f"same direction, {figure / max(mean, 1e-9):.1f}x smaller" if mean > 1 else "disagrees")
+        add("size transfer speed-up", f"{name} {figure}x ({note})", describe(cell), v)
+    name, figure, note = PAPER_FIGURES["flant5"]
+    cell = _cell(summary, "opt-s>flant5", "vpgtrans")
+    if cell:
+        mean = cell["speedup_steps"]["mean"] or 0.0
+        add("transfer into FlanT5 (ours: OPT-s→FlanT5, a type transfer)", f"{name} {figure}x", describe(cell),
+            "agrees" if mean >= figure / 2 else f"same direction, {figure / max(mean, 1e-9):.1f}x smaller"
+            if mean > 1 else "disagrees")
+    claims = {("vpgtrans", "inherit"): ("the converter + warm-up beat inheriting the VPG alone",
+                                        "VPGTrans's two stages are what make it fast"),
+              ("inherit+conv", "inherit"): ("the converter-merged projector alone (no warm-up) beats a fresh "
+                                            "projector", "converter-only initialisation without warm-up scores about "
+                                                         "random (no head start)"),
+              ("vpgtrans", "vpgtrans-all-data"): ("10.7% of the data is at least as fast as 100%",
+                                                  "10.7% of the data, >10x speed-up")}
+    for pair in summary:
+        for (row, base), (claim, said) in claims.items():
+            got = _compare(summary, pair, row, base)
+            if got:
+                add(f"{pair}: {claim}", said, *got)
+    if ablation_pair:
+        cells = {k: _cell(summary, ablation_pair, k) for k in ("warmup-1x", "vpgtrans", "warmup-10x")}
+        if all(cells.values()):
+            means = {k: c["speedup_steps"]["mean"] or 0.0 for k, c in cells.items()}
+            spread = max(c["speedup_steps"]["std"] or 0.0 for c in cells.values())
+            best = max(means, key=means.get)
+            ours = ", ".join(f"{k} {describe(c)}" for k, c in cells.items())
+            if max(means.values()) - min(means.values()) <= spread:
+                v = f"inconclusive: all within the seed std {spread:.2f}x"
+            else:
+                v = "agrees" if best == "vpgtrans" else f"disagrees: {best} is fastest"
+            add(f"{ablation_pair}: 5x warm-up LR is fastest, 10x no faster", "5x best; 10x no faster, still stable",
+                ours, v)
+    return out
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """The paper-protocol table: per pair and row the speed-up in samples and wall time, beside the paper's."""
+    s, summary = result["settings"], result["summary"]
+    lines = [f"\nthe paper's protocol: scratch on 100% of the data, cosine {s['lr']:g} → {s['min_lr']:g} over at "
+             f"most {s['steps']} steps, stopped at the plateau rule (< {s['plateau_tol']:.0%} gain over the last "
+             f"{s['plateau_window']:.0%} of its steps); transfer rows on {s['data_fraction']:.1%} of the data, "
+             f"warm-up {s['warmup_epochs']:g} epoch, budget = scratch's steps to its plateau; val_loss on "
+             f"{s['val_samples']} held-out captions every {s['eval_every']} steps; batch {s['batch_size']}",
+             f"{'pair':<14}{'row':<19}{'speed-up, samples':<44}{'wall time':<18}{'converter cos':>14}"]
+
+    def wall(c: dict) -> str:
+        w = c["speedup_wall"]
+        return "-" if w["mean"] is None else f"{w['mean']:.2f} ± {w['std']:.2f}x" if w["n"] > 1 else f"{w['mean']:.2f}x"
+
+    for pair, rows in summary.items():
+        for name, c in rows.items():
+            cos = c.get("converter_heldout_cosine")
+            if name == "scratch":
+                st, pl = c["steps_to_best"], c.get("plateau_steps") or {}
+                text = (f"best at step {st['mean']:.0f} (mean), plateau at {pl.get('mean') or 'cap':}"
+                        if st["mean"] is not None else "-")
+                lines.append(f"{pair:<14}{name:<19}{text:<44}")
+                continue
+            lines.append(f"{pair:<14}{name:<19}{describe(c):<44}{wall(c):<18}"
+                         f"{'' if cos is None else f'{cos:.3f}':>14}")
+    lines.append("\npaper vs miniature (verdict per claim)")
+    for v in result["paper_comparison"]:
+        lines.append(f"- {v['claim']}: " + (f"paper {v['paper']}; " if v["paper"] else "") +
+                     f"ours {v['ours']} → {v['verdict']}")
+    return lines
+
+
+def plateau_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean step of scratch's plateau over seeds (None where a run hit the cap first)."""
+    values = [r["plateau_step"] for r in runs if r.get("plateau_step") is not None]
+    return {"mean": round(statistics.fmean(values)) if values else None, "n": len(values), "of": len(runs)}
+
+
+def echo_lines(lines: list[str], echo: Callable[[str], None] = print) -> None:
+    """Print lines."""
+    for line in lines:
+        echo(line)
