@@ -208,3 +208,25 @@ def test_imported_llava_preprocesses_like_its_clip_processor(tiny_paths, tmp_pat
     export_model(back, tmp_path / "again", "hf-llava")
     again = AutoProcessor.from_pretrained(tmp_path / "again").image_processor(images, return_tensors="pt")
     torch.testing.assert_close(again.pixel_values, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fmt,llm,vision,vpg_cfg,template", [CASES[2], CASES[8]], ids=["blip2-t5", "llava-minigpt4"])
+def test_model_card_snippet_runs_verbatim(tiny_paths, tmp_path, capsys, fmt, llm, vision, vpg_cfg, template):
+    """The README.md an export writes: its Python block, run as is, prints vpgtrans's text."""
+    import ast
+
+    from vpgtrans.formats.usage import EXAMPLE_INSTRUCTION
+
+    model = _model(tiny_paths, llm, vision, vpg_cfg, template)
+    export_model(model, tmp_path / "hf", fmt)
+    images = tiny_images(2, size=48, seed=5)
+    for name, image in zip(("photo.jpg", "other.jpg"), images):
+        image.save(tmp_path / name, format="PNG")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    code = (code.replace("<this directory>", str(tmp_path / "hf")).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+            .replace('"other.jpg"', repr(str(tmp_path / "other.jpg"))))
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == model.generate(images, [EXAMPLE_INSTRUCTION, ""], config=GenerationConfig(max_new_tokens=30))

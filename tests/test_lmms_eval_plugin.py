@@ -86,3 +86,39 @@ def test_lmms_eval_cli_scores_equal_vpgtrans_eval(lmms, world_test, model_dir, t
     predictions = [r[0] if isinstance(r, list) else r for r in resps]
     assert predictions == [p["prediction"] for p in ours["predictions"]]
     assert theirs == pytest.approx(ours["metrics"][key], abs=1e-9)
+
+
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_loglikelihood_scores_the_continuation_only(tiny_paths, tmp_path, llm):
+    """Sum of log p(continuation) = -(loss over continuation + EOS) minus the EOS term; greedy text is greedy."""
+    from vpgtrans.interfaces import GenerationConfig
+    from vpgtrans.lmms_eval_plugin import VpgtransLMM
+    from vpgtrans.testing import tiny_images
+
+    torch.manual_seed(1)
+    model = build_model(tiny_spec(tiny_paths, llm)).eval()
+    with torch.no_grad():
+        for p in [*model.vpg.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p) * 0.3)
+    lmm = VpgtransLMM(pretrained=str(save_model(model, tmp_path / "m")))
+    image = tiny_images(1, seed=7)[0]
+    context = "what colour is it"
+    # No min_new_tokens: suppressing EOS would make the text not what unconstrained argmax picks.
+    greedy = model.generate([image], context, config=GenerationConfig(max_new_tokens=4))[0]
+    ids = lmm.model.llm._ids(greedy)
+    if lmm.model.llm.tokenizer.decode(ids).strip() != greedy or not ids:
+        pytest.skip("greedy text does not survive a decode/encode round trip with this tokenizer")
+    total, is_greedy = lmm._score(image, context, greedy)
+    # The continuation is tokenized on its own, as in training: LLaMA's Metaspace then writes "▁ri" where
+    # generation had produced "ri" after the context, so only T5's greedy text is greedy token for token.
+    assert is_greedy or llm != "t5"
+    other_total, other_greedy = lmm._score(image, context, greedy + " red")
+    assert not other_greedy and other_total < total
+    # Against the training loss: mean NLL over continuation + EOS, so the sum is -(n + 1) * loss minus log p(EOS),
+    # and greedy decoding stopped at EOS or ran out of tokens, so log p(EOS | greedy) is at most 0.
+    sample = model.template.sample(context)
+    sample.target = greedy
+    with torch.no_grad():
+        loss = float(lmm.model(lmm._features([image]), [sample]))
+    eos_logp = -(len(ids) + 1) * loss - total
+    assert -30 < eos_logp <= 1e-4
