@@ -198,6 +198,65 @@ def run(names: list[str], out_dir: Path) -> dict[str, Any]:
     return result
 
 
+# The papers' configurations: (label, how to get the recipe of the run's biggest stage).
+PAPER = [
+    ("BLIP-2 stage 2, OPT-2.7B", ("train", "blip2_stage2_opt2.7b")),
+    ("VPGTrans OPT-2.7B → OPT-6.7B (stage 2)", ("transfer", "opt-2.7b", "opt-6.7b", "vpgtrans_opt2.7b_to_6.7b")),
+    ("VPGTrans OPT-6.7B → LLaMA-7B (stage 2)", ("transfer", "opt-6.7b", "llama-7b", None)),
+    ("MiniGPT-4 stage 2, Vicuna-7B", ("train", "minigpt4_stage2")),
+]
+GPUS_GIB = (24, 40, 80)
+CUDA_CONTEXT_GIB = 1.0
+
+
+def _paper_recipe(how: tuple) -> Any:
+    if how[0] == "train":
+        from vpgtrans.recipes import load_recipe
+
+        return load_recipe(how[1], [])
+    from vpgtrans.transfer.pipeline import plan_transfer
+
+    return plan_transfer(how[1], how[2], recipe=how[3], allow_missing=True).stage2
+
+
+def paper_plans(out_dir: Path) -> dict[str, Any]:
+    """Estimated peak per device of the papers' configurations on 24/40/80 GB GPUs (weights need not be present)."""
+    import dataclasses
+
+    from vpgtrans.memory import GIB, estimate
+
+    rows = []
+    for label, how in PAPER:
+        recipe = _paper_recipe(how)
+        variants = [(recipe.model, "as the recipe loads it")]
+        if recipe.model.llm.get("dtype", "float32") == "float32":
+            half = dataclasses.replace(recipe.model, llm={**recipe.model.llm, "dtype": "float16"})
+            variants.append((half, "LLM at float16"))
+        for spec, how_loaded in variants:
+            plan = estimate(spec, recipe.train, recipe.data)
+            t = recipe.train
+            row = {"config": label, "recipe": recipe.name, "llm_dtype": spec.llm.get("dtype", "float32"),
+                   "loaded": how_loaded, "batch_per_device": t.batch_size, "max_text_len": t.max_text_len,
+                   "mixed_precision": t.mixed_precision, "trainable": list(t.trainable),
+                   "notes": plan.notes, "parts_gib": {k: round(v / GIB, 2) for k, v in plan.parts.items()},
+                   "peak_gib": {"off": round(plan.total_with(False) / GIB, 1),
+                                "on": round(plan.total_with(True) / GIB, 1)}}
+            row["fits"] = {f"{g}GB": {m: row["peak_gib"][m] + CUDA_CONTEXT_GIB <= g for m in ("off", "on")}
+                           for g in GPUS_GIB}
+            rows.append(row)
+            print(_paper_row(row), flush=True)
+    result = {"benchmark": "memory-paper-plans", "estimate_only": True, "date": time.strftime("%Y-%m-%d"),
+              "cuda_context_gib": CUDA_CONTEXT_GIB, "rows": rows}
+    write_json(out_dir / "memory_paper.json", result)
+    return result
+
+
+def _paper_row(r: dict[str, Any]) -> str:
+    fits = " | ".join(" / ".join("yes" if r["fits"][f"{g}GB"][m] else "no" for m in ("off", "on")) for g in GPUS_GIB)
+    return (f"| {r['config']} | {r['llm_dtype']}, {r['mixed_precision']} | {r['batch_per_device']} | "
+            f"{r['peak_gib']['off']} / {r['peak_gib']['on']} | {fits} |")
+
+
 HEADER = (f"{'config':<24}{'batch':>6}{'text':>5}{'q':>4}{'ckpt':>5}{'lora':>5}{'estimate MiB':>14}"
           f"{'measured MiB':>14}{'est/meas':>9}{'RSS growth MiB':>16}")
 
@@ -213,12 +272,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three small configurations")
     ap.add_argument("--only", nargs="*", help="configurations by name")
+    ap.add_argument("--paper", action="store_true", help="only print the plans of the papers' configurations")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args.child, args.root)
+        return
+    if args.paper:
+        print("| configuration | LLM dtype, mixed precision | batch/device | peak GiB ckpt off / on | "
+              + " | ".join(f"{g} GB off / on" for g in GPUS_GIB) + " |")
+        paper_plans(args.out)
         return
     names = args.only or (QUICK if args.quick else [c["name"] for c in CONFIGS])
     print(HEADER)

@@ -58,6 +58,7 @@ ABLATIONS = {
     "trainer-nocache": "Trainer, feature cache off: images decoded + vision forward every step",
     "trainer-eager": "Trainer, cached features, LLM attn_implementation=eager (default sdpa)",
     "trainer-adamw-foreach": "Trainer with torch's default (foreach) AdamW instead of the fused kernel",
+    "trainer-ckpt": "Trainer with train.gradient_checkpointing=true (the LLM's layers recomputed in backward)",
     "manual": "our model in a bare loop (no Trainer: no accelerate, logging, data pipeline)",
     "manual-grads-into-llm": "bare loop, LLM weights left requires_grad=True (frozen only by the optimizer)",
     "stock-eager": "stock loop, attn_implementation=eager",
@@ -309,7 +310,7 @@ def _run_trainer(job: dict[str, Any], clock: Clock) -> tuple[int, int, list[floa
     dataset, _ = build_dataset(job["records"], model, data, progress=False)
     # One step more than timed: a step ends where the next one's loss_fn call begins.
     cfg = TrainConfig(batch_size=job["batch"], max_steps=job["warmup"] + job["steps"] + 1, schedule="constant",
-                      log_every=1, max_text_len=MAX_TEXT_LEN)
+                      log_every=1, max_text_len=MAX_TEXT_LEN, gradient_checkpointing=job["variant"] == "trainer-ckpt")
     loss_fn = lm_loss(MAX_TEXT_LEN)
 
     def timed_loss(module: Any, batch: Any) -> Any:

@@ -1,5 +1,6 @@
 """Scale-out: the real `vpgtrans train` under `accelerate launch` with 2 CPU processes (gloo) logs the same
-loss curve as 1 process with the same global batch, and both processes fed the same examples in the same order."""
+loss curve as 1 process with the same global batch, and both processes fed the same examples in the same order;
+with the shipped FSDP config too (sharded with torch FSDP2), including an exact resume."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from vpgtrans.testing import tiny_images, tiny_spec
 from vpgtrans.train import read_log
 from vpgtrans.train.stream import BatchStream
 
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
 GLOBAL_BATCH = 4
 STEPS = 5
 COLOURS = ("red", "blue", "green", "black")
@@ -58,7 +64,7 @@ def recipe(tmp_path_factory, tiny_paths):
     return root
 
 
-def _launch(recipe_dir, out: str, processes: int) -> subprocess.CompletedProcess:
+def _launch(recipe_dir, out: str, processes: int, *extra: str, fsdp: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "ACCELERATE_DISABLE_RICH": "1", "MASTER_ADDR": "127.0.0.1"}
     cli = shutil.which("vpgtrans", path=os.path.dirname(sys.executable)) or shutil.which("vpgtrans")
@@ -66,9 +72,13 @@ def _launch(recipe_dir, out: str, processes: int) -> subprocess.CompletedProcess
     # (`--cpu` with several processes would need an MPI launcher instead).
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
                   "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
-    accelerate += ["--multi_gpu", "--main_process_port", "0"] if processes > 1 else ["--cpu"]
+    if fsdp:  # the shipped config, as a user runs it
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                      "--num_processes", str(processes), "--main_process_port", "0"]
+    else:
+        accelerate += ["--multi_gpu", "--main_process_port", "0"] if processes > 1 else ["--cpu"]
     cmd = [*accelerate, cli, "train", "--recipe", str(recipe_dir / "tiny.yaml"), "--out", str(recipe_dir / out),
-           "--no-progress", f"train.batch_size={GLOBAL_BATCH // processes}"]
+           "--no-progress", f"train.batch_size={GLOBAL_BATCH // processes}", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -102,3 +112,39 @@ def test_shards_of_a_global_batch_are_the_single_process_batch(world_size):
     its = [s.batches(0) for s in shards]
     for _ in range(3 * single.per_epoch):  # across epoch boundaries too
         assert [x for it in its for x in next(it)] == next(ref)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_and_resume_exactly(recipe):
+    """The shipped FSDP config (torch FSDP2 over gloo): same loss curve as 1 process at the same global batch,
+    a checkpoint resumed under FSDP ends with the same weights, and model/ is the single-process format."""
+    # The 1-process run of the first test, or one now (the same command; the cache is already full then).
+    if not (recipe / "one" / "model").exists():
+        one = _launch(recipe, "one", 1)
+        assert one.returncode == 0, one.stdout + one.stderr
+    sharded = _launch(recipe, "fsdp", 2, "train.save_every=2", "train.keep_checkpoints=5", fsdp=True)
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    run = json.loads((recipe / "fsdp" / "run.json").read_text())
+    assert run["plan"]["sharding"].startswith("fsdp2") and run["plan"]["processes"] == 2
+    a = [r["loss"] for r in read_log(recipe / "one" / "log.jsonl")]
+    b = [r["loss"] for r in read_log(recipe / "fsdp" / "log.jsonl")]
+    assert len(b) == STEPS and b == pytest.approx(a, rel=1e-5, abs=1e-6), (a, b)
+    one_w, fsdp_w = (load_file(str(recipe / d / "model" / "model.safetensors")) for d in ("one", "fsdp"))
+    assert set(fsdp_w) == set(one_w) and all(fsdp_w[k].shape == one_w[k].shape for k in one_w)
+    assert all(torch.allclose(fsdp_w[k], one_w[k], rtol=1e-4, atol=1e-6) for k in one_w)
+    assert sorted(p.name for p in (recipe / "fsdp" / "model").iterdir()) == \
+        sorted(p.name for p in (recipe / "one" / "model").iterdir())
+    # Resume under FSDP from the step-2 checkpoint: the same final weights as the uninterrupted run.
+    resumed = recipe / "fsdp-resumed"
+    shutil.copytree(recipe / "fsdp", resumed)
+    shutil.rmtree(resumed / "model")
+    for later in sorted((resumed / "checkpoints").glob("step-*"))[1:]:
+        shutil.rmtree(later)
+    (resumed / "checkpoints" / "latest").write_text("step-000002\n")
+    again = _launch(recipe, "fsdp-resumed", 2, "train.save_every=2", "train.keep_checkpoints=5", "--resume",
+                    "latest", fsdp=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from" in again.stdout + again.stderr
+    final = load_file(str(resumed / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], fsdp_w[k]) for k in fsdp_w)
+    assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == b

@@ -26,6 +26,7 @@ from .optim import Schedule, make_optimizer, param_groups
 from .runlog import RunLog
 from .state import (clean_partial, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                     step_dir_name)
+from .fsdp import fsdp_requested
 from .stream import BatchStream
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
@@ -119,8 +120,15 @@ class Trainer:
         elif config.gradient_checkpointing:
             raise TrainingError(f"{type(module).__name__} does not support gradient checkpointing",
                                 "set train.gradient_checkpointing=false")
-        optimizer = make_optimizer(self.groups, config)
-        self.module, self.optimizer = accelerator.prepare(module, optimizer)
+        self.fsdp = fsdp_requested(accelerator.num_processes)
+        if self.fsdp:  # accelerate does not shard on CPU: fully_shard here, and no DDP wrapper
+            from .fsdp import regroup, shard
+
+            self.fsdp_units = shard(module, accelerator.device)
+            self.groups = regroup(module, self.groups)
+            self.module, self.optimizer = module, make_optimizer(self.groups, config)
+        else:
+            self.module, self.optimizer = accelerator.prepare(module, make_optimizer(self.groups, config))
         self.stream = BatchStream(dataset, config.batch_size, seed=config.seed, collate_fn=collate_fn,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
                                   num_workers=config.num_workers)
@@ -144,6 +152,8 @@ class Trainer:
                 "schedule": c.schedule, "lr": c.lr, "min_lr": c.min_lr, "warmup_steps": c.warmup_steps,
                 "warmup_lr": c.warmup_lr, "weight_decay": c.weight_decay,
                 "mixed_precision": self.accelerator.mixed_precision, "device": str(self.accelerator.device),
+                "sharding": f"fsdp2 ({self.fsdp_units} units)" if self.fsdp else None,
+                "gradient_checkpointing": c.gradient_checkpointing,
                 "trainable_tensors": {("decay" if g["weight_decay"] else "no_decay"): len(g["params"])
                                       for g in self.groups}}
 
@@ -156,12 +166,17 @@ class Trainer:
 
             rngs = gather_object(rngs)
         path = self.out_dir / "checkpoints" / step_dir_name(state["step"])
+        module, optimizer = self.unwrapped, self.optimizer
+        if self.fsdp:  # every rank gathers the full tensors; the main process writes them
+            from .fsdp import full_views
+
+            module, optimizer = full_views(self.unwrapped, self.optimizer)
         if acc.is_main_process:
             extra = {"schedule": self.schedule.state_dict(), "fingerprint": self.fingerprint}
             if acc.scaler is not None:
                 extra["scaler"] = acc.scaler.state_dict()
             try:
-                save_checkpoint(self.out_dir, state["step"], self.unwrapped, self.optimizer, {**state, **extra},
+                save_checkpoint(self.out_dir, state["step"], module, optimizer, {**state, **extra},
                                 rngs, keep=self.config.keep_checkpoints)
             except OSError as exc:  # e.g. disk full: the half-written directory is already gone
                 raise CheckpointError(f"could not write checkpoint {path.name} ({exc.strerror or exc})",
@@ -172,7 +187,14 @@ class Trainer:
 
     def _restore(self, resume: str) -> tuple[dict[str, Any], Path]:
         path = find_checkpoint(self.out_dir, resume)
-        saved = load_checkpoint(path, self.unwrapped, self.optimizer)
+        if self.fsdp:
+            from .fsdp import Loader
+
+            loader = Loader(self.unwrapped, self.optimizer)
+            saved = load_checkpoint(path, loader.view, loader.opt_view)
+            loader.apply()
+        else:
+            saved = load_checkpoint(path, self.unwrapped, self.optimizer)
         if self.fingerprint and saved.get("fingerprint") and saved["fingerprint"] != self.fingerprint:
             raise CheckpointError(f"checkpoint {path} belongs to a run with different settings",
                                   "resume with the same recipe and overrides, or start a new --out")
@@ -199,7 +221,9 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
     def _micro_step(self, batch: Any, sync: bool, step: int) -> torch.Tensor:
         acc = self.accelerator
-        ctx = contextlib.nullcontext() if sync else acc.no_sync(self.module)
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(sync)
+        ctx = contextlib.nullcontext() if sync or self.fsdp else acc.no_sync(self.module)
         with ctx:
             with acc.autocast():
                 out = self.loss_fn(self.module, _to_device(batch, acc.device))
@@ -294,6 +318,10 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+        if self.fsdp:  # the caller saves the final model from full tensors
+            from .fsdp import unshard_for_good
+
+            unshard_for_good(self.module)
         if self.until is not None and result.until is None:
             result.until = {"target": str(self.until), "reached": False}
         result.steps, result.samples = state["step"], state["samples"]
