@@ -230,3 +230,20 @@ def test_model_card_snippet_runs_verbatim(tiny_paths, tmp_path, capsys, fmt, llm
     exec(compile(code, "README.md", "exec"), {})
     printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == model.generate(images, [EXAMPLE_INSTRUCTION, ""], config=GenerationConfig(max_new_tokens=30))
+
+
+def test_imported_blip2_stops_where_the_stock_model_stops(tiny_paths, tmp_path):
+    """A published BLIP-2 OPT ends on "\\n" (its text config's eos): the imported model must stop there too."""
+    from vpgtrans.checkpoint import load_model
+    from vpgtrans.formats import import_model
+    from vpgtrans_adapters.llm import stop_token_ids
+
+    model = _model(tiny_paths, "opt", "blip2-vit", {}, {})
+    export_model(model, tmp_path / "hf", "hf-blip2")
+    newline = model.llm.tokenizer("\n", add_special_tokens=False).input_ids[-1]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = newline  # as in Salesforce/blip2-opt-2.7b
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "vpgtrans_export.json").unlink()
+    back = load_model(import_model(tmp_path / "hf", tmp_path / "imported", "hf-blip2")).eval()
+    assert stop_token_ids(back.llm)[0] == newline
