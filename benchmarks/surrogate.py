@@ -33,12 +33,13 @@ from real_weights import export_data, model_on_test, read_jsonl, test_features  
 RECIPE = "easyvqa_smollm2"
 METRIC = "vqa_accuracy"
 SIZES: dict[str, dict[str, Any]] = {
-    "default": dict(train_questions=4800, test_questions=160, val_questions=64, batch=16, direct_steps=70,
-                    eval_every=10, sur_steps=60, sur_eval_every=20, warmup_steps=4, transfer_steps=24,
-                    transfer_eval_every=5, cost_repeats=3, depths=(6, 10, 15)),
+    # Sized for a 2-core CPU shared by several jobs (a SmolLM2 step then gets ~15% of a core): batch 8.
+    "default": dict(train_questions=4800, test_questions=120, val_questions=48, batch=8, direct_steps=60,
+                    eval_every=10, sur_steps=48, sur_eval_every=16, warmup_steps=3, transfer_steps=20,
+                    transfer_eval_every=4, cost_repeats=2, depths=(6, 10, 15), heal_steps=40, heal_lr=2e-3),
     "quick": dict(train_questions=320, test_questions=16, val_questions=16, batch=4, direct_steps=4, eval_every=2,
                   sur_steps=4, sur_eval_every=2, warmup_steps=1, transfer_steps=2, transfer_eval_every=1,
-                  cost_repeats=1, depths=(4,)),
+                  cost_repeats=1, depths=(4,), heal_steps=4, heal_lr=1e-3),
 }
 
 
@@ -98,6 +99,27 @@ def graft(src_model: str, dst: str, train: Path, common: list[str], converter: s
                             "heldout_cosine": prepared.fit.heldout_cosine if prepared.fit else None}
 
 
+def heal_text(records: list[dict[str, Any]], path: Path) -> Path:
+    """Healing text: the distinct 'Question: … Answer: …' lines of the training questions (no images)."""
+    lines = list(dict.fromkeys(f"{r['prompt']} {r['answer']}" for r in records))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def surrogate_for(k: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """The (healed) surrogate of depth k under the work dir, made once; its manifest."""
+    from vpgtrans.surrogate import make_surrogate, read_surrogate
+
+    sur_dir = ctx["work"] / f"surrogate-k{k}"
+    manifest = read_surrogate(sur_dir)
+    if manifest is None or (manifest.get("heal") or {}).get("steps", 0) != size["heal_steps"]:
+        manifest = make_surrogate(args.dst, k, sur_dir, heal_steps=size["heal_steps"],
+                                  heal_data=ctx["paths"].get("heal") if size["heal_steps"] else None,
+                                  heal_lr=size["heal_lr"], force=True, echo=log)
+    return manifest
+
+
 def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
     """First point of `curve` at or above `target` (accuracy: higher is better)."""
     return next((p for p in curve if p["value"] >= target), None)
@@ -110,15 +132,13 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
 
     from vpgtrans.checkpoint import load_model
     from vpgtrans.recipes import load_recipe
-    from vpgtrans.surrogate import make_surrogate
     from vpgtrans.train.runner import run_recipe
     from vpgtrans.transfer.pipeline import transfer
 
     work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
     sur_dir = work / f"surrogate-k{k}"
-    if not (sur_dir / "config.json").is_file():
-        make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
-    out: dict[str, Any] = {"layers": k, "seed": seed, "surrogate_dir": str(sur_dir)}
+    manifest = surrogate_for(k, args, size, ctx, log)
+    out: dict[str, Any] = {"layers": k, "seed": seed, "surrogate_dir": str(sur_dir), "heal": manifest.get("heal")}
     log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
     recipe = load_recipe(RECIPE, [*common, f"data.train={paths['train']}", f"model.llm.path={sur_dir}",
                                   f"train.max_steps={size['sur_steps']}", f"train.eval_every={size['sur_eval_every']}"])
@@ -180,11 +200,18 @@ def direct_run(seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: d
     from vpgtrans.recipes import load_recipe
     from vpgtrans.train.runner import run_recipe
 
-    log(f"[seed={seed}] direct training on {args.dst} ({size['direct_steps']} steps)")
+    import json
+
     d = ctx["work"] / f"s{seed}" / "direct"
     recipe = load_recipe(RECIPE, [*ctx["common"](seed), f"data.train={ctx['paths']['train']}",
                                   f"train.max_steps={size['direct_steps']}"])
-    res = run_recipe(recipe, d, force=True, progress=False, echo=log)
+    done = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    if args.reuse_direct and done.get("status") == "finished" and done.get("fingerprint") == recipe.fingerprint():
+        log(f"[seed={seed}] direct training: reusing the finished run in {d} (same recipe fingerprint)")
+        res = {**done, "model_dir": str(d / "model")}
+    else:
+        log(f"[seed={seed}] direct training on {args.dst} ({size['direct_steps']} steps)")
+        res = run_recipe(recipe, d, force=True, progress=False, echo=log)
     curve = curve_of([d])
     best = max(p["value"] for p in curve)
     final = load_model(res["model_dir"])
@@ -251,6 +278,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vpgtrans.surrogate import make_surrogate
 
     size = dict(SIZES["quick" if args.quick else "default"])
+    if args.heal_steps is not None:
+        size["heal_steps"] = args.heal_steps
     args.depths = [int(k) for k in args.depths.split(",")] if args.depths else list(size["depths"])
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work).expanduser().resolve()
@@ -260,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = export_data(work, size)
     val, test = read_jsonl(paths["val"]), read_jsonl(paths["test"])
     train = read_jsonl(paths["train"])
+    paths["heal"] = heal_text(train, work / "data" / "heal.txt")
 
     def common(seed: int) -> list[str]:
         return [f"data.val={paths['val']}", f"data.max_val_samples={size['val_questions']}",
@@ -278,8 +308,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full = step_cost(spec, train, size["batch"], size["cost_repeats"])
     cost: dict[Any, Any] = {"full": full}
     for k in args.depths:
-        sur_dir = work / f"surrogate-k{k}"
-        make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
+        sur_dir = work / f"cost-k{k}"  # healing changes weights, not cost: an unhealed copy is measured
+        if not (sur_dir / "config.json").is_file():
+            make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
         c = step_cost({**spec, "llm": {**spec["llm"], "path": str(sur_dir)}}, train, size["batch"],
                       size["cost_repeats"])
         c.update(cpu_ratio=round(c["cpu_s"] / full["cpu_s"], 3), flop_ratio=round(c["gflop"] / full["gflop"], 3))
@@ -322,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="benchmarks/results", help="where surrogate.json (+ .png) go")
     p.add_argument("--work", default="runs/surrogate", help="data, surrogates and run dirs")
     p.add_argument("--dst", default="smollm2-135m", help="the full LLM (alias or dir)")
+    p.add_argument("--reuse-direct", action="store_true",
+                   help="reuse a finished direct run of the same recipe in --work (it is the costliest part)")
+    p.add_argument("--heal-steps", type=int, default=None, help="surrogate healing steps (0: unhealed)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
     args = p.parse_args(argv)

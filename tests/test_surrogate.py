@@ -120,7 +120,7 @@ def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["converter"]["converter"] == "identity" and report["converter"]["dst_coverage"] == 1.0
-    assert report["source_llm"]["path"].endswith("sur") and report["stages"]["stage2"]["steps"] == 3
+    assert report["source_llm"]["path"].endswith("sur") and report["stages"]["stage1"]["steps"] >= 1
     assert report["speedup"]["metric"] == "val_loss" and "ratio" in result.output
     # The zero-shot graft is scored before any training, with the recipe's metric.
     assert report["zero_shot"]["val_loss"] > 0 and "zero-shot graft (before training): val_loss" in result.output

@@ -125,18 +125,32 @@ def _kl_and_agreement(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
     return kl, int((s.argmax(-1) == t.argmax(-1)).sum()), int(m.sum())
 
 
+class TeacherCache:
+    """The full LLM's final hidden states per batch, computed once: each step then pays only for its LM head."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher, self.states = teacher, {}
+
+    @torch.no_grad()
+    def logits(self, key: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher logits of one batch (hidden states cached under `key`)."""
+        if key not in self.states:
+            self.states[key] = self.teacher.model(**batch).last_hidden_state
+        return self.teacher.get_output_embeddings()(self.states[key])
+
+
 @torch.no_grad()
-def agreement(student: nn.Module, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+def agreement(student: nn.Module, teacher: TeacherCache, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Top-1 next-token agreement and mean KL(full ‖ surrogate) on held-out text."""
     kls, hits, n = 0.0, 0, 0
-    for b in batches:
-        kl, h, c = _kl_and_agreement(student(**b).logits, teacher(**b).logits, b["attention_mask"])
+    for i, b in enumerate(batches):
+        kl, h, c = _kl_and_agreement(student(**b).logits, teacher.logits(("held", i), b), b["attention_mask"])
         kls, hits, n = kls + float(kl) * c, hits + h, n + c
     return {"top1_agreement": round(hits / max(n, 1), 4), "kl": round(kls / max(n, 1), 4), "tokens": n}
 
 
 def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence[str], *, steps: int,
-         lr: float = 1e-4, batch: int = 8, seq_len: int = 64, seed: int = 0,
+         lr: float = 2e-3, batch: int = 8, seq_len: int = 64, seed: int = 0,
          echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil the full LLM's next-token distribution into the surrogate's top layer + final norm (embeddings frozen)."""
     if tokenizer.pad_token_id is None:
@@ -148,11 +162,12 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
     train = _batches(tokenizer, texts[n_held:], batch, seq_len)
     teacher.eval().requires_grad_(False)
     student.eval().requires_grad_(False)
+    cache = TeacherCache(teacher)
     # Embeddings and LM head stay the target's own: that shared space is what makes the graft work.
     trainable = [*decoder_layers(student)[-1].parameters(), *(final_norm(student) or nn.Identity()).parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    before = agreement(student, teacher, held)
+    before = agreement(student, cache, held)
     echo(f"heal: before  top-1 agreement {before['top1_agreement']:.4f}, KL {before['kl']:.4f} "
          f"on {before['tokens']} held-out tokens")
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -160,8 +175,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
     start, losses = time.perf_counter(), []
     for step in range(steps):
         b = train[step % len(train)]
-        with torch.no_grad():
-            target = teacher(**b).logits
+        target = cache.logits(("train", step % len(train)), b)
         loss, _, _ = _kl_and_agreement(student(**b).logits, target, b["attention_mask"])
         if not math.isfinite(float(loss.detach())):
             from .errors import TrainingError
@@ -172,7 +186,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
         opt.step()
         losses.append(float(loss.detach()))
     student.requires_grad_(False)
-    after = agreement(student, teacher, held)
+    after = agreement(student, cache, held)
     echo(f"heal: after   top-1 agreement {after['top1_agreement']:.4f}, KL {after['kl']:.4f} "
          f"({steps} steps, {time.perf_counter() - start:.1f}s)")
     return {"steps": steps, "lr": lr, "batch": batch, "seq_len": seq_len, "trained": "last decoder layer + final norm",
@@ -187,7 +201,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def make_surrogate(llm: str, layers: int, out: str | Path, *, heal_steps: int = 0, heal_data: str | Path | None = None,
-                   heal_lr: float = 1e-4, force: bool = False, seed: int = 0,
+                   heal_lr: float = 2e-3, force: bool = False, seed: int = 0,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the surrogate of `llm` (first `layers` decoder layers) to `out`; returns its manifest."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

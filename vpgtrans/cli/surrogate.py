@@ -13,7 +13,8 @@ import click
               help="Distillation steps from the full LLM (0: no healing).")
 @click.option("--heal-data", type=click.Path(dir_okay=False), default=None,
               help="Healing text: one passage per line (.jsonl: 'text' or 'caption' field); 10% is held out.")
-@click.option("--heal-lr", type=float, default=1e-4, show_default=True, help="Healing learning rate.")
+@click.option("--heal-lr", type=float, default=2e-3, show_default=True,
+              help="Healing learning rate (Adam; trains the top kept layer and the final norm).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def surrogate(llm: str, layers: int, out_dir: str, heal_steps: int, heal_data: str | None, heal_lr: float,
               force: bool) -> None:
