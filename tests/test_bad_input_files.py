@@ -108,6 +108,8 @@ def test_bad_input_pixel_cap_reduces_jpeg_before_decoding(tmp_path, monkeypatch)
     assert abs(small.getpixel((50, 37))[0] - 200) < 8
     with pytest.raises(DataError, match="image is too large.*VPGTRANS_MAX_IMAGE_PIXELS"):
         open_image(tmp_path / "big.png")  # PNG cannot be decoded reduced: refused, not decoded whole
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 120,000 px: where Pillow only warns
+    assert open_image(tmp_path / "big.jpg").size == (100, 75)  # still decoded reduced, not refused
 
 
 def test_feature_batches_hold_resized_images_only(tiny_paths, tmp_path, monkeypatch):

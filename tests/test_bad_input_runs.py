@@ -122,19 +122,20 @@ def _safetensors_enospc(monkeypatch, only):
 @pytest.mark.parametrize("where, expected", [
     ("checkpoints", "could not write checkpoint step-000002 (No space left on device)"),
     ("features", "could not write cached features"),
+    (".model.tmp-", "could not write the final model"),
 ])
 def test_bad_input_disk_full_safetensors_error(data, tiny_paths, monkeypatch, where, expected):  # noqa: F811
     root, rows = data
-    out = root / f"run-full-{where}"
-    _safetensors_enospc(monkeypatch, f"/{where}/")
-    code, text = _train(_recipe(root, tiny_paths, rows, f"full{where}"), out)
+    out = root / f"run-full-{where.strip('.-')}"
+    _safetensors_enospc(monkeypatch, f"/{where}/" if where != ".model.tmp-" else where)
+    code, text = _train(_recipe(root, tiny_paths, rows, f"full{where.strip('.-')}"), out)
     _one_line_error(code, text, expected)
     assert "No space left on device" in text
     if where == "features":  # before any input is validated: nothing in --out, no temp files in the cache
         assert not out.exists() and not list((root / f"cache-full{where}").rglob("*.tmp"))
-    else:  # the run is marked failed; no half-written checkpoint
-        assert _status(out) == "failed"
-        assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
+    else:  # the run is marked failed; no half-written checkpoint or model
+        assert _status(out) == "failed" and not (out / "model").exists()
+        assert not any(p.name.startswith(".") for p in [*out.iterdir(), *(out / "checkpoints").iterdir()])
 
 
 def test_bad_input_leftovers_of_killed_runs_are_removed(data, tiny_paths):  # noqa: F811
@@ -164,7 +165,13 @@ def test_bad_input_damaged_state_json(data, tiny_paths):  # noqa: F811
     code, text = _train(recipe, out)
     assert code == 0, text
     state = out / "checkpoints" / "step-000002" / "state.json"
+    good = state.read_text()
     for damage in ('["not", "an", "object"]', '{"step": "two"}', "{", json.dumps({"step": 2, "rng": 5})):
         state.write_text(damage)
         code, text = _train(recipe, out, "--resume", "latest", "train.max_steps=3")
         _one_line_error(code, text, "is unreadable")
+    state.write_text(good)
+    weights = state.parent / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    code, text = _train(recipe, out, "--resume", "latest", "train.max_steps=3")
+    _one_line_error(code, text, "is unreadable")

@@ -162,9 +162,11 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> None:
     if unknown:
         raise _bad_field(where, f"spec.{unknown[0]}", f"is unknown (expected {', '.join(_SPEC_PARTS)})")
     for part in ("vision", "vpg", "llm"):
-        entry = spec.get(part)
+        if part not in spec:  # a part left out takes ModelSpec's default (transfer sources carry no vision)
+            continue
+        entry = spec[part]
         if not isinstance(entry, dict):
-            raise _bad_field(where, f"spec.{part}", "is missing or not an object")
+            raise _bad_field(where, f"spec.{part}", f"should be an object, got {type(entry).__name__}")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             if part != "llm" or not isinstance(entry.get("path"), str):

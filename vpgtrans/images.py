@@ -59,8 +59,9 @@ def decode_image(source: str | Path | IO[bytes], where: str, fix: str) -> Any:
     cap = max_pixels()
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice it: treat every bomb the same way.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Between Pillow's limit and twice it Pillow only warns: our own cap (below that limit) decides then,
+            # so such a JPEG is decoded reduced instead of whole. Beyond twice the limit Pillow refuses to open.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 w, h = img.size
                 if w * h > cap and img.format == "JPEG":
@@ -74,7 +75,7 @@ def decode_image(source: str | Path | IO[bytes], where: str, fix: str) -> Any:
                 return to_rgb(img)
     except DataError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise DataError(f"image is too large to decode safely: {where} ({exc})", f"downscale it or {fix}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

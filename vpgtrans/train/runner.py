@@ -73,6 +73,12 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
     Returns the `resume` to use: a run that failed or was killed before its first checkpoint has nothing
     to resume, so a plain rerun (or `--resume latest`) starts it over instead of refusing.
     """
+    import os
+
+    checkpoints = any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*"))
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        # Rank 0 alone refuses, cleans up and writes; the others follow what its decision leaves on disk.
+        return None if resume == "latest" and not checkpoints else resume
     check_writable(out)
     present = [name for name in _ARTIFACTS if (out / name).exists()]
     if not present:
@@ -84,7 +90,6 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
         raise ConfigError(f"{out} is being written by a run in progress (pid {previous['pid']})",
                           "wait for it, stop it, or choose another --out")
     same = previous.get("fingerprint") == fingerprint
-    checkpoints = any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*"))
     if not checkpoints and not (out / "model").exists() and resume in (None, "latest"):
         status = previous.get("status", "no run.json")
         (echo or print)(f"note: the run in {out} stopped before its first checkpoint ({status}); starting over")
@@ -106,7 +111,7 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
 def _remove(out: Path, names: list[str]) -> None:
     for name in names:
         target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def init_weights(model: Any, source: str) -> str:
