@@ -159,7 +159,8 @@ def test_vpgtrans_model_directory(blip2, tmp_path):
     state["llm.lora_A.weight"] = torch.zeros(2, 2)  # an adapter a source VPG does not carry over
     save_file(state, str(out / "model.safetensors"))
     manifest = {"format": "vpgtrans-model", "format_version": 1,
-                "spec": {"vpg": hf.vpg_spec, "llm": {"name": "opt", "path": "world-opt-s"}}}
+                "spec": {"vision": {"name": "blip2-vit", "path": "world-vit"}, "vpg": hf.vpg_spec,
+                         "llm": {"name": "opt", "path": "world-opt-s"}}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     src = load_source(out)
     assert src.format == "vpgtrans" and set(src.state) == set(hf.state)
