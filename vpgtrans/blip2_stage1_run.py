@@ -61,7 +61,7 @@ def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None
     from .data import BadSamples, build_dataset, load_records
     from .registry import get as get_component
     from .train.config import count_steps
-    from .train.runner import RUN_FILE, check_out_dir
+    from .train.runner import RUN_FILE, check_out_dir, mark_failed
     from .train.trainer import Trainer, make_accelerator
 
     if recipe.data.task == "vqa":
@@ -127,13 +127,13 @@ def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None
         atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))
     try:
         result = trainer.train(resume=resume)
-    except VpgtransError as exc:
-        run.update(status="failed", error=str(exc))
         if accelerator.is_main_process:
-            atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))
+            save_stage1(trainer.unwrapped, out / "stage1")
+    except (VpgtransError, OSError, KeyboardInterrupt) as exc:
+        if accelerator.is_main_process:
+            mark_failed(out, run, exc, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     if accelerator.is_main_process:
-        save_stage1(trainer.unwrapped, out / "stage1")
         run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), results=result.to_dict(),
                    stage1_dir=str(out / "stage1"))
         atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))

@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError, VpgtransError, write_error
 from .config import count_steps
 
 RUN_FILE = "run.json"
-_ARTIFACTS = (RUN_FILE, "checkpoints", "model", "log.jsonl", "tb")
+_ARTIFACTS = (RUN_FILE, "checkpoints", "model", "stage1", "log.jsonl", "tb")
 
 
 def _read_run(out: Path) -> dict[str, Any]:
@@ -90,7 +90,8 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
         raise ConfigError(f"{out} is being written by a run in progress (pid {previous['pid']})",
                           "wait for it, stop it, or choose another --out")
     same = previous.get("fingerprint") == fingerprint
-    if not checkpoints and not (out / "model").exists() and resume in (None, "latest"):
+    if not checkpoints and not (out / "model").exists() and not (out / "stage1").exists() \
+            and resume in (None, "latest"):
         status = previous.get("status", "no run.json")
         (echo or print)(f"note: the run in {out} stopped before its first checkpoint ({status}); starting over")
         _remove(out, present)
