@@ -229,3 +229,42 @@ def test_a_changed_lm_recipe_makes_a_built_world_stale(tiny_world: Path, monkeyp
     # The LM sizes and step budgets live in code, not in WorldConfig: changing them must force a rebuild.
     monkeypatch.setattr(lms, "lm_specs", lambda c: [replace(s, step_share=2.0) for s in original(c)])
     assert not is_current(tiny_world, cfg, 3)
+
+
+def test_build_report_records_converter_cosines_for_every_ordered_pair(tiny_world: Path) -> None:
+    from vpgtrans.world.fidelity import DEFAULT_CONVERTERS
+
+    report = read_manifest(tiny_world)["converter_cosines"]
+    assert set(report) == {f"{a}>{b}" for a in LMS for b in LMS if a != b}
+    for key, row in report.items():
+        assert row["seen_pairs"] <= row["string_pairs"] and 0 < row["dst_coverage"] <= 1
+        assert 0 <= row["caption_mass_paired"] <= 1 and row["dst_caption_tokens_paired"] <= row["dst_caption_tokens"]
+        assert set(row["converters"]) == set(DEFAULT_CONVERTERS), key
+        for scores in row["converters"].values():
+            assert -1 <= scores["uniform"] <= 1 and -1 <= scores["caption_weighted"] <= 1
+    # One tokenizer for both OPT sizes: every seen token pairs with itself.
+    assert report["opt-s>opt-m"]["dst_coverage"] == 1.0
+
+
+def test_crossval_cosine_tells_related_from_unrelated_spaces() -> None:
+    import torch
+
+    from vpgtrans.registry import build
+    from vpgtrans.world.fidelity import crossval_cosines
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(300, 16, generator=g)
+    related = src @ torch.randn(16, 24, generator=g) + 0.05 * torch.randn(300, 24, generator=g)
+    unrelated = torch.randn(300, 24, generator=g)
+    weights = torch.zeros(300)
+    weights[:10] = 1.0  # weighted mean over the first ten rows only
+    for name in ("lstsq", "ridge", "anchor-omp"):
+        good = crossval_cosines(build("converter", name), src, related, weights)
+        bad = crossval_cosines(build("converter", name), src, unrelated, weights)
+        assert good["uniform"] > 0.95 and good["caption_weighted"] > 0.95
+        assert abs(bad["uniform"]) < 0.15
+    # The weighted mean really is over the weighted rows: make only those rows unrelated.
+    mixed = related.clone()
+    mixed[:10] = unrelated[:10]
+    scores = crossval_cosines(build("converter", "lstsq"), src, mixed, weights)
+    assert scores["uniform"] > 0.8 and scores["caption_weighted"] < 0.4

@@ -2,7 +2,9 @@
 
 Layout of ``<out>``::
 
-    world.json                 manifest: seed, config, sizes, versions, timings, checks, files (sha256)
+    world.json                 manifest: seed, config, sizes, versions, timings, checks, files (sha256),
+                               converter_cosines (per ordered LM pair: token-pair coverage, held-out
+                               converter cosine uniform and caption-weighted, for every built-in converter)
     data/{train,val,test}.jsonl
     data/images/<split>/<n>.png
     vit/                       Blip2VisionModel + preprocessor_config.json
@@ -153,8 +155,9 @@ def _build_into(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str
     finally:
         torch.set_num_threads(threads)
     sizes = {f"n_{s}": getattr(cfg, f"n_{s}") for s in SPLITS}
+    converters = lm_report.pop("converters")
     return {"sizes": {**sizes, **lm_report.pop("sizes")}, "timings": timings, "vit_probe": vit_report,
-            "lm_context_check": lm_report}
+            "lm_context_check": lm_report, "converter_cosines": converters}
 
 
 def _write_data(data: Path, cfg: WorldConfig, seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -205,42 +208,97 @@ def _build_vit(out: Path, cfg: WorldConfig, seed: int, arrays: dict[str, Any],
 
 def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str], None],
                timings: dict[str, float]) -> dict[str, Any]:
-    import torch
+    """Tokenizers here, then the four LMs in parallel worker processes, then the converter report."""
+    from collections import Counter
 
-    from .lms import Encoder, context_check, eval_samples, lm_specs, make_model, pretrain, text_samples
+    from .fidelity import converter_report, report_lines
+    from .lms import lm_specs, text_samples
     from .tokenizers import check_whole_words, llama_tokenizer, opt_tokenizer, t5_tokenizer, training_corpus
 
     makers = {"opt": opt_tokenizer, "llama": llama_tokenizer, "t5": t5_tokenizer}
     words = all_words(cfg)
     tokenizers: dict[str, Any] = {}
-    report: dict[str, Any] = {"sizes": {}}
-    rows = eval_samples(cfg, seed)
-    for k, spec in enumerate(lm_specs(cfg)):
-        t = time.time()
-        steps = max(1, int(round(cfg.lm_steps * spec.step_share)))
-        samples = text_samples(cfg, seed, steps * cfg.lm_batch, spec.family)
+    specs = lm_specs(cfg)
+    for spec in specs:
         if spec.family not in tokenizers:
-            segments = (x for s in samples[:5000] for x in (s.before, s.ctx, s.after, s.target))
+            steps = max(1, int(round(cfg.lm_steps * spec.step_share)))
+            samples = text_samples(cfg, seed, min(steps * cfg.lm_batch, 5000), spec.family)
+            segments = (x for s in samples for x in (s.before, s.ctx, s.after, s.target))
             tok = makers[spec.family](training_corpus(segments, words), TOKENIZER_VOCAB[spec.family], LM_MAX_LEN)
             check_whole_words(tok, words, spec.name)
             tokenizers[spec.family] = tok
+        tokenizers[spec.family].save_pretrained(root / spec.name)
+    # Each LM trains on one thread, in its own process when there are cores for it: tiny models gain
+    # nothing from a second thread, and one thread per LM keeps the weights the same on every machine.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # A tiny world (tests) trains in seconds: starting worker processes would cost more than it saves.
+    workers = 1 if cfg.lm_scale == "tiny" else max(1, min(len(specs), cores))
+    jobs = [(str(root), cfg, seed, k) for k in range(len(specs))]
+    progress(f"[world] LMs: {', '.join(s.name for s in specs)} in {workers} worker process(es), one thread each")
+    if workers == 1:
+        results = [_train_lm(*job) for job in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_lm, *job) for job in jobs]
+            results = [f.result() for f in futures]
+    report: dict[str, Any] = {"sizes": {}}
+    spaces: dict[str, dict[str, Any]] = {}
+    caps = [c for line in (root / "data" / "train.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    from .fidelity import token_counts
+
+    for spec, res in zip(specs, results):
+        for line in res["log"]:
+            progress(line)
+        report[spec.name] = res["check"]
+        report["sizes"][spec.name] = {"params": res["params"], "vocab": res["vocab"]}
         tok = tokenizers[spec.family]
-        torch.manual_seed(seed * 1000 + k)
-        model = make_model(spec, tok, LM_MAX_LEN)
-        n_params = sum(p.numel() for p in model.parameters())
-        progress(f"[world] {spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tok)}, "
-                 f"{steps} steps")
-        enc = Encoder(tok, spec.family)
-        pretrain(model, enc, samples, cfg, steps, seed * 1000 + k, progress, lr=cfg.lm_lr * spec.lr_share)
-        check = context_check(model, enc, rows)
-        progress(f"[world] {spec.name}: caption loss with true context {check['true_context']:.3f}, shuffled "
-                 f"{check['shuffled_context']:.3f}, none {check['no_context']:.3f}")
-        model.save_pretrained(root / spec.name)
-        tok.save_pretrained(root / spec.name)
-        report[spec.name] = check
-        report["sizes"][spec.name] = {"params": n_params, "vocab": len(tok)}
-        timings[spec.name] = round(time.time() - t, 1)
+        spaces[spec.name] = {"tok": tok, "emb": res["emb"], "seen": Counter(res["seen"]),
+                             "captions": token_counts(tok, caps)}
+        timings[spec.name] = res["seconds"]
+        timings[f"{spec.name}_cpu"] = res["cpu_seconds"]  # one thread: its wall time on an idle core
+    t = time.time()
+    progress("[world] converters: held-out cosine for every ordered pair of LMs (5-fold over the seen token pairs)")
+    # The tiny world only has to show that the report is there: fewer folds and SGD steps.
+    quick = {"folds": 3, "configs": {"linear-cosine": {"min_steps": 50}}} if cfg.lm_scale == "tiny" else {}
+    report["converters"] = converter_report(spaces, **quick)
+    for line in report_lines(report["converters"]):
+        progress(f"    {line}")
+    timings["converters"] = round(time.time() - t, 1)
     return report
+
+
+def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int) -> dict[str, Any]:
+    """Pretrain LM number `k` of `lm_specs(cfg)` into root/<name> (its tokenizer is already there)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .fidelity import token_counts
+    from .lms import Encoder, context_check, eval_samples, lm_specs, make_model, pretrain, text_samples
+
+    torch.set_num_threads(1)
+    t, cpu = time.time(), time.process_time()
+    spec = lm_specs(cfg)[k]
+    out = Path(root) / spec.name
+    tok = AutoTokenizer.from_pretrained(out)
+    steps = max(1, int(round(cfg.lm_steps * spec.step_share)))
+    samples = text_samples(cfg, seed, steps * cfg.lm_batch, spec.family)
+    torch.manual_seed(seed * 1000 + k)
+    model = make_model(spec, tok, LM_MAX_LEN)
+    n_params = sum(p.numel() for p in model.parameters())
+    log = [f"[world] {spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tok)}, {steps} steps"]
+    enc = Encoder(tok, spec.family)
+    pretrain(model, enc, samples, cfg, steps, seed * 1000 + k, log.append, lr=cfg.lm_lr * spec.lr_share)
+    check = context_check(model, enc, eval_samples(cfg, seed))
+    log.append(f"[world] {spec.name}: caption loss with true context {check['true_context']:.3f}, shuffled "
+               f"{check['shuffled_context']:.3f}, none {check['no_context']:.3f} ({time.time() - t:.0f}s)")
+    model.save_pretrained(out)
+    return {"check": check, "params": n_params, "vocab": len(tok), "log": log, "seconds": round(time.time() - t, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1),
+            "emb": model.get_input_embeddings().weight.detach().clone(),
+            "seen": dict(token_counts(tok, [x for s in samples for x in (s.before, s.ctx, s.after, s.target)]))}
 
 
 def _file_list(root: Path) -> dict[str, dict[str, Any]]:

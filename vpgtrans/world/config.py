@@ -38,7 +38,7 @@ class WorldConfig:
     vit_lr: float = help_field(3e-3, help="peak AdamW learning rate for ViT pretraining")
     # Language models.
     lm_scale: str = help_field("full", help="'full' or 'tiny' model widths/depths")
-    lm_steps: int = help_field(500, help="pretraining steps per LM (scaled per model by its step_share)")
+    lm_steps: int = help_field(1200, help="pretraining steps per LM (scaled per model by its step_share)")
     lm_batch: int = help_field(32, help="LM pretraining batch size")
     lm_lr: float = help_field(3e-3, help="peak AdamW learning rate for LM pretraining")
     eval_samples: int = help_field(256, help="held-out samples for the context-vs-shuffled LM check")

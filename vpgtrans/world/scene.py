@@ -208,4 +208,6 @@ def all_words(cfg: WorldConfig) -> set[str]:
         words.update(text.split())
     words.update("a an the there is are shapes picture shows of size single with it and what color shape "
                  "object where how many yes no".split())
-    return words
+    from .language import lexicon_words
+
+    return words | lexicon_words()

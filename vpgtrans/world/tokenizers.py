@@ -50,8 +50,13 @@ def _metaspace() -> tuple[pre_tokenizers.PreTokenizer, decoders.Decoder]:
 
 
 def llama_tokenizer(corpus: list[str], vocab_size: int, max_len: int):
-    """SentencePiece-style BPE with byte fallback, laid out like LLaMA's vocabulary."""
-    pre, _ = _metaspace()
+    """SentencePiece-style BPE with byte fallback, laid out like LLaMA's vocabulary.
+
+    Punctuation is split off the words: on this repetitive corpus BPE would otherwise learn ``▁left.``
+    and ``▁it,`` as tokens of their own, which real LLaMA vocabularies mostly do not have, and which
+    no other tokenizer has a partner for.
+    """
+    pre = pre_tokenizers.Sequence([_metaspace()[0], pre_tokenizers.Punctuation(behavior="isolated")])
     draft = Tokenizer(models.BPE(unk_token="<unk>"))
     draft.pre_tokenizer = pre
     draft.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS,
