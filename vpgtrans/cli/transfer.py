@@ -21,8 +21,9 @@ import click
                    "LLM family (OPT-2.7B → 6.7B) → vpgtrans_opt2.7b_to_6.7b; another family (OPT → LLaMA) or "
                    "Vicuna → vpgtrans_vl_llama (the paper's values; the plan says which and why).")
 @click.option("--converter", default="auto", show_default=True,
-              help="Embedding converter (linear-cosine, lstsq, procrustes, identity); auto: identity when the "
-                   "vocabularies are identical (a surrogate source), else linear-cosine.")
+              help="Embedding converter (linear-cosine, lstsq, procrustes, ridge, ridge-whitened, anchor-omp, "
+                   "identity; `vpgtrans components` lists all); auto: identity when the vocabularies are identical "
+                   "(a surrogate source), else linear-cosine.")
 @click.option("--warmup-lr-scale", type=float, default=5.0, show_default=True,
               help="Stage-1 LR = this × the recipe's LR.")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of stage 1 in epochs.")
