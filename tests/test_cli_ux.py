@@ -194,3 +194,19 @@ def test_components_listing_is_cached_and_then_imports_no_plugin(tmp_path):
     (tmp_path / "home" / "components.json").write_text(json.dumps(saved))
     third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "qformer" in third.stdout  # a changed installation is listed afresh, not from the stale cache
+
+
+def test_train_names_every_missing_weight_before_starting(tmp_path, empty_cache, monkeypatch):
+    data = _jsonl(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--recipe", "minigpt4_stage2", f"data.train={data}",
+                                       "data.format=jsonl", "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and "2 missing weights" in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+    # Where downloads are allowed, a model that is only not cached yet is no reason to refuse.
+    from vpgtrans.names import LLM_ALIASES, missing_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    assert missing_weights([("LLM", "vicuna-7b", LLM_ALIASES)]) == []
+    assert missing_weights([("LLM", str(tmp_path / "gone"), LLM_ALIASES)])[0][3] == "no such file or directory"

@@ -243,13 +243,16 @@ def locate(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
 
 
 def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, str, str]]:
-    """Of (role, name, aliases) triples, every one whose weights are absent: (role, name, target, why)."""
+    """Of (role, name, aliases) triples, every one whose weights are absent: (role, name, target, why).
+
+    A hub model that is merely not cached counts as absent only when nothing may be downloaded (offline()).
+    """
     out = []
     for role, name, aliases in wanted:
         if not name:
             continue
         target, why = locate(str(name), aliases)
-        if why is not None:
+        if why is not None and not (why.startswith("not in the Hugging Face cache") and not offline()):
             out.append((role, str(name), target, why))
     return out
 

@@ -40,6 +40,11 @@ def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: 
     loaded = load_recipe(recipe, extra)
     out = Path(out_dir) if out_dir else Path("runs") / loaded.name
     if not dry_run:
+        from ..names import missing_error, missing_weights, recipe_weights
+
+        missing = missing_weights(recipe_weights(loaded))
+        if missing:  # every absent weight named at once, before any data is read or anything is written
+            raise missing_error(missing)
         run_recipe(loaded, out, resume=resume, force=force, dry_run=False, skip_bad=skip_bad_samples,
                    progress=not no_progress, echo=echo)
         return
