@@ -70,6 +70,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    """`response_format`: plain text is all a vpgtrans model writes."""
+
+    type: Literal["text"]
+
+
 class ChatRequest(_Strict):
     """POST /v1/chat/completions: the subset of OpenAI's fields a vpgtrans model can honour."""
 
@@ -85,6 +91,7 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     def stops(self) -> list[str]:
         """Stop strings as a list (OpenAI allows up to 4)."""
