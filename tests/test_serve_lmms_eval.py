@@ -28,8 +28,8 @@ def test_lmms_eval_openai_model_through_serve_equals_vpgtrans_eval(tiny_paths, t
     _write_data(data, WorldConfig.preset("tiny"), 0, lambda _: None)
     model_dir = make_model(tiny_paths, tmp_path / "captioner")  # MiniGPT-4 template: its answers are not empty
     limit = 6
-    res = CliRunner().invoke(main, ["eval", "--model", str(model_dir), "--data", str(data / "test.jsonl"),
-                                    "--limit", str(limit), "--max-new-tokens", "8", "--out", str(tmp_path / "ours.json")])
+    res = CliRunner().invoke(main, ["eval", "--model", str(model_dir), "--data", str(data / "test.jsonl"), "--limit",
+                                    str(limit), "--max-new-tokens", "8", "--out", str(tmp_path / "ours.json")])
     assert res.exit_code == 0, res.output
     ours = json.loads((tmp_path / "ours.json").read_text())
     yaml = write_task(data / "test.jsonl", tmp_path / "task", "caption", limit=limit, max_new_tokens=8)
