@@ -68,13 +68,17 @@ def standins(tmp_path_factory, tiny_paths):
     _cache_put(hub, "Salesforce/blip2-opt-2.7b", root / "blip2")
     _cache_put(hub, "facebook/opt-2.7b", tiny["opt"])
     _cache_put(hub, "huggyllama/llama-7b", tiny["llama"])
+    _cache_put(hub, "lmsys/vicuna-7b-v1.1", tiny["llama"])  # a LLaMA-architecture stand-in, as Vicuna is
     (root / "img").mkdir()
     rows = []
     for i, im in enumerate(tiny_images(8, seed=5)):
         im.save(root / "img" / f"{i}.png")
         rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} square on the left"})
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"root": root, "hub": hub, "data": str(root / "train.jsonl")}
+    from vpgtrans.data.cc_sbu_export import export_cc_sbu
+
+    export_cc_sbu(root / "train.jsonl", root / "cc_sbu_align")
+    return {"root": root, "hub": hub, "data": str(root / "train.jsonl"), "cc_sbu": str(root / "cc_sbu_align")}
 
 
 @pytest.fixture
@@ -159,3 +163,23 @@ def test_the_headline_command_runs_end_to_end(cache, tmp_path):
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["spec"]["llm"]["path"] == "llama-7b" and manifest["spec"]["vision"]["path"] == "eva-vit-g"
     assert manifest["spec"]["llm"]["dtype"] == "float16"  # the recipe's LLM dtype, as the paper ran its 7B LLMs
+
+
+def test_into_vicuna_runs_vl_vicuna_then_its_minigpt4_style_stage(cache, tmp_path):
+    out = tmp_path / "v"
+    then = ["--then", "train.batch_size=2", "--then", "train.grad_accum=1", "--then", "train.max_steps=1",
+            "--then", "train.warmup_steps=0", "--then", "train.max_text_len=12", "--then", 'train.mixed_precision="no"',
+            "--then", "train.save_every=0"]
+    result = CliRunner().invoke(main, ["transfer", "--src", "opt-2.7b", "--dst", "vicuna-7b", "--data", cache["data"],
+                                       "--out", str(out), "--no-progress", "--converter", "lstsq",
+                                       f"data.val={cache['data']}", *TINY, "--then-data", cache["cc_sbu"], *then])
+    assert result.exit_code == 0, result.output
+    assert "recipe vpgtrans_vl_llama: opt → vicuna" in result.output and "== vl_vicuna" in result.output
+    run = json.loads((out / "vl_vicuna" / "run.json").read_text())
+    r = run["recipe"]
+    assert r["name"] == "vl_vicuna" and r["train"]["init_from"] == str(out / "model")
+    assert r["model"]["template"]["text"].startswith("###Human: <Img><ImageHere></Img>")
+    assert r["model"]["llm"]["path"] == "vicuna-7b" and r["train"]["trainable"] == ["vpg", "projector"]
+    assert (out / "vl_vicuna" / "model" / "model.safetensors").exists()
+    refused = _run("--data", cache["data"], "--then-data", cache["cc_sbu"], "--dry-run")
+    assert refused.exit_code != 0 and "into Vicuna" in refused.output.strip().splitlines()[-1]

@@ -40,19 +40,43 @@ import click
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
+@click.option("--then-data", default=None,
+              help="Into Vicuna (VL-Vicuna): also run the paper's next stage (recipe vl_vicuna) on this "
+                   "cc_sbu_align folder, into OUT/vl_vicuna.")
+@click.option("--then", "then_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override of the next stage's recipe (repeat), e.g. --then train.max_steps=400.")
 def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, data_fraction: float | None,
              out_dir: str, recipe: str | None,
              converter: str, warmup_lr_scale: float, warmup_epochs: float, lora: bool, until: str | None,
              compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
-             src_llm: str | None, min_coverage: float, no_progress: bool, threads: int | None) -> None:
+             src_llm: str | None, min_coverage: float, no_progress: bool, threads: int | None,
+             then_data: str | None, then_overrides: tuple[str, ...]) -> None:
     """Transfer the VPG of SRC to the LLM DST; overrides are recipe key=value (e.g. train.max_steps=500)."""
     from ..threads import announce_before, apply_threads
     from ..transfer.pipeline import transfer as run
 
     echo = announce_before(apply_threads(threads), click.echo)
+    followup = _followup(src, dst, src_llm, recipe, then_data, then_overrides)
     if data_fraction is not None:
         overrides = (*overrides, f"data.fraction={data_fraction}")
     run(src, dst, data, out_dir, converter=converter, warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs,
         lora=lora, until=until, compare_scratch=compare_scratch, dry_run=dry_run, resume=resume, force=force,
         recipe=recipe, overrides=overrides, trust_pickle=trust_pickle, src_llm=src_llm, min_coverage=min_coverage,
         progress=not no_progress, echo=echo)
+    if followup and then_data and not dry_run:
+        from ..transfer.followup import run_followup
+
+        run_followup(out_dir, followup, then_data, then_overrides, progress=not no_progress, echo=echo)
+
+
+def _followup(src: str, dst: str, src_llm: str | None, recipe: str | None, then_data: str | None,
+              then_overrides: tuple[str, ...]) -> str | None:
+    """The recipe following this transfer (vl_vicuna into Vicuna); --then-data elsewhere is refused up front."""
+    from ..errors import ConfigError
+    from ..transfer.choose import choose_recipe
+
+    followup = choose_recipe(src, dst, src_llm).followup if recipe is None else None
+    if (then_data or then_overrides) and not followup:
+        raise ConfigError("--then-data/--then apply to a transfer into Vicuna (VL-Vicuna's next stage)",
+                          "drop them, or run `vpgtrans train --recipe ... train.init_from=OUT/model` afterwards")
+    return followup
