@@ -277,3 +277,46 @@ def test_bad_input_out_under_a_file_or_read_only(data, tiny_paths, monkeypatch):
     code, out = _train(recipe, root / "ro" / "run")
     _one_line_error(code, out, "cannot write to")
     assert not (root / "ro").exists()
+
+
+def _library_errors():
+    import errno
+    import json as _json
+    import pickle
+
+    import yaml
+    from safetensors import SafetensorError
+
+    def raised(call):
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - collecting the real exception objects of each library
+            return exc
+        raise AssertionError("did not raise")
+
+    return [
+        (OSError(errno.ENOSPC, "No space left on device", "/x/model.safetensors"), "No space left on device"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/out"), "read-only file system"),
+        (OSError(errno.ENOTDIR, "Not a directory", "/f/out"), "a parent of the path is a file"),
+        (OSError(errno.EACCES, "Permission denied", "/root/x"), "permission denied"),
+        (OSError(errno.EEXIST, "File exists", "/f"), "is not a directory"),
+        (SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "/c/x"'),
+         "No space left on device"),
+        (SafetensorError("Error while deserializing header: invalid header length"), "truncated or damaged"),
+        (Image.DecompressionBombError("Image size (1 pixels) exceeds limit"), "too large to decode safely"),
+        (raised(lambda: _json.loads('{"a": ')), "malformed JSON"),
+        (raised(lambda: b"\xff".decode("utf-8")), "not UTF-8"),
+        (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
+        (raised(lambda: yaml.safe_load("a: [")), "invalid YAML"),
+        (pickle.UnpicklingError("Weights only load failed"), "never unpickles"),
+    ]
+
+
+def test_bad_input_library_failures_map_to_one_line():
+    from vpgtrans.errors import VpgtransError, translate
+
+    for exc, expected in _library_errors():
+        known = translate(exc)
+        assert isinstance(known, VpgtransError), exc
+        assert expected in str(known) and " — " in str(known) and "\n" not in str(known), (exc, str(known))
+    assert translate(ZeroDivisionError("a bug")) is None  # a bug stays a bug: the CLI asks for --debug

@@ -63,6 +63,8 @@ def _os_fixes() -> dict[int, tuple[str, str]]:
             errno.ENOTDIR: ("a parent of the path is a file, not a directory",
                             "choose a path whose parent folders are directories"),
             errno.EISDIR: ("is a directory, a file was expected", "pass a file path"),
+            errno.EEXIST: ("exists, and is not a directory where one is needed",
+                           "choose a path whose parent folders are directories"),
             errno.EACCES: ("permission denied", "fix the permissions or choose a location you can write to"),
             errno.EPERM: ("operation not permitted", "fix the permissions or choose another location"),
             errno.ENOENT: ("no such file or directory", "check the path"),
