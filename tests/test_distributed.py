@@ -148,3 +148,37 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(recipe):
     final = load_file(str(resumed / "model" / "model.safetensors"))
     assert all(torch.equal(final[k], fsdp_w[k]) for k in fsdp_w)
     assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == b
+
+
+@pytest.mark.slow
+def test_fsdp_transfer_matches_one_process(recipe, tiny_paths):
+    """`vpgtrans transfer` under the FSDP config: both stages shard the same model in turn (the model is turned
+    back into a plain one between them) and end where the 1-process transfer ends."""
+    from vpgtrans.checkpoint import save_model
+    from vpgtrans.model import build_model
+    from vpgtrans.testing import tiny_spec
+
+    torch.manual_seed(0)
+    save_model(build_model(tiny_spec(tiny_paths)), recipe / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cli = shutil.which("vpgtrans", path=os.path.dirname(sys.executable)) or shutil.which("vpgtrans")
+    runs = {}
+    for name, launch in (("tr-one", ["--cpu", "--num_processes", "1"]),
+                         ("tr-fsdp", ["--config_file", str(FSDP_CONFIG), "--num_processes", "2",
+                                      "--main_process_port", "0"])):
+        processes = 2 if name == "tr-fsdp" else 1
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", *launch, cli, "transfer", "--src", str(recipe / "src"), "--dst",
+               str(tiny_paths["opt"]), "--data", str(recipe / "train.jsonl"), "--recipe", "vpgtrans_world", "--out",
+               str(recipe / name), "--no-progress", f"train.batch_size={GLOBAL_BATCH // processes}",
+               "train.max_steps=3", "train.eval_every=0", "train.max_text_len=16", "eval.metrics=[]",
+               f"data.val={recipe / 'train.jsonl'}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[name] = load_file(str(recipe / name / "model" / "model.safetensors"))
+    assert json.loads((recipe / "tr-fsdp" / "stage2" / "run.json").read_text())["plan"]["sharding"].startswith("fsdp2")
+    for stage in ("stage1", "stage2"):
+        a, b = ([r["loss"] for r in read_log(recipe / n / stage / "log.jsonl")] for n in ("tr-one", "tr-fsdp"))
+        assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-5), (stage, a, b)
+    assert set(runs["tr-one"]) == set(runs["tr-fsdp"])
+    assert all(torch.allclose(runs["tr-fsdp"][k], runs["tr-one"][k], rtol=1e-4, atol=1e-6) for k in runs["tr-one"])

@@ -282,7 +282,8 @@ def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, ch
         "features (batch)": f"{batch} × {n_vis} × {width} @ {feats_dtype}",
     }
     if shard > 1:
-        notes.append(f"weights, gradients and optimizer state sharded over {shard} processes (FSDP)")
+        notes.append(f"weights, gradients and optimizer state sharded over {shard} processes (FSDP); the "
+                     f"layers being computed are gathered in full on top (not included)")
     if torch.cuda.is_available() or mp != "no":
         notes.append("on a GPU add ~0.5-1 GiB for the CUDA context and allocator slack (not included)")
     host = n_examples * n_vis * width * dtype_bytes(feats_dtype)
@@ -428,7 +429,10 @@ def _llm_bytes_roughly(spec: Any) -> int:
 
 def plan_recipe(recipe: Any, n_examples: int = 0, **kw: Any) -> MemoryPlan:
     """The memory plan of a recipe's run (processes taken from the launcher's WORLD_SIZE)."""
+    from .train.fsdp import fsdp_requested
+
     kw.setdefault("processes", int(os.environ.get("WORLD_SIZE", "1")))
+    kw.setdefault("sharded", fsdp_requested(kw["processes"]))
     return estimate(recipe.model, recipe.train, recipe.data, n_examples=n_examples, **kw)
 
 

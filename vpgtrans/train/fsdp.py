@@ -27,7 +27,9 @@ def shard(module: nn.Module, device: torch.device) -> int:
     from torch.distributed.fsdp import fully_shard
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if any(type(m).__name__.startswith("FSDP") for m in module.modules()):
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
         from ..errors import ConfigError
 
         raise ConfigError("the model is already sharded by an earlier training stage",
@@ -104,10 +106,27 @@ class Loader:
 
 
 def unshard_for_good(module: nn.Module) -> None:
-    """Replace every sharded parameter by its full tensor (a collective), for saving the final model."""
+    """Turn the sharded model back into a plain one with full tensors (a collective), for saving the final
+    model and for a next training stage (`vpgtrans transfer`), which shards it afresh."""
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
     from torch.distributed.tensor import DTensor
 
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if isinstance(p, DTensor):
                 sub._parameters[name] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+    # torch has no public inverse of fully_shard: drop its hooks and state, and restore each module's class.
+    for sub in module.modules():
+        state = _get_module_fsdp_state(sub)
+        if state is not None:
+            for handle in {id(h): h for h in (state._pre_forward_hook_handle, state._post_forward_hook_handle)
+                           if h is not None}.values():
+                handle.remove()
+        _module_state_mapping.pop(sub, None)
+        for key in (REGISTRY_KEY, STATE_KEY):  # fully_shard refuses a module it has seen before
+            sub.__dict__.pop(key, None)
+        if isinstance(sub, FSDPModule):
+            sub.__class__ = next(b for b in type(sub).__bases__ if b is not FSDPModule)
