@@ -173,8 +173,10 @@ def test_evaluate_model_on_tiny_model(tiny_paths, tmp_path):
     with pytest.raises(DataError, match="question"):
         evaluate_model(model, records, features_fn, task="vqa", gen_config=gen)
     records = load_eval_records(tmp_path / "val.jsonl", task="vqa")
+    answers = iter(["Red.", "blue", "RED"])  # the gold answer is "red": 2 of 3 right after normalisation
+    model.generate = lambda features, prompt, config: [next(answers) for _ in prompt]
     vqa = evaluate_model(model, records, features_fn, task="vqa", batch_size=2, gen_config=gen)
-    assert calls == [2, 1] and 0.0 <= vqa["vqa_accuracy"] <= 1.0
+    assert calls == [2, 1] and vqa["vqa_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_eval_cli_prints_metrics_and_writes_predictions(tiny_paths, tmp_path):
@@ -214,4 +216,7 @@ def test_training_metrics_are_found_by_the_trainer(tiny_paths, tmp_path):
     assert {"cider", "attribute_accuracy"} <= set(out) and "n" not in out
     vqa_ctx = EvalContext(records=load_eval_records(tmp_path / "val.jsonl", task="vqa"), dataset=None,
                           config=EvalConfig(metrics=["vqa_accuracy"], max_samples=3, max_new_tokens=2))
-    assert 0.0 <= get_metric("vqa_accuracy")(model, vqa_ctx)["vqa_accuracy"] <= 1.0
+    model.generate = lambda features, prompt, config: ["red"] * len(prompt)
+    assert get_metric("vqa_accuracy")(model, vqa_ctx)["vqa_accuracy"] == 1.0
+    model.generate = lambda features, prompt, config: ["a blue one"] * len(prompt)
+    assert get_metric("vqa_accuracy")(model, vqa_ctx)["vqa_accuracy"] == 0.0

@@ -88,10 +88,17 @@ def test_benchmark_quick_path_writes_every_key(tmp_path, monkeypatch):
     assert saved["mode"] == "quick" and saved["data"]["test_questions"] == 6
     for key in ("date", "machine", "sizes", "data", "before", "source_lm", "source_vpg", "transfer", "after"):
         assert key in saved, key
+    from vpgtrans.evaluation import vqa_score
+
     for arm in (saved["before"]["llm_alone"], saved["before"]["untrained_vpg"], saved["after"]["scratch_recipe"],
                 saved["after"]["vpgtrans"]):
-        assert 0.0 <= arm["vqa_accuracy"] <= 1.0 and arm["n"] == 6 and len(arm["examples"]) == 5
+        assert arm["n"] == 6 and len(arm["examples"]) == 5
+        # The accuracy is the predictions' score: 5 of the 6 are shown, the sixth adds 0 or 1/6.
+        hits = sum(vqa_score(e["prediction"], e["answer"]) for e in arm["examples"])
+        assert hits / 6 - 1e-3 <= arm["vqa_accuracy"] <= (hits + 1) / 6 + 1e-3, arm
     t = saved["transfer"]
     assert t["n_pairs"] > 0 and 0 < t["dst_coverage"] <= 1 and "speedup" in t and t["scratch"]["steps"] == 3
-    assert t["stages"]["stage1"]["steps"] == 1 and t["stages"]["stage2"]["steps"] == 2
+    # --compare-scratch stops VPGTrans at scratch's best: stage 2 is cut short or skipped once it is matched.
+    s2, matched = t["stages"]["stage2"]["steps"] or 0, t["speedup"]["vpgtrans"]
+    assert t["stages"]["stage1"]["steps"] == 1 and (s2 == 2 if matched is None else matched["step"] == 1 + s2)
     assert result["after"]["vpgtrans"]["vqa_accuracy"] == saved["after"]["vpgtrans"]["vqa_accuracy"]

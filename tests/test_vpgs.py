@@ -58,7 +58,7 @@ def test_every_vpg_trains_with_every_llm_and_generates(tiny_paths, vpg, llm):
             for name, p in model.named_parameters():
                 trains = name.startswith(("vpg.", "projector."))
                 assert p.requires_grad == trains, name
-                assert (p.grad is not None) == trains or not trains, name
+                assert (p.grad is not None) == trains, name  # frozen parts get no gradient at all
             assert model.projector.weight.grad.abs().sum() > 0
         opt.step()
         losses.append(loss.item())
