@@ -31,6 +31,7 @@ def _jsonl(tmp_path, n=4):
     return path
 
 
+@pytest.mark.slow  # subprocesses / a 7B memory plan by name: ~20-60 s on a busy 2-core box
 def test_train_dry_run_prints_the_plan_and_names_every_missing_weight(tmp_path, empty_cache):
     data = _jsonl(tmp_path)
     result = CliRunner().invoke(main, ["train", "--recipe", "minigpt4_stage2", "--dry-run", f"data.train={data}",
@@ -172,6 +173,7 @@ def test_chat_reads_terminal_lines_through_readline(monkeypatch):
     assert chat.read_line() == "piped\n"
 
 
+@pytest.mark.slow  # subprocesses / a 7B memory plan by name: ~20-60 s on a busy 2-core box
 def test_components_listing_is_cached_and_then_imports_no_plugin(tmp_path):
     import os
     import subprocess

@@ -136,6 +136,7 @@ def test_dry_run_plans_the_paper_recipe_with_the_stand_ins(cache, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the dry run's memory plan of a 7B model sized from its name
 def test_dry_run_lists_every_missing_weight_and_still_plans(cache, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -183,3 +184,16 @@ def test_into_vicuna_runs_vl_vicuna_then_its_minigpt4_style_stage(cache, tmp_pat
     assert (out / "vl_vicuna" / "model" / "model.safetensors").exists()
     refused = _run("--data", cache["data"], "--then-data", cache["cc_sbu"], "--dry-run")
     assert refused.exit_code != 0 and "into Vicuna" in refused.output.strip().splitlines()[-1]
+
+
+def test_a_local_model_is_known_by_what_it_says_not_by_its_folder_name(tmp_path):
+    from vpgtrans.transfer.choose import family
+
+    model = tmp_path / "src-llama"  # a folder name that suggests LLaMA ...
+    model.mkdir()
+    (model / "manifest.json").write_text(json.dumps({"spec": {"llm": {"path": "world-opt-s"}}}))
+    assert family(str(model)) == "world"  # ... holding a model trained on the world's OPT
+    hf = tmp_path / "my-checkpoint"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    assert family(str(hf)) == "opt" and choose_recipe(str(hf), "llama-7b").kind == "type"

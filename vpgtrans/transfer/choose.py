@@ -47,11 +47,7 @@ def _from_config(path: Path) -> str | None:
     return {"opt": "opt", "llama": "llama", "mistral": "llama", "t5": "flant5"}.get(kind)
 
 
-def family(name: str | None, *, look: bool = True) -> str | None:
-    """'world', 'opt', 'llama', 'vicuna', 'flant5' or None for a model name, hub id or directory."""
-    if not name:
-        return None
-    text = str(name)
+def _from_name(text: str) -> str | None:
     low = Path(text).name.lower() if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) else text.lower()
     if low.startswith("world-"):
         return "world"
@@ -60,9 +56,11 @@ def family(name: str | None, *, look: bool = True) -> str | None:
         end = "" if key == "vicuna" else "(?=$|[^a-z])"  # 'opt-6.7b', 'llama2' but not 'options'
         if re.search(rf"(^|[/_-]){re.escape(key)}{end}", low):
             return fam
-    path = Path(text).expanduser()
-    if not look or not path.exists():
-        return None
+    return None
+
+
+def _from_disk(path: Path) -> str | None:
+    """Family of a local model: inside the world's folder, its manifest's LLM, or its config.json."""
     from ..paths import world_dir
 
     try:
@@ -77,6 +75,16 @@ def family(name: str | None, *, look: bool = True) -> str | None:
             return None
         return family((spec.get("llm") or {}).get("path"))
     return _from_config(path) if path.is_dir() else None
+
+
+def family(name: str | None, *, look: bool = True) -> str | None:
+    """'world', 'opt', 'llama', 'vicuna', 'flant5' or None for a model name, hub id or directory."""
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    # What a local model says about itself beats what its folder happens to be called.
+    on_disk = _from_disk(path) if look and path.exists() else None
+    return on_disk or _from_name(str(name))
 
 
 def guess_component(name: str) -> str:
