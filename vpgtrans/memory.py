@@ -443,6 +443,9 @@ def print_memory_plan(recipe: Any, n_examples: int = 0, echo: Callable[[str], No
     except PlanError as exc:
         echo(f"memory  not estimated: {exc}")
         return None
+    except Exception as exc:  # noqa: BLE001 - a component the simulation cannot build must not stop a dry run
+        echo(f"memory  not estimated: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
     device, free = available_memory()
     for line in plan.lines(free, f"in the free memory of this {device}"):
         echo(line)
