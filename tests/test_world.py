@@ -268,3 +268,22 @@ def test_crossval_cosine_tells_related_from_unrelated_spaces() -> None:
     mixed[:10] = unrelated[:10]
     scores = crossval_cosines(build("converter", "lstsq"), src, mixed, weights)
     assert scores["uniform"] > 0.8 and scores["caption_weighted"] < 0.4
+
+
+@pytest.mark.slow
+def test_lms_trained_in_worker_processes_equal_the_inline_ones(tiny_world: Path, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from vpgtrans.world.build import _in_workers
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_world, copy)
+    lines: list[str] = []
+    results = _in_workers([(str(copy), WorldConfig.preset("tiny"), 3, k) for k in range(len(LMS))], 2, lines.append)
+    manifest = read_manifest(tiny_world)
+    for name, res in zip(LMS, results):
+        assert res["check"] == manifest["lm_context_check"][name]
+        digest = hashlib.sha256((copy / name / "model.safetensors").read_bytes()).hexdigest()
+        assert digest == manifest["files"][f"{name}/model.safetensors"]["sha256"]
+    assert any(line.startswith("[world] flant5: caption loss") for line in lines)  # progress came back

@@ -236,22 +236,15 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
     jobs = [(str(root), cfg, seed, k) for k in range(len(specs))]
     progress(f"[world] LMs: {', '.join(s.name for s in specs)} in {workers} worker process(es), one thread each")
     if workers == 1:
-        results = [_train_lm(*job) for job in jobs]
+        results = [_train_lm(*job, log=progress) for job in jobs]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_lm, *job) for job in jobs]
-            results = [f.result() for f in futures]
+        results = _in_workers(jobs, workers, progress)
     report: dict[str, Any] = {"sizes": {}}
     spaces: dict[str, dict[str, Any]] = {}
     caps = [c for line in (root / "data" / "train.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
     from .fidelity import token_counts
 
     for spec, res in zip(specs, results):
-        for line in res["log"]:
-            progress(line)
         report[spec.name] = res["check"]
         report["sizes"][spec.name] = {"params": res["params"], "vocab": res["vocab"]}
         tok = tokenizers[spec.family]
@@ -270,7 +263,26 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
     return report
 
 
-def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int) -> dict[str, Any]:
+def _in_workers(jobs: list[tuple], workers: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """`_train_lm` over `jobs` in spawned processes, their progress lines relayed as they come."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_train_lm, *job, log=queue.put) for job in jobs]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            while not queue.empty():
+                progress(queue.get())
+            for f in done:
+                f.result()  # a failed LM fails the build now, not after the others finish
+        return [f.result() for f in futures]
+
+
+def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain LM number `k` of `lm_specs(cfg)` into root/<name> (its tokenizer is already there)."""
     import torch
     from transformers import AutoTokenizer
@@ -288,14 +300,15 @@ def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int) -> dict[str, Any]:
     torch.manual_seed(seed * 1000 + k)
     model = make_model(spec, tok, LM_MAX_LEN)
     n_params = sum(p.numel() for p in model.parameters())
-    log = [f"[world] {spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tok)}, {steps} steps"]
+    log(f"[world] {spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tok)}, {steps} steps")
     enc = Encoder(tok, spec.family)
-    pretrain(model, enc, samples, cfg, steps, seed * 1000 + k, log.append, lr=cfg.lm_lr * spec.lr_share)
+    pretrain(model, enc, samples, cfg, steps, seed * 1000 + k, lambda line: log(f"  {spec.name}{line}"),
+             lr=cfg.lm_lr * spec.lr_share)
     check = context_check(model, enc, eval_samples(cfg, seed))
-    log.append(f"[world] {spec.name}: caption loss with true context {check['true_context']:.3f}, shuffled "
-               f"{check['shuffled_context']:.3f}, none {check['no_context']:.3f} ({time.time() - t:.0f}s)")
+    log(f"[world] {spec.name}: caption loss with true context {check['true_context']:.3f}, shuffled "
+        f"{check['shuffled_context']:.3f}, none {check['no_context']:.3f} ({time.time() - t:.0f}s)")
     model.save_pretrained(out)
-    return {"check": check, "params": n_params, "vocab": len(tok), "log": log, "seconds": round(time.time() - t, 1),
+    return {"check": check, "params": n_params, "vocab": len(tok), "seconds": round(time.time() - t, 1),
             "cpu_seconds": round(time.process_time() - cpu, 1),
             "emb": model.get_input_embeddings().weight.detach().clone(),
             "seen": dict(token_counts(tok, [x for s in samples for x in (s.before, s.ctx, s.after, s.target)]))}
