@@ -97,3 +97,36 @@ def _tokenizer_like(out) -> None:
 
     raw, sp = _bpe_bytelevel()
     _save_tokenizer(raw, sp, out)
+
+
+def test_recipe_key_trains_the_same_run(tmp_path, tiny_paths):
+    """`train.gradient_checkpointing=true` in a real `vpgtrans train` run: the same logged losses as without."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from vpgtrans.cli import main
+    from vpgtrans.testing import tiny_images
+    from vpgtrans.train import read_log
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, im in enumerate(tiny_images(8, seed=4)):
+        im.save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": CAPTIONS[i % len(CAPTIONS)]})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"name": "tiny_ckpt", "model": tiny_spec(tiny_paths, llm="llama"),
+              "data": {"train": str(tmp_path / "train.jsonl")},
+              "train": {"batch_size": 4, "lr": 1e-3, "max_steps": 3, "max_text_len": 16}, "eval": {"metrics": []}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    losses = {}
+    for on in ("false", "true"):
+        out = tmp_path / f"run-{on}"
+        result = CliRunner().invoke(main, ["train", "--recipe", str(tmp_path / "r.yaml"), "--out", str(out),
+                                           "--no-progress", f"train.gradient_checkpointing={on}"])
+        assert result.exit_code == 0, result.output
+        losses[on] = [r["loss"] for r in read_log(out / "log.jsonl")]
+        assert json.loads((out / "run.json").read_text())["plan"]["gradient_checkpointing"] == (on == "true")
+    assert len(losses["true"]) == 3 and losses["true"][0] != losses["true"][-1]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-6)
