@@ -22,7 +22,7 @@ TARGETS = {"size": 5.0, "type": 3.0}  # issue #13: what this miniature must show
 
 SIZE_PAIR = "opt-s>opt-m"
 TYPE_PAIRS = ("opt-s>llama", "opt-s>flant5")
-MAIN_ROWS = ["scratch", "inherit", "inherit+conv", "vpgtrans", "vpgtrans-all-data"]
+MAIN_ROWS = ["scratch", "vpgtrans", "inherit", "inherit+conv", "vpgtrans-all-data"]  # in order of importance
 ABLATION_ROWS = ["warmup-1x", "warmup-10x"]  # plus one row per registered converter (conv-*)
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -60,8 +60,7 @@ def describe(cell: dict[str, Any] | None) -> str:
     if st["mean"] is None:
         return f"never matched (0/{total})"
     text = f"{st['mean']:.2f} ± {st['std']:.2f}x" if st["n"] > 1 else f"{st['mean']:.2f}x"
-    return text + (f" ({done}/{total})" if done == total else f" (mean of the {done}/{total} seeds that matched; "
-                                                              f"{total - done} never did)")
+    return text + (f" ({done}/{total})" if done == total else f" (mean of {done}/{total}; {total - done} never matched)")
 
 
 def _all_matched(cell: dict[str, Any] | None) -> bool:
@@ -170,7 +169,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
              f"{s['plateau_window']:.0%} of its steps); transfer rows on {s['data_fraction']:.1%} of the data, "
              f"warm-up {s['warmup_epochs']:g} epoch, budget = scratch's steps to its plateau; val_loss on "
              f"{s['val_samples']} held-out captions every {s['eval_every']} steps; batch {s['batch_size']}",
-             f"{'pair':<14}{'row':<19}{'speed-up, samples':<44}{'wall time':<18}{'converter cos':>14}"]
+             f"{'pair':<14}{'row':<19}{'speed-up, samples (seeds that matched)':<58}{'wall time':<18}"
+             f"{'converter cos':>14}"]
 
     def wall(c: dict) -> str:
         w = c["speedup_wall"]
@@ -183,9 +183,9 @@ def table_lines(result: dict[str, Any]) -> list[str]:
                 st, pl = c["steps_to_best"], c.get("plateau_steps") or {}
                 text = (f"best at step {st['mean']:.0f} (mean), plateau at {pl.get('mean') or 'cap':}"
                         if st["mean"] is not None else "-")
-                lines.append(f"{pair:<14}{name:<19}{text:<44}")
+                lines.append(f"{pair:<14}{name:<19}{text:<58}")
                 continue
-            lines.append(f"{pair:<14}{name:<19}{describe(c):<44}{wall(c):<18}"
+            lines.append(f"{pair:<14}{name:<19}{describe(c):<58}{wall(c):<18}"
                          f"{'' if cos is None else f'{cos:.3f}':>14}")
     lines.append("\npaper vs miniature (verdict per claim)")
     for v in result["paper_comparison"]:

@@ -131,24 +131,64 @@ def _quiet(_: str) -> None:
 
 def train_source(s: Settings, llm: str, cache: Path, echo: Callable[[str], None] = print) -> Path:
     """A VPG trained on world LLM `llm` with the BLIP-2 stage-2 world recipe; reused while its settings match."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    # Benchmarks running side by side (one per pair) share sources: the second waits for the first's training.
+    with open(cache / f"source-{llm}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_source(s, llm, cache, echo)
+
+
+def _source_recipe(s: Settings, llm: str) -> Any:
     from vpgtrans.model import detect_llm_component
     from vpgtrans.recipes import load_recipe
+
+    path = s.llm(llm)
+    return load_recipe(SOURCE_RECIPE, s.data_overrides() + [
+        f"model.llm.path={path}", f"model.llm.name={detect_llm_component(path)}", f"train.lr={s.source_lr}",
+        f"train.min_lr={s.source_lr / 10}", f"train.max_steps={s.source_steps}", "train.warmup_steps=50",
+        f"train.eval_every={max(1, s.source_steps // 12)}", f"train.log_every={max(1, s.source_steps // 12)}",
+        "train.seed=1234"])
+
+
+def source_architecture(s: Settings, llm: str, cache: Path) -> Path:
+    """An untrained model with the source's exact spec: all a scratch row needs (it never reads the weights)."""
+    from vpgtrans.checkpoint import save_model
+    from vpgtrans.model import build_model
+
+    out = cache / f"spec-{llm}-{world_id(s)}"
+    if not (out / "manifest.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"spec-{llm}.lock", "w") as lock:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "manifest.json").exists():
+                save_model(build_model(_source_recipe(s, llm).model), out)
+    return out
+
+
+def world_id(s: Settings) -> str:
+    """Changes whenever the world at `s.world` is rebuilt: cached sources of an older build are not reused."""
+    import hashlib
+
+    return hashlib.sha256((Path(s.world) / "world.json").read_bytes()).hexdigest()[:16]
+
+
+def _train_source(s: Settings, llm: str, cache: Path, echo: Callable[[str], None]) -> Path:
     from vpgtrans.train.runner import run_recipe
 
     out = cache / f"source-{llm}"
-    key = {"world": str(Path(s.world).resolve()), "llm": llm, "steps": s.source_steps, "lr": s.source_lr,
+    key = {"world": str(Path(s.world).resolve()), "world_id": world_id(s), "llm": llm, "steps": s.source_steps,
+           "lr": s.source_lr,
            "batch_size": s.batch_size, "max_text_len": s.max_text_len, "evals": 12}
     meta = out / "bench_source.json"
     if (out / "model" / "manifest.json").exists() and (out / "source.json").exists() and meta.exists() \
             and json.loads(meta.read_text()) == key:
         echo(f"source VPG on {llm}: reusing {out / 'model'}")
         return out / "model"
-    path = s.llm(llm)
-    recipe = load_recipe(SOURCE_RECIPE, s.data_overrides() + [
-        f"model.llm.path={path}", f"model.llm.name={detect_llm_component(path)}", f"train.lr={s.source_lr}",
-        f"train.min_lr={s.source_lr / 10}", f"train.max_steps={s.source_steps}", "train.warmup_steps=50",
-        f"train.eval_every={max(1, s.source_steps // key['evals'])}",
-        f"train.log_every={max(1, s.source_steps // key['evals'])}", "train.seed=1234"])
+    recipe = _source_recipe(s, llm)
     echo(f"source VPG on {llm}: training {s.source_steps} steps → {out}")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

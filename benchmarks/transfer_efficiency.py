@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _paper_protocol as paper  # noqa: E402
-from _transfer_rows import METRIC, PAIRS, ROWS, Settings, compare, run_row, train_source  # noqa: E402
+from _transfer_rows import (METRIC, PAIRS, ROWS, Settings, compare, run_row, source_architecture,  # noqa: E402
+                            train_source)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -282,7 +283,8 @@ def run_benchmark(profile: str, settings: Settings, pairs: list[str], rows_for: 
                               "paper": PAPER, "runs": [], "skipped": []}
     sources: dict[str, Path] = {}
     result["sources_s"] = 0.0
-    todo = [(seed, p, r) for seed in seeds for p in pairs for r in rows_for(p)]
+    # Row-major, seeds inner: under a time budget the first rows (scratch, full VPGTrans) get every seed.
+    todo = [(seed, p, r) for p in pairs for r in rows_for(p) for seed in seeds]
     scratch: dict[tuple[int, str], dict[str, Any]] = {}
     for i, (seed, pair_name, row_name) in enumerate(todo, 1):
         elapsed = time.perf_counter() - started
@@ -295,14 +297,16 @@ def run_benchmark(profile: str, settings: Settings, pairs: list[str], rows_for: 
             result["skipped"].append({"seed": seed, "pair": pair_name, "row": row_name, "why": "no scratch run"})
             continue
         target = None if base is None else base["vs_scratch"]["scratch_best"]
-        if pair.src not in sources:  # trained (or found in the cache) when first needed
+        if pair.src not in sources and row_name != "scratch":  # trained (or found in the cache) when first needed
             t0 = time.perf_counter()
             sources[pair.src] = train_source(settings, pair.src, work / "sources", echo)
             result["sources_s"] = round(result["sources_s"] + time.perf_counter() - t0, 1)
         run_dir = work / "runs" / pair_name.replace(">", "-to-") / f"{row_name}-s{seed}"
         # Under the paper's protocol a row gets what scratch spent up to its plateau; otherwise the fixed budget.
         budget = base["steps"] if base is not None and settings.plateau else settings.steps
-        run = run_row(settings, pair, row, seed, sources[pair.src], run_dir, target=target, budget=budget)
+        # Scratch only needs the source's architecture: it can start while another process trains the source.
+        src = sources.get(pair.src) or source_architecture(settings, pair.src, work / "sources")
+        run = run_row(settings, pair, row, seed, src, run_dir, target=target, budget=budget)
         run["vs_scratch"] = compare(run, base or run)
         if row_name == "scratch":
             scratch[(seed, pair_name)] = run
@@ -341,12 +345,27 @@ def plateau_figures(results: Path) -> list[dict[str, Any]]:
 def plateau(settings: Settings, pair: str, steps: int, work: Path, echo: Callable[[str], None] = print) -> dict:
     """One long scratch run on the pair's destination: the step where val_loss stops improving (within 1%)."""
     s = Settings(**{**asdict(settings), "steps": steps})
-    run = run_row(s, PAIRS[pair], ROWS["scratch"], 0, train_source(s, PAIRS[pair].src, work / "sources", echo),
+    run = run_row(s, PAIRS[pair], ROWS["scratch"], 0, source_architecture(s, PAIRS[pair].src, work / "sources"),
                   work / "plateau" / pair.replace(">", "-to-"))
     best = min(run["curve"], key=lambda p: p["value"])
     near = next(p for p in run["curve"] if p["value"] <= best["value"] + 0.01 * abs(best["value"]))
     return {"pair": pair, "steps": steps, "best": best["value"], "best_step": best["step"],
             "within_1pct_step": near["step"], "curve": run["curve"], "settings": asdict(s)}
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results of benchmark processes run side by side (same settings, different pairs) as one."""
+    first = parts[0]
+    if any(p["settings"] != first["settings"] for p in parts):
+        raise SystemExit("error: the results to merge were measured with different settings — merge like with like")
+    merged = {**first, "runs": [r for p in parts for r in p["runs"]], "skipped": [s for p in parts for s in p["skipped"]],
+              "pairs": {k: v for p in parts for k, v in p["pairs"].items()},
+              "rows": {k: v for p in parts for k, v in p["rows"].items()},
+              "total_s": max(p.get("total_s", 0.0) for p in parts),
+              "merged_from": [{"date": p["date"], "pairs": list(p["pairs"]), "total_s": p.get("total_s"),
+                               "machine": p["machine"]} for p in parts]}
+    merged["sources_s"] = max(p.get("sources_s", 0.0) for p in parts)
+    return merged
 
 
 def _judge(protocol: str, ablation_pair: str | None) -> Callable[[dict], list]:
@@ -373,11 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", help="built world directory (default $VPGTRANS_HOME/world)")
     ap.add_argument("--work", help="run directory; trained sources are cached here (default $VPGTRANS_HOME/"
                                    "bench/transfer_efficiency)")
-    ap.add_argument("--seeds", type=int, help="seeds per row (default 3; --quick 2)")
+    ap.add_argument("--seeds", type=int, help="seeds per row: 0 .. N-1 (default 3; --quick 2)")
+    ap.add_argument("--seed-list", help="these seeds instead, e.g. 1,2 (to split one benchmark over processes run "
+                                        "side by side; merge their JSONs with --rescore A.json B.json)")
+    ap.add_argument("--sources-only", action="store_true", help="only train (or find) the source VPGs of the pairs, "
+                    "for benchmark processes started side by side to share")
     ap.add_argument("--pairs", help="comma-separated pairs: " + ", ".join(PAIRS))
     ap.add_argument("--rows", help="comma-separated rows for every pair: " + ", ".join(ROWS))
-    ap.add_argument("--rescore", metavar="JSON", help="recompute summary, verdicts and plot of a results JSON "
-                    "from its stored runs (no training)")
+    ap.add_argument("--rescore", metavar="JSON", nargs="+", help="recompute summary, verdicts and plot of a results "
+                    "JSON from its stored runs (no training); several JSONs (e.g. one per pair, run side by side) are "
+                    "merged into --results/<first file's name>")
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and PNG go (default %(default)s)")
     ap.add_argument("--budget-min", type=float, help="start no new run after this many minutes (default: 45, "
                     "--quick 5, --full none; 0 = none); skipped runs are listed in the JSON")
@@ -386,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
                     + ")")
     args = ap.parse_args(argv)
     if args.rescore:
-        path = Path(args.rescore)
+        path = Path(args.rescore[0])
         result = json.loads(path.read_text())
+        if len(args.rescore) > 1:
+            path = Path(args.results) / path.name
+            result = merge_results([result] + [json.loads(Path(f).read_text()) for f in args.rescore[1:]])
         result.update(summary=summarise(result["runs"]))
         result.update(paper_comparison=_judge(result.get("protocol", "short"), result.get("ablation_pair"))(
             result["summary"]), scratch_plateau=plateau_figures(path.parent))
@@ -448,7 +475,16 @@ def main(argv: list[str] | None = None) -> int:
             chosen = prof["rows"]
         return ["scratch"] + [r for r in chosen if r != "scratch"]
 
-    seeds = list(range(args.seeds or prof["seeds"]))
+    try:
+        seeds = ([int(x) for x in args.seed_list.split(",") if x.strip()] if args.seed_list
+                 else list(range(args.seeds or prof["seeds"])))
+    except ValueError:
+        print(f"error: --seed-list {args.seed_list} is not a list of integers — e.g. --seed-list 1,2", file=sys.stderr)
+        return 2
+    if args.sources_only:
+        for src in dict.fromkeys(PAIRS[p].src for p in pairs):
+            train_source(settings, src, work / "sources")
+        return 0
     budget = args.budget_min if args.budget_min is not None else prof["budget_min"]
     stem = {"quick": "transfer_efficiency_quick", "paper": "transfer_efficiency_paper",
             "paper-quick": "transfer_efficiency_paper_quick"}.get(profile, "transfer_efficiency")
