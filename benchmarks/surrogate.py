@@ -179,17 +179,25 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     final = load_model(tdir / "model")
     out["final_test"] = model_on_test(final, ctx["test"], ctx["feats"])[METRIC]
     del final
-    direct = ctx["direct"][seed]
-    hit = first_reaching(route, direct["best"])
-    ratio = ctx["cost"][k]["cpu_s"] / ctx["cost"]["full"]["cpu_s"]
-    out["match"] = {"target": direct["best"], "reached": hit is not None,
-                    "dst_steps": hit["step"] if hit else None,
-                    "surrogate_steps": sur_res["steps"],
-                    "equivalent_dst_steps": round(hit["step"] + sur_res["steps"] * ratio, 1) if hit else None,
+    out.update(match_direct(out, ctx["direct"][seed], ctx["cost"][k]["cpu_s"] / ctx["cost"]["full"]["cpu_s"]))
+    log(f"  match direct best {ctx['direct'][seed]['best']}: {out['match']}")
+    return out
+
+
+def match_direct(row: dict[str, Any], direct: dict[str, Any], cpu_ratio: float) -> dict[str, Any]:
+    """When the route (surrogate training + transfer) first matched direct training's best and its final value."""
+    route, sur_steps = row["transfer"]["route_curve"], row["surrogate_training"]["steps"]
+    out = {}
+    for key, target in (("match", direct["best"]), ("match_final", direct["val_curve"][-1]["value"])):
+        hit, ref = first_reaching(route, target), first_reaching(direct["val_curve"], target)
+        out[key] = {"target": target, "reached": hit is not None, "direct_step": ref["step"],
+                    "direct_wall_time": ref["wall_time"], "dst_steps": hit["step"] if hit else None,
+                    "surrogate_steps": sur_steps,
+                    # surrogate steps priced at their measured CPU cost in full-LLM steps
+                    "equivalent_dst_steps": round(hit["step"] + sur_steps * cpu_ratio, 1) if hit else None,
                     "wall_time": hit["wall_time"] if hit else None,
-                    "wall_ratio_vs_direct": round(hit["wall_time"] / direct["reached"]["wall_time"], 3) if hit else None,
+                    "wall_ratio_vs_direct": round(hit["wall_time"] / ref["wall_time"], 3) if hit else None,
                     "route_best_val": max(p["value"] for p in route)}
-    log(f"  match direct best {direct['best']}: {out['match']}")
     return out
 
 
@@ -223,23 +231,43 @@ def direct_run(seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: d
 
 
 def summary_rows(result: dict[str, Any]) -> list[str]:
-    """The printed table: one row per depth and seed."""
-    head = (f"{'K':>3} {'seed':>4} {'cpu':>5} {'flop':>5} {'surVPG':>7} {'graft':>6} {'route steps':>12} "
-            f"{'route s':>8} {'direct steps':>12} {'direct s':>8} {'wall x':>7} {'final':>11}")
+    """The printed table: one row per depth and seed; 'best'/'final' = matching direct's best / final val accuracy."""
+    head = (f"{'K':>3} {'seed':>4} {'cpu':>5} {'flop':>5} {'surVPG':>7} {'graft':>6} {'target':>6} "
+            f"{'route steps':>12} {'equiv':>6} {'route s':>8} {'direct steps':>12} {'direct s':>8} {'wall x':>7} "
+            f"{'final test':>11}")
     lines = [head]
     for row in result["runs"]:
-        k, seed, m = row["layers"], row["seed"], row["match"]
+        k, seed = row["layers"], row["seed"]
         c = result["cost"][str(k)]
         direct = result["direct"][str(seed)]
-        steps = f"{m['surrogate_steps']}s+{m['dst_steps']}" if m["reached"] else "never"
-        wall = f"{m['wall_time']:.0f}" if m["reached"] else "-"
-        ratio = f"{m['wall_ratio_vs_direct']:.2f}" if m["reached"] else "-"
-        lines.append(f"{k:>3} {seed:>4} {c['cpu_ratio']:>5.2f} {c['flop_ratio']:>5.2f} "
-                     f"{row['surrogate_vpg_test'][METRIC]:>7.3f} {row['zero_shot']['identity']['test']:>6.3f} "
-                     f"{steps:>12} {wall:>8} {direct['reached']['step']:>12} "
-                     f"{direct['reached']['wall_time']:>8.0f} {ratio:>7} "
-                     f"{row['final_test']:.3f}/{direct['final_test']:.3f}")
+        for key, name in (("match", "best"), ("match_final", "final")):
+            m = row[key]
+            hit = m["reached"]
+            steps = f"{m['surrogate_steps']}s+{m['dst_steps']}" if hit else "never"
+            wall = f"{m['wall_time']:.0f}" if hit else "-"
+            lines.append(f"{k:>3} {seed:>4} {c['cpu_ratio']:>5.2f} {c['flop_ratio']:>5.2f} "
+                         f"{row['surrogate_vpg_test'][METRIC]:>7.3f} {row['zero_shot']['identity']['test']:>6.3f} "
+                         f"{name:>6} {steps:>12} {m['equivalent_dst_steps'] if hit else '-':>6} "
+                         f"{wall:>8} {m['direct_step']:>12} {m['direct_wall_time']:>8.0f} "
+                         f"{m['wall_ratio_vs_direct'] if hit else '-':>7} "
+                         f"{row['final_test']:.3f}/{direct['final_test']:.3f}")
     return lines
+
+
+def finish(result: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
+    """Matches, table, JSON and plot from the recorded curves (also for --summarize of an earlier JSON)."""
+    for row in result["runs"]:
+        cost = result["cost"][str(row["layers"])]
+        row.update(match_direct(row, result["direct"][str(row["seed"])], cost["cpu_ratio"]))
+    result["table"] = summary_rows(result)
+    write_json(out / "surrogate.json", result)
+    try:
+        plot(result, out / "surrogate.png")
+    except Exception as exc:  # matplotlib is optional; the numbers are in the JSON
+        log(f"note: no plot ({exc})")
+    for line in result["table"]:
+        print(line)
+    log(f"wrote {out / 'surrogate.json'}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -332,15 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["total_seconds"] = round(time.perf_counter() - t0, 1)
             write_json(out / "surrogate.json", result)  # partial results survive an interrupted run
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    result["table"] = summary_rows(result)
-    write_json(out / "surrogate.json", result)
-    try:
-        plot(result, out / "surrogate.png")
-    except Exception as exc:  # matplotlib is optional; the numbers are in the JSON
-        log(f"note: no plot ({exc})")
-    for line in result["table"]:
-        print(line)
-    log(f"wrote {out / 'surrogate.json'}")
+    finish(result, out, log)
     return result
 
 
@@ -358,7 +378,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--heal-steps", type=int, default=None, help="surrogate healing steps (0: unhealed)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="recompute the matches, table and plot of an earlier surrogate.json into --out")
     args = p.parse_args(argv)
+    if args.summarize:
+        import json
+
+        result = json.loads(Path(args.summarize).read_text())
+        finish(result, Path(args.out).expanduser(), print)
+        return result
     import torch
 
     torch.set_num_threads(args.threads)
