@@ -61,18 +61,13 @@ def _load_tower(model_cls: Any, name: str, target: str, dtype: torch.dtype) -> A
     from pathlib import Path
 
     from huggingface_hub import snapshot_download
-    from vpgtrans.transfer.sources import _read_safetensors
+
+    from vpgtrans.hf_dirs import read_safetensors, safetensors_names
 
     directory = Path(target) if os.path.isdir(target) else Path(snapshot_download(target, local_files_only=True))
     prefixes = ("vision_model.", "vision_tower.", "model.vision_model.")
-    index = directory / "model.safetensors.index.json"
-    keys = json.loads(index.read_text())["weight_map"] if index.exists() else None
-    if keys is None:
-        from safetensors import safe_open
-
-        with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-            keys = list(f.keys())
-    state = _read_safetensors(directory, [k for k in keys if k.startswith(prefixes)])
+    keys = safetensors_names(directory)
+    state = read_safetensors(directory, [k for k in keys if k.startswith(prefixes)])
     model = model_cls(sub)
     renamed = {}
     for k, v in state.items():

@@ -304,54 +304,6 @@ def read_export_info(src: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def read_hf_config(src: str | Path, model_types: Sequence[str], fmt: str) -> dict[str, Any]:
-    """config.json of a stock checkpoint directory, checked to be of the expected model type."""
-    path = Path(src) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{src} has no config.json", f"pass a directory holding a {fmt} checkpoint")
-    config = json.loads(path.read_text())
-    if config.get("model_type") not in model_types:
-        raise CheckpointError(f"{src} holds a '{config.get('model_type')}' model, not {'/'.join(model_types)}",
-                              f"pick the --format that matches the checkpoint ({fmt} reads {model_types[0]})")
-    return config
-
-
-def preprocessor_settings(src: Path) -> dict[str, Any]:
-    """Image size and statistics from a stock processor config, in the form the vision adapters read.
-
-    A resize-short-side-then-centre-crop config (CLIPImageProcessor) is kept as it is: the vision component
-    follows it, so non-square images give the source model's pixels.
-    """
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = src / name
-        if path.exists():
-            data = json.loads(path.read_text())
-            data = data.get("image_processor", data)
-            keep = {k: data[k] for k in ("image_mean", "image_std", "size", "crop_size", "do_center_crop")
-                    if k in data}
-            if data.get("do_center_crop") and isinstance(keep.get("size"), dict) and "shortest_edge" in keep["size"]:
-                return keep
-            size = keep.get("crop_size") if data.get("do_center_crop") else keep.get("size")
-            if isinstance(size, dict) and "shortest_edge" in size:
-                size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
-            if size is not None:
-                keep["size"] = size
-            keep.pop("crop_size", None)
-            keep.pop("do_center_crop", None)
-            return keep
-    return {}
-
-
-def save_frozen_parts(tmp: Path, vision: nn.Module, lm: nn.Module, tokenizer: Any,
-                      preprocessor: dict[str, Any]) -> None:
-    """Write the vision tower and the LLM as their own stock checkpoints (what our components load)."""
-    vision.save_pretrained(str(tmp / "vision"))
-    if preprocessor:
-        (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    lm.save_pretrained(str(tmp / "llm"))
-    tokenizer.save_pretrained(str(tmp / "llm"))
-
-
 def adapter_settings(src: Path) -> dict[str, Any] | None:
     """The `lora:` spec of a peft LoRA adapter shipped beside a stock checkpoint (`--lora peft`), if any."""
     from ..lora import LORA_DIR

@@ -19,9 +19,10 @@ import torch
 
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
-from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name,
-                      finish_import, image_processor, llm_part, prefixed, preprocessor_settings, read_export_info,
-                      read_hf_config, refuse_abstractor, restore_llm, save_frozen_parts, write_export)
+from ..hf_dirs import preprocessor_settings, qformer_vpg_spec, read_blip2_vpg, read_hf_config, save_frozen_parts
+from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
+                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
+                      write_export)
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -190,7 +191,6 @@ def import_(src: str | Path, out: str | Path, family: Family) -> Path:
 
     from ..model import detect_llm_component
     from ..names import load_pretrained
-    from ..transfer.sources import load_source
 
     src, out = Path(src), Path(out)
     read_hf_config(src, (family.model_type,), family.fmt)
@@ -210,9 +210,11 @@ def import_(src: str | Path, out: str | Path, family: Family) -> Path:
             load_pretrained(AutoTokenizer.from_pretrained, str(qsrc), str(qsrc),
                             what="Q-Former tokenizer").save_pretrained(str(tmp / QFORMER_TOKENIZER))
             vpg_spec, vpg_state = _instruct_vpg(stock, info, tmp / QFORMER_TOKENIZER)
-        else:  # the transfer pipeline's BLIP-2 reader: same key mapping, same VPG spec
-            source = load_source(src)
-            vpg_spec, vpg_state = source.vpg_spec, source.vpg_state()
+        else:  # the transfer sources' BLIP-2 reader: same key mapping, same VPG spec
+            read = read_blip2_vpg(src)
+            n_query = int(read.state["vpg.query_tokens"].shape[1])
+            vpg_spec = qformer_vpg_spec(read.qformer_config, n_query, vision_layernorm=False)
+            vpg_state = {k[len("vpg."):]: v for k, v in read.state.items() if k.startswith("vpg.")}
         spec = {"vision": {"name": "blip2-vit", "path": str(tmp / "vision"), "dtype": dtype_name(vision)},
                 "vpg": vpg_spec,
                 "llm": {"name": detect_llm_component(str(tmp / "llm")), "path": str(tmp / "llm"),

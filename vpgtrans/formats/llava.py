@@ -17,9 +17,10 @@ import torch
 
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
-from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name,
-                      finish_import, image_processor, llm_part, prefixed, preprocessor_settings, read_export_info,
-                      read_hf_config, refuse_abstractor, restore_llm, save_frozen_parts, write_export)
+from ..hf_dirs import preprocessor_settings, read_hf_config, save_frozen_parts
+from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
+                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
+                      write_export)
 
 FMT = "hf-llava"
 

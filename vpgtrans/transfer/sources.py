@@ -10,21 +10,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from vpgtrans.errors import CheckpointError, WeightsNotFoundError
+from vpgtrans.hf_dirs import qformer_fields, qformer_vpg_spec, read_blip2_vpg, read_safetensors
 
 FORMATS = ("a vpgtrans model directory (manifest.json + model.safetensors)",
            "a Hugging Face BLIP-2 directory (config.json + safetensors)",
            "a LAVIS / MiniGPT-4 / VPGTrans .pth checkpoint (with --trust-pickle)")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-# Blip2QFormerConfig fields that matter for rebuilding the Q-Former.
-QFORMER_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                "layer_norm_eps", "cross_attention_frequency", "encoder_hidden_size", "use_qformer_text_input")
 # LAVIS projector names → the LLM family they were trained with.
 LAVIS_PROJECTORS = {"opt_proj": "opt", "llama_proj": "llama", "t5_proj": "t5", "llm_proj": "llm"}
 
@@ -67,13 +64,6 @@ class SourceVPG:
 
 
 # ---------------------------------------------------------------------------------------------- shared
-def _qformer_dict(qcfg: dict[str, Any]) -> dict[str, Any]:
-    from transformers import Blip2QFormerConfig
-
-    full = Blip2QFormerConfig.from_dict(dict(qcfg)).to_dict()  # fills transformers' defaults
-    return {k: full[k] for k in QFORMER_KEYS}
-
-
 def _expected_qformer(qcfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Key → shape of every tensor a Blip2QFormerModel with this config holds (built on meta: no memory)."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -100,17 +90,6 @@ def _check_qformer(state: dict[str, torch.Tensor], qcfg: dict[str, Any], where: 
             f"layers)"] if extra else []
 
 
-def _vpg_spec(qcfg: dict[str, Any], num_query_tokens: int, vision_layernorm: bool) -> dict[str, Any]:
-    """The `vpg` entry of a model spec that rebuilds this Q-Former with the built-in `qformer` VPG."""
-    return {"name": "qformer", "num_query_tokens": num_query_tokens, "hidden_size": qcfg["hidden_size"],
-            "num_hidden_layers": qcfg["num_hidden_layers"], "num_attention_heads": qcfg["num_attention_heads"],
-            "intermediate_size": qcfg["intermediate_size"],
-            "cross_attention_frequency": qcfg["cross_attention_frequency"],
-            "dropout": qcfg["hidden_dropout_prob"], "vision_width": qcfg["encoder_hidden_size"],
-            "vision_layernorm": vision_layernorm, "text_input": False, "init_from": None,
-            "vocab_size": qcfg["vocab_size"], "max_position_embeddings": qcfg["max_position_embeddings"]}
-
-
 def _finish(state: dict[str, torch.Tensor], qcfg: dict[str, Any], fmt: str, path: Path, source_llm: str | None,
             vision_layernorm: bool, notes: list[str], spec: dict[str, Any] | None = None, **extra: Any) -> SourceVPG:
     if "projector.weight" not in state:
@@ -125,70 +104,16 @@ def _finish(state: dict[str, torch.Tensor], qcfg: dict[str, Any], fmt: str, path
     out_dim, in_dim = state["projector.weight"].shape
     return SourceVPG(state=state, qformer_config=qcfg, num_query_tokens=n_query, projector_in=int(in_dim),
                      projector_out=int(out_dim), format=fmt, source_llm=source_llm, path=str(path),
-                     vpg_spec=spec or _vpg_spec(qcfg, n_query, vision_layernorm), notes=notes, **extra)
+                     vpg_spec=spec or qformer_vpg_spec(qcfg, n_query, vision_layernorm), notes=notes, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
-def _read_safetensors(directory: Path, wanted: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors from a (possibly sharded) safetensors checkpoint."""
-    from safetensors import safe_open
-
-    wanted = set(wanted)
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files: dict[str, list[str]] = {}
-        for key in sorted(wanted & set(weight_map)):
-            files.setdefault(weight_map[key], []).append(key)
-    elif (directory / "model.safetensors").exists():
-        files = {"model.safetensors": sorted(wanted)}
-    else:
-        raise CheckpointError(f"{directory} has no model.safetensors (or index)",
-                              "save the model with safetensors (save_pretrained does by default)")
-    out: dict[str, torch.Tensor] = {}
-    for name, keys in files.items():
-        with safe_open(str(directory / name), framework="pt") as f:
-            present = set(f.keys())
-            for key in keys:
-                if key in present:
-                    out[key] = f.get_tensor(key)
-    return out
-
-
-def _hf_key(key: str) -> str | None:
-    if key == "query_tokens":
-        return "vpg.query_tokens"
-    if key.startswith("qformer."):
-        return "vpg." + key
-    if key.startswith("language_projection."):
-        return "projector." + key[len("language_projection."):]
-    return None
-
-
 def _load_hf(path: Path) -> SourceVPG:
-    from vpgtrans.formats._common import read_hf_config
-
-    config = read_hf_config(path, ("blip-2",), "hf-blip2")
-    qcfg = _qformer_dict(config.get("qformer_config") or {})
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = list(json.loads(index.read_text())["weight_map"])
-    else:
-        from safetensors import safe_open
-
-        if not (path / "model.safetensors").exists():
-            raise CheckpointError(f"{path} has no model.safetensors (or index)",
-                                  "save the model with safetensors (save_pretrained does by default)")
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            names = list(f.keys())
-    ln_keys = ["vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"]
-    wanted = [k for k in names if _hf_key(k) is not None] + ln_keys
-    raw = _read_safetensors(path, wanted)
-    state = {_hf_key(k): v for k, v in raw.items() if _hf_key(k) is not None}
-    post_ln = {k.rsplit(".", 1)[1]: raw[k] for k in ln_keys if k in raw}
-    text = config.get("text_config") or {}
+    read = read_blip2_vpg(path)
+    text = read.config.get("text_config") or {}
     llm = text.get("_name_or_path") or text.get("model_type")
-    return _finish(state, qcfg, "hf-blip2", path, llm, False, [], vision_post_layernorm=post_ln)
+    return _finish(read.state, read.qformer_config, "hf-blip2", path, llm, False, [],
+                   vision_post_layernorm=read.vision_post_layernorm)
 
 
 # ---------------------------------------------------------------------------------------------- LAVIS .pth
@@ -236,7 +161,7 @@ def _infer_qformer(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str
             "cross_attention_frequency": freq,
             "encoder_hidden_size": int(state[f"{p}{cross[0]}.crossattention.attention.key.weight"].shape[1])}
     note = f"attention heads not stored in the weights: assumed {heads} (head width {hidden // heads})"
-    return _qformer_dict(qcfg), [note]
+    return qformer_fields(qcfg), [note]
 
 
 def _load_lavis(path: Path, trust_pickle: bool) -> SourceVPG:
@@ -297,7 +222,7 @@ def _load_vpgtrans(path: Path) -> SourceVPG:
                          else int(vpg.get("num_query_tokens", 0)), projector_in=int(in_dim),
                          projector_out=int(out_dim), format="vpgtrans", source_llm=llm, path=str(path), vpg_spec=vpg)
     qcfg, _ = _infer_qformer(state, path)
-    qcfg = _qformer_dict({**qcfg, **{k: vpg[k] for k in ("num_attention_heads", "vocab_size") if k in vpg},
+    qcfg = qformer_fields({**qcfg, **{k: vpg[k] for k in ("num_attention_heads", "vocab_size") if k in vpg},
                           "hidden_dropout_prob": vpg.get("dropout", qcfg["hidden_dropout_prob"]),
                           "attention_probs_dropout_prob": vpg.get("dropout", qcfg["attention_probs_dropout_prob"]),
                           "use_qformer_text_input": bool(vpg.get("text_input", False))})
@@ -325,7 +250,7 @@ def _tower_final_norm(vision: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     layers = int((config.get("vision_config") or config).get("num_hidden_layers", 0))
     names = [f"{p}post_layernorm.{leaf}" for p in ("", "vision_model.") for leaf in ("weight", "bias")]
     try:
-        raw = _read_safetensors(target, names)
+        raw = read_safetensors(target, names)
     except CheckpointError:
         return None
     norm = {k.rsplit(".", 1)[1]: v for k, v in raw.items()}
