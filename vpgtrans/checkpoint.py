@@ -153,7 +153,8 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, types):
             raise _bad_field(where, name, f"should be {types[0].__name__}, got {type(value).__name__}")
-    version = manifest.get("format_version", FORMAT_VERSION)
+    version = manifest.get("format_version")
+    version = FORMAT_VERSION if version is None else version
     if version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{where}: format_version {version} is not one this vpgtrans reads "
                               f"(1..{FORMAT_VERSION})", "upgrade vpgtrans (pip install -U vpgtrans)")
