@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpgtrans.blip2_stage1 import (Stage1Model, _smoothed_targets, attention_mask_4d, init_vpg_from_stage1,
-                                   load_stage1, save_stage1)
 from vpgtrans.errors import CheckpointError
 from vpgtrans.model import build_model
 from vpgtrans.testing import tiny_spec
+from vpgtrans.train.stage1 import (Stage1Model, _smoothed_targets, attention_mask_4d, init_vpg_from_stage1,
+                                   load_stage1, save_stage1)
 
 CAPTIONS = ["a red circle", "a blue square on the left", "two shapes", "a green star above a red circle"]
 Q = 4
@@ -208,10 +208,9 @@ def test_any_tokenizer_gets_cls_sep_pad(tiny_paths):
 def test_stage1_recipe_runs_and_feeds_stage2(tiny_paths, tmp_path):
     import json
 
-    from vpgtrans.blip2_stage1_run import run_stage1_recipe
     from vpgtrans.recipes import build_recipe
     from vpgtrans.testing import tiny_images
-    from vpgtrans.train.runner import init_weights
+    from vpgtrans.train.runner import init_weights, run_stage1_recipe
 
     lines = []
     for i, img in enumerate(tiny_images(8)):

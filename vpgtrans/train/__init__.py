@@ -1,4 +1,5 @@
-"""Training: a generic accelerate loop with exact resume, schedules, logging, and the stage-2 recipe runner."""
+"""Training: a generic accelerate loop with exact resume, schedules, logging, the objectives (stage-2 LM loss,
+BLIP-2 stage-1 ITC + ITM + ITG) and the recipe runner."""
 
 from .config import TrainConfig, Until, count_steps, parse_until
 from .objectives import EvalConfig, EvalContext, lm_loss, make_eval_fn, register_metric

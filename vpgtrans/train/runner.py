@@ -1,4 +1,8 @@
-"""Run a stage-2 style recipe end to end: model, data + feature cache, Trainer, final model, run.json."""
+"""Run a recipe end to end: model, data + feature cache, Trainer, final model, run.json.
+
+The recipe's `stage` picks the objective: 2 (default) trains VPG + projector with the LM loss on a frozen LLM
+(`objectives.lm_loss`); 1 is BLIP-2 stage 1, the Q-Former alone with ITC + ITM + ITG (`stage1.Stage1Model`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
-from ..checkpoint import atomic_write_text, library_versions, save_model
+import torch
+
+from ..checkpoint import MANIFEST, atomic_write_text, library_versions, save_model
+from ..data import BadSamples, build_dataset, load_records
 from ..errors import CheckpointError, ConfigError, VpgtransError, write_error
+from ..init_report import init_from_model_dir
+from ..memory import check_run_fits, print_memory_plan
+from ..model import Template, build_model
+from ..registry import get as get_component
 from .config import count_steps
+from .objectives import EvalContext, lm_loss, make_eval_fn
+from .stage1 import Stage1Model, init_vpg_from_stage1, save_stage1, stage1_metrics
+from .state import clean_partial
+from .trainer import Trainer, make_accelerator
 
 RUN_FILE = "run.json"
 _ARTIFACTS = (RUN_FILE, "checkpoints", "model", "stage1", "log.jsonl", "tb")
@@ -117,17 +133,11 @@ def _remove(out: Path, names: list[str]) -> None:
 
 def init_weights(model: Any, source: str) -> str:
     """Load VPG/projector weights from a vpgtrans model dir or a BLIP-2 stage-1 dir; say what was loaded."""
-    from ..checkpoint import MANIFEST
-
     path = Path(source).expanduser()
     if (path / "stage1.json").exists():
-        from ..blip2_stage1 import init_vpg_from_stage1
-
         keys = init_vpg_from_stage1(model.vpg, path)
         return f"VPG initialised from stage-1 checkpoint {path} ({len(keys)} tensors)"
     if (path / MANIFEST).exists():
-        from ..init_report import init_from_model_dir
-
         return "\n".join(init_from_model_dir(model, path))
     raise CheckpointError(f"train.init_from {path} is neither a vpgtrans model dir nor a stage-1 dir",
                           "pass a directory written by `vpgtrans train` or by BLIP-2 stage 1")
@@ -156,9 +166,7 @@ def _plan_lines(recipe: Any, n_train: int, n_val: int, out: Path, processes: int
 
 def _build_model(recipe: Any, device: Any, resume: str | None, echo: Callable[[str], None]) -> Any:
     """The recipe's model, seeded (fresh projector init is part of the run), trainable parts set, on device."""
-    from accelerate.utils import set_seed
-
-    from ..model import build_model
+    from accelerate.utils import set_seed  # why: importing accelerate costs ~1 s; `--dry-run` never needs it
 
     set_seed(recipe.train.seed)
     model = build_model(recipe.model)
@@ -192,14 +200,8 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
                echo: Callable[[str], None] = print, model: Any = None) -> dict[str, Any]:
     """Train the recipe's model into `out`; returns the run record (also `<out>/run.json`)."""
     if getattr(recipe, "stage", 2) == 1:
-        from ..blip2_stage1_run import run_stage1_recipe
-
         return run_stage1_recipe(recipe, out, resume=resume, force=force, dry_run=dry_run, skip_bad=skip_bad,
                                  progress=progress, echo=echo)
-    from ..data import BadSamples, build_dataset, load_records
-    from ..registry import get as get_component
-    from .objectives import EvalContext, lm_loss, make_eval_fn
-
     out = Path(out).expanduser()
     fingerprint = recipe.fingerprint()
     for kind in ("vision", "vpg", "llm"):
@@ -217,17 +219,11 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     for line in _plan_lines(recipe, len(train_records), len(val_records), out):
         echo(line)
     if dry_run:
-        from ..memory import print_memory_plan
-
         print_memory_plan(recipe, len(train_records), echo)
         steps, _ = count_steps(recipe.train, len(train_records))
         return {"dry_run": True, "steps": steps, "train_examples": len(train_records)}
     if model is None:
-        from ..memory import check_run_fits
-
         check_run_fits(recipe, len(train_records))
-
-    from .trainer import Trainer, make_accelerator
 
     accelerator, note = make_accelerator(recipe.train.mixed_precision)
     if note:
@@ -260,18 +256,9 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     run = _start_run(out, recipe, fingerprint, resume, accelerator.is_main_process)
     run.update(plan=trainer.plan(), data={"train_examples": len(train_set), "val_examples": len(val_records),
                                           "bad_samples": len(bad), "features": report.__dict__ if report else None})
-    try:
-        result = trainer.train(resume=resume)
-        if accelerator.is_main_process:
-            _save_final(trainer.unwrapped, out, recipe.name, fingerprint, result)
-    except (VpgtransError, OSError, KeyboardInterrupt) as exc:
-        if accelerator.is_main_process:
-            mark_failed(out, run, exc, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        raise
-    if accelerator.is_main_process:
-        run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), results=result.to_dict(),
-                   model_dir=str(out / "model"))
-        _write_run(out, run)
+    result = _train_recorded(trainer, resume, out, run, accelerator.is_main_process,
+                             lambda model, res: _save_final(model, out, recipe.name, fingerprint, res),
+                             model_dir=str(out / "model"))
     accelerator.wait_for_everyone()
     for line in _summary(result):
         echo(line)
@@ -279,12 +266,28 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     return run
 
 
+def _train_recorded(trainer: Any, resume: str | None, out: Path, run: dict[str, Any], main: bool,
+                    save: Callable[[Any, Any], None], **finished: Any) -> Any:
+    """Train and save (main process), recording the outcome in run.json: failed, interrupted or finished."""
+    try:
+        result = trainer.train(resume=resume)
+        if main:
+            save(trainer.unwrapped, result)
+    except (VpgtransError, OSError, KeyboardInterrupt) as exc:
+        if main:
+            mark_failed(out, run, exc, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    if main:
+        run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), results=result.to_dict(),
+                   **finished)
+        _write_run(out, run)
+    return result
+
+
 def _start_run(out: Path, recipe: Any, fingerprint: str, resume: str | None, main: bool) -> dict[str, Any]:
     """Create `out`, clear temp files of killed runs, and write run.json with status "running"."""
     import os
     import socket
-
-    from .state import clean_partial
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     run: dict[str, Any] = {"format": "vpgtrans-run", "recipe_name": recipe.name, "recipe_path": recipe.source,
@@ -318,3 +321,84 @@ def _summary(result: Any) -> list[str]:
                 if until["reached"] else "not reached")
         lines.append(f"until {until['target']}: {when}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+def _captions(batch: dict[str, Any]) -> list[str]:
+    return [s.target for s in batch["samples"]]
+
+
+def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force: bool = False,
+                      dry_run: bool = False, skip_bad: bool = False, progress: bool = True,
+                      echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a stage-1 Q-Former into `out` (same arguments and run.json as the stage-2 runner)."""
+    from accelerate.utils import set_seed  # why: as in _build_model
+
+    if recipe.data.task == "vqa":
+        raise ConfigError("BLIP-2 stage 1 trains on image-caption pairs, not VQA", "set data.task=caption")
+    out = Path(out).expanduser()
+    fingerprint = recipe.fingerprint()
+    vname, vcfg = recipe.model.part("vision")
+    gname, gcfg = recipe.model.part("vpg")
+    get_component("vision", vname)  # unknown names fail here, before anything is loaded
+    get_component("vpg", gname)
+    bad = BadSamples(skip=skip_bad)
+    train_records = load_records(recipe.data, "train", bad)
+    val_records = load_records(recipe.data, "val", bad) if recipe.data.val else []
+    if not dry_run:
+        resume = check_out_dir(out, fingerprint, resume=resume, force=force, echo=echo)
+    t = recipe.train
+    steps, _ = count_steps(t, len(train_records))
+    for line in (f"recipe  {recipe.name} (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)",
+                 f"model   {vname}({vcfg.get('path', '')}) → {gname} with text input; training the Q-Former",
+                 f"data    {recipe.data.train}: {len(train_records)} examples; val {len(val_records)}",
+                 f"train   {steps} steps, batch {t.batch_size} × accum {t.grad_accum}, lr {t.lr:g} ({t.schedule}), "
+                 f"warm-up {t.warmup_steps}, wd {t.weight_decay:g}, seed {t.seed}",
+                 f"save    every {t.save_every or 'end'} steps → {out / 'stage1'}"):
+        echo(line)
+    if dry_run:
+        return {"dry_run": True, "steps": steps, "train_examples": len(train_records)}
+
+    accelerator, note = make_accelerator(t.mixed_precision)
+    if note:
+        echo(f"note: {note}")
+    set_seed(t.seed)
+    vision = get_component("vision", vname).component.build(vcfg).to(accelerator.device).eval()
+    model = Stage1Model({"name": gname, **gcfg}, vision_width=vision.hidden_size, max_text_len=t.max_text_len)
+    if t.init_from and not resume:
+        echo(f"Q-Former initialised from {t.init_from} ({len(init_vpg_from_stage1(model.vpg, t.init_from))} tensors)")
+    model.to(accelerator.device)
+    shim = SimpleNamespace(template=Template(), vision=vision, llm=SimpleNamespace(is_encoder_decoder=False))
+    with accelerator.main_process_first():
+        train_set, report = build_dataset(train_records, shim, recipe.data, seed=t.seed, bad=bad, progress=progress,
+                                          device=accelerator.device)
+        val_set = (build_dataset(val_records, shim, recipe.data, seed=t.seed, bad=bad, progress=progress,
+                                 device=accelerator.device)[0] if val_records else None)
+    if report:
+        echo(report.line())
+
+    def loss_fn(module: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        features = batch["features"] if "features" in batch else vision(batch["pixels"])
+        return module(features, _captions(batch))
+
+    def eval_fn(module: Any) -> dict[str, float]:
+        return stage1_metrics(module, val_set, recipe.eval.max_samples, recipe.eval.batch_size, vision)
+
+    trainer = Trainer(model, loss_fn, train_set, t, out, collate_fn=train_set.collate,
+                      eval_fn=eval_fn if val_set is not None else None, accelerator=accelerator,
+                      progress=progress, echo=echo, fingerprint=None if force else fingerprint)
+    run: dict[str, Any] = {"format": "vpgtrans-run", "stage": 1, "recipe_name": recipe.name,
+                           "recipe_path": recipe.source, "fingerprint": fingerprint, "seed": t.seed,
+                           "recipe": recipe.raw, "command": sys.argv, "versions": library_versions(),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running",
+                           "plan": trainer.plan()}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))
+    result = _train_recorded(trainer, resume, out, run, accelerator.is_main_process,
+                             lambda model, _: save_stage1(model, out / "stage1"), stage1_dir=str(out / "stage1"))
+    accelerator.wait_for_everyone()
+    echo(f"done: {result.steps} steps, {result.wall_time:.1f}s; final loss {result.final_loss:.4f}"
+         + "".join(f", {k} {v:.4g}" for k, v in result.metrics.items()))
+    echo(f"stage-1 Q-Former saved to {out / 'stage1'} (use it as train.init_from of a stage-2 recipe)")
+    return run

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import to_dict
-from .errors import CheckpointError, ConfigError
-from .registry import get as get_component
+from ..checkpoint import atomic_dir
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError
+from ..registry import get as get_component
 
 DEC_TOKEN = "[DEC]"
 STAGE1_WEIGHTS = "stage1.safetensors"
@@ -266,8 +267,6 @@ def save_stage1(model: Stage1Model, out_dir: str | Path) -> Path:
     """Write stage1.safetensors (whole stage-1 model) and stage1.json atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_dir
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / STAGE1_WEIGHTS), metadata={"format": "pt"})
@@ -341,3 +340,29 @@ def init_vpg_from_stage1(vpg: nn.Module, source: Stage1Model | Mapping[str, torc
                               "use the same Q-Former size (queries, hidden size, layers) in both stages")
     vpg.load_state_dict(loaded, strict=True)
     return sorted(loaded)
+
+
+@torch.no_grad()
+def stage1_metrics(model: Stage1Model, dataset: Any, max_samples: int = 256, batch_size: int = 64,
+                   encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Validation ITC/ITM/ITG losses and image↔text recall@1 over the first max_samples examples.
+
+    `encode` turns pixel batches into features when the dataset has no feature cache.
+    """
+    n = min(len(dataset), max_samples)
+    device = model.temp.device
+    sums: dict[str, float] = {}
+    feats, caps = [], []
+    for start in range(0, n, batch_size):
+        batch = dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+        features = batch["features"] if "features" in batch else encode(batch["pixels"].to(device))
+        features = features.to(device)
+        captions = [s.target for s in batch["samples"]]
+        for key, value in model.losses(features, captions).items():
+            sums[key] = sums.get(key, 0.0) + float(value) * len(captions)
+        feats.append(features)
+        caps += captions
+    out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    if feats:
+        out.update(model.retrieval_recall(torch.cat(feats), caps, batch_size=batch_size))
+    return out
