@@ -9,16 +9,34 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ConfigError
+from ..checkpoint import atomic_dir, load_model, read_manifest, save_model
+from ..data import load_records
+from ..errors import ConfigError, DataError, WeightsNotFoundError
+from ..memory import print_memory_plan
+from ..model import build_model, detect_llm_component
+from ..names import missing_error, missing_weights
+from ..plot import plot_runs
+from ..recipes import _read_yaml, build_recipe, find_recipe
+from ..registry import get as get_component
+from ..surrogate import zero_shot_metrics
+from ..train.config import count_steps, parse_until
+from ..train.runner import run_recipe
+from ..train.state import find_checkpoint
 from . import report as rep
+from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
+from .merge import choose_converter, fit_converter, merge_projector
+from .pairing import pair_tokens
+from .sources import load_source, reconcile_ln_vision
 
 DEFAULT_RECIPE = None  # chosen from the two models: see choose.py
 STAGES = ("stage1", "stage2")
@@ -27,7 +45,6 @@ STAGES = ("stage1", "stage2")
 @dataclass
 class TransferPlan:
     """Everything decided before any weight is touched: source, recipes of each stage, output paths."""
-
     source: Any
     src_llm: dict[str, Any]
     spec: dict[str, Any]
@@ -46,7 +63,6 @@ class TransferPlan:
 @dataclass
 class Prepared:
     """The destination model with inherited VPG and merged projector, and how it got there."""
-
     model: Any
     pairs: Any
     fit: Any | None
@@ -55,9 +71,6 @@ class Prepared:
 
 def _source_parts(source: Any, base: Any, src_llm: str | None) -> tuple[dict, dict, dict]:
     """(vision spec, template, source LLM spec): from the source's manifest when it is a vpgtrans dir."""
-    from ..checkpoint import read_manifest
-    from ..model import detect_llm_component
-
     spec = read_manifest(source.path).get("spec", {}) if source.format == "vpgtrans" else {}
     vision = spec.get("vision") or dict(base.model.vision)
     template = spec.get("template") or dict(base.model.template)
@@ -90,15 +103,6 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
     Missing data or weights raise one error naming all of them; with `allow_missing` (dry runs) they are
     recorded in the plan instead, and the source's place is taken by the recipe's model section.
     """
-    from ..model import detect_llm_component
-    from ..recipes import _read_yaml, build_recipe, find_recipe
-    from ..registry import get as get_component
-    from ..errors import DataError
-    from ..names import missing_error, missing_weights
-    from ..train.config import parse_until
-    from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
-    from .sources import load_source, reconcile_ln_vision
-
     if warmup_lr_scale <= 0:
         raise ConfigError(f"--warmup-lr-scale must be positive, got {warmup_lr_scale}", "e.g. --warmup-lr-scale 5")
     if warmup_epochs <= 0:
@@ -154,9 +158,6 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
                           name="stage2", source=str(path))
     scratch = None
     if compare_scratch:
-        from ..data import load_records
-        from ..train.config import count_steps
-
         n = 0 if no_data else len(load_records(base.data, "train"))
         total = count_steps(stage1.train, n)[0] + count_steps(stage2.train, n)[0]
         scratch_raw = _stage_raw(raw, "scratch", trainable=["vpg", "projector"], max_steps=total, until=None)
@@ -171,8 +172,6 @@ def plan_transfer(src: str, dst: str, *, data: str | None = None, out: str | Pat
 
 
 def _build_llm(spec: dict[str, Any]) -> Any:
-    from ..registry import get as get_component
-
     cfg = dict(spec)
     return get_component("llm", cfg.pop("name")).component.build(cfg)
 
@@ -185,18 +184,13 @@ def _set_lora(model: Any, on: bool) -> None:
 
 def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float = 0.05) -> Any:
     """Token pairs between the source LLM's tokenizer and the destination's."""
-    from .pairing import pair_tokens
-
     return pair_tokens(src_llm.tokenizer, model.llm.tokenizer, min_coverage=min_coverage)
 
 
 def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage: float = 0.05,
             echo: Callable[[str], None] = print) -> Prepared:
     """Destination model with the inherited VPG; with `fit`, the converter fitted and merged into the projector."""
-    from accelerate.utils import set_seed
-
-    from ..model import build_model
-    from .merge import choose_converter, fit_converter, merge_projector
+    from accelerate.utils import set_seed  # why: accelerate costs ~1 s to import; planning (--dry-run) never needs it
 
     set_seed(plan.stage1.train.seed)
     model = build_model(plan.spec)
@@ -219,10 +213,6 @@ def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage
 
 def save_converter(prepared: Prepared, plan: TransferPlan) -> Path:
     """out/converter/: converter.safetensors (weight, bias) + converter.json (name, pairs, cosines)."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_dir
-
     lin = prepared.fit.linear
     info = {"converter": plan.converter, "in_features": lin.in_features, "out_features": lin.out_features,
             "pairs": prepared.pairs.summary(), "n_pairs": prepared.pairs.n_pairs,
@@ -242,9 +232,6 @@ def save_converter(prepared: Prepared, plan: TransferPlan) -> Path:
 def run_stage(plan: TransferPlan, name: str, model: Any, *, progress: bool = False,
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train one stage (stage1 / stage2 / scratch) of `model` in place, resuming from its checkpoints."""
-    from ..train.runner import run_recipe
-    from ..train.state import find_checkpoint
-
     recipe = {"stage1": plan.stage1, "stage2": plan.stage2, "scratch": plan.scratch}[name]
     out = plan.out / name
     resume = None
@@ -270,8 +257,6 @@ def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int | None) 
 
     `model`, `pairs` and `n_train` are None when weights or data are missing: those lines say so.
     """
-    from ..train.config import count_steps
-
     def params(parts: Sequence[str]) -> str:
         return f"{_params(model, parts):,}" if model is not None else "?"
 
@@ -324,8 +309,6 @@ def followup_command(plan: TransferPlan) -> str:
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> None:
-    import shutil
-
     if not out.exists() or not any(out.iterdir()):
         return
     if force:
@@ -343,9 +326,6 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
              trust_pickle: bool = False, src_llm: str | None = None, min_coverage: float = 0.05,
              progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Move a trained VPG to another LLM (VPGTrans); returns the report (also `<out>/report.json`)."""
-    from ..checkpoint import load_model, save_model
-    from ..data import load_records
-
     plan = plan_transfer(src, dst, data=data, out=out, recipe=recipe, overrides=overrides, converter=converter,
                          warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs, lora=lora, until=until,
                          compare_scratch=compare_scratch, trust_pickle=trust_pickle, src_llm=src_llm,
@@ -369,8 +349,6 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
         save_converter(prepared, plan)
         model = prepared.model
         if compare_scratch:  # the zero-shot graft: the destination model before any transfer training
-            from ..surrogate import zero_shot_metrics
-
             zero = zero_shot_metrics(plan.stage2, model)
             rep.write_json(plan.out / "zero_shot.json", zero)
             echo("zero-shot graft (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in zero.items()))
@@ -422,14 +400,10 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
 def _dry_run(plan: TransferPlan, n_train: int | None, min_coverage: float,
              echo: Callable[[str], None]) -> dict[str, Any]:
     """Print the whole plan; when data or weights are missing, print it anyway and then fail naming all of them."""
-    from ..errors import DataError, WeightsNotFoundError
-    from ..names import missing_error
-
     ready = not plan.missing
     prepared = prepare(plan, fit=False, min_coverage=min_coverage, echo=lambda _: None) if ready else None
     for line in plan_lines(plan, prepared and prepared.model, prepared and prepared.pairs, n_train):
         echo(line)
-    from ..memory import print_memory_plan
 
     print_memory_plan(plan.stage2, n_train or 0, echo)  # stage 2 trains the most: the run's peak
     if plan.missing or plan.data_problem:
@@ -460,9 +434,7 @@ def _reached(run_dir: Path) -> bool:
 def _scratch_first(plan: TransferPlan, until: str | None, progress: bool,
                    echo: Callable[[str], None]) -> dict[str, Any]:
     """Train scratch (100% of the data) to its plateau; make its best the target both VPGTrans stages stop at."""
-    from accelerate.utils import set_seed
-
-    from ..model import build_model
+    from accelerate.utils import set_seed  # why: as in prepare()
 
     if not (plan.out / "scratch" / "model").exists():
         set_seed(plan.scratch.train.seed)
@@ -490,8 +462,6 @@ def _scratch_first(plan: TransferPlan, until: str | None, progress: bool,
 
 def _plot(plan: TransferPlan, echo: Callable[[str], None], speedup: dict[str, Any]) -> str | None:
     try:
-        from ..plot import plot_runs
-
         line = {"metric": speedup["metric"], "value": speedup["scratch_best"]} if "scratch_best" in speedup else None
         path = plot_runs([plan.out / "curves" / "vpgtrans", plan.out / "scratch"], plan.out / "curves.png",
                          labels=["VPGTrans", "scratch"], title="VPGTrans vs training from scratch", threshold=line)
