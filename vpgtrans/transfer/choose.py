@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..names import BLIP2_ALIASES, LLM_ALIASES, VISION_ALIASES
+from ..paths import world_dir
+
 WORLD_RECIPE = "vpgtrans_world"
 SIZE_RECIPE = "vpgtrans_opt2.7b_to_6.7b"
 TYPE_RECIPE = "vpgtrans_vl_llama"
@@ -61,8 +64,6 @@ def _from_name(text: str) -> str | None:
 
 def _from_disk(path: Path) -> str | None:
     """Family of a local model: inside the world's folder, its manifest's LLM, or its config.json."""
-    from ..paths import world_dir
-
     try:
         if path.resolve().is_relative_to(world_dir().resolve()):
             return "world"
@@ -135,8 +136,6 @@ def data_problem(recipe: str, train: str, val: str | None) -> tuple[str, str] | 
 
 def _source_meta(src: str) -> dict[str, str]:
     """{'llm': ..., 'vision': ...} a source names without loading it (vpgtrans manifest or BLIP-2 config)."""
-    from ..names import BLIP2_ALIASES
-
     if src in BLIP2_ALIASES:  # a published BLIP-2 by the LLM it was trained on: its LLM has the same alias
         return {"llm": src, "vision": "eva-vit-g"}
     path = Path(src).expanduser()
@@ -155,8 +154,6 @@ def _source_meta(src: str) -> dict[str, str]:
 def wanted_weights(src: str, dst: str, src_llm: str | None, recipe_vision: str | None
                    ) -> list[tuple[str, str, dict[str, str]]]:
     """(role, name, aliases) of every weight a transfer needs: source, its LLM, the destination, the vision."""
-    from ..names import BLIP2_ALIASES, LLM_ALIASES, VISION_ALIASES
-
     meta = _source_meta(src)
     out = [("source", src, BLIP2_ALIASES), ("destination LLM", dst, LLM_ALIASES)]
     if src_llm or meta.get("llm"):

@@ -10,12 +10,13 @@ import copy
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..checkpoint import read_manifest
+from ..recipes import _read_yaml, build_recipe, find_recipe
+from ..train.runner import run_recipe
+
 
 def followup_recipe(model_dir: str | Path, name: str, data: str, overrides: Sequence[str] = ()) -> Any:
     """Recipe `name` on the transferred model in `model_dir`, trained on `data` (then `overrides`)."""
-    from ..checkpoint import read_manifest
-    from ..recipes import _read_yaml, build_recipe, find_recipe
-
     spec = read_manifest(model_dir).get("spec") or {}
     path = find_recipe(name)
     raw = _read_yaml(path)
@@ -31,8 +32,6 @@ def followup_recipe(model_dir: str | Path, name: str, data: str, overrides: Sequ
 def run_followup(transfer_out: str | Path, name: str, data: str, overrides: Sequence[str] = (), *,
                  progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the follow-up recipe into `<transfer_out>/<name>` from `<transfer_out>/model`."""
-    from ..train.runner import run_recipe
-
     out = Path(transfer_out)
     recipe = followup_recipe(out / "model", name, data, overrides)
     echo(f"== {name}: the paper's next stage on the transferred model ({recipe.description})")

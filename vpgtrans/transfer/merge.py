@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpgtrans.errors import CheckpointError, DataError
+from vpgtrans.registry import build
 
 from .pairing import TokenPairs
 
@@ -74,8 +75,6 @@ def fit_converter(converter: Any, src_emb: torch.Tensor, dst_emb: torch.Tensor,
     if converter == IDENTITY:
         converter = IdentityConverter()
     if isinstance(converter, str):
-        from vpgtrans.registry import build
-
         converter = build("converter", converter)
     src_ids, dst_ids = (pairs.src_ids, pairs.dst_ids) if isinstance(pairs, TokenPairs) else pairs
     src_ids, dst_ids = torch.as_tensor(src_ids, dtype=torch.long), torch.as_tensor(dst_ids, dtype=torch.long)

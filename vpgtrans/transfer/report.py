@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoint import atomic_write_text
 from ..train.runlog import read_log
 
 # Metrics where smaller is better; every other metric (cider, accuracy, ...) is better when larger.
@@ -120,6 +121,4 @@ def table(report: dict[str, Any]) -> list[str]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """report.json, atomically."""
-    from ..checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str))

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from vpgtrans.checkpoint import WEIGHTS, read_manifest
 from vpgtrans.errors import CheckpointError, WeightsNotFoundError
 from vpgtrans.hf_dirs import qformer_fields, qformer_vpg_spec, read_blip2_vpg, read_safetensors
+from vpgtrans.names import BLIP2_ALIASES, VISION_ALIASES, download_hint, resolve, suggest
 
 FORMATS = ("a vpgtrans model directory (manifest.json + model.safetensors)",
            "a Hugging Face BLIP-2 directory (config.json + safetensors)",
@@ -66,7 +69,7 @@ class SourceVPG:
 # ---------------------------------------------------------------------------------------------- shared
 def _expected_qformer(qcfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Key → shape of every tensor a Blip2QFormerModel with this config holds (built on meta: no memory)."""
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel  # why: importing transformers costs seconds
 
     with torch.device("meta"):
         model = Blip2QFormerModel(Blip2QFormerConfig.from_dict(dict(qcfg)))
@@ -198,9 +201,6 @@ def _load_lavis(path: Path, trust_pickle: bool) -> SourceVPG:
 
 # ---------------------------------------------------------------------------------------------- vpgtrans dir
 def _load_vpgtrans(path: Path) -> SourceVPG:
-    from safetensors.torch import load_file
-
-    from vpgtrans.checkpoint import WEIGHTS, read_manifest
 
     manifest = read_manifest(path)
     spec = manifest.get("spec") or {}
@@ -232,14 +232,12 @@ def _load_vpgtrans(path: Path) -> SourceVPG:
 # ---------------------------------------------------------------------------------------------- LAVIS ln_vision
 def _tower_final_norm(vision: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int] | None:
     """(the tower's post_layernorm weights, its layer count) when its output ends in that LayerNorm, else None."""
-    from vpgtrans.names import VISION_ALIASES, resolve
-
     if vision.get("name") != "blip2-vit" or int(vision.get("layer", -1)) != -1:
         return None
     target = Path(resolve(str(vision.get("path", "eva-vit-g")), VISION_ALIASES))
     if not target.is_dir():
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # why: only for hub ids, not local paths
 
             target = Path(snapshot_download(str(target), local_files_only=True))
         except Exception:  # not cached: the transfer itself will say where to get it
@@ -286,8 +284,6 @@ def reconcile_ln_vision(source: SourceVPG, vision: dict[str, Any]) -> tuple[dict
 # ---------------------------------------------------------------------------------------------- entry point
 def _resolve(path_or_alias: str | Path) -> Path:
     """A local path, a published BLIP-2 alias (opt-2.7b …) or hub id found in the local HF cache."""
-    from vpgtrans.names import BLIP2_ALIASES, resolve
-
     path = Path(path_or_alias).expanduser()
     if path.exists():
         return path
@@ -295,19 +291,16 @@ def _resolve(path_or_alias: str | Path) -> Path:
     if Path(target).exists():
         return Path(target)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", target):
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # why: only for hub ids, not local paths
 
         try:
             return Path(snapshot_download(target, local_files_only=True))
         except Exception:  # not cached: every hub error means the same thing here
-            from huggingface_hub.constants import HF_HUB_CACHE
-
-            from vpgtrans.names import download_hint
+            from huggingface_hub.constants import HF_HUB_CACHE  # why: only on this error path
 
             raise WeightsNotFoundError(
                 f"source model '{path_or_alias}' ({target}) is not in the Hugging Face cache ({HF_HUB_CACHE})",
                 download_hint([target])) from None
-    from vpgtrans.names import suggest
 
     raise CheckpointError(f"source '{path_or_alias}' is neither a file, a directory nor a known alias"
                           f"{suggest(str(path_or_alias), sorted(BLIP2_ALIASES))}",
