@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from vpgtrans_adapters.llm import _pad
 
 from ..errors import ConfigError
+from . import blip2, llava
 from ._common import IGNORE, LORA_MODES, ExportRefused, ExportResult
 
 __all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "export_model", "import_model",
@@ -25,38 +27,26 @@ __all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "export_mod
 
 
 def _export_blip2(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
-    from . import blip2
-
     return blip2.export(model, out, lora, blip2.BLIP2, card)
 
 
 def _export_instructblip(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
-    from . import blip2
-
     return blip2.export(model, out, lora, blip2.INSTRUCTBLIP, card)
 
 
 def _import_blip2(src: Path, out: Path) -> Path:
-    from . import blip2
-
     return blip2.import_(src, out, blip2.BLIP2)
 
 
 def _import_instructblip(src: Path, out: Path) -> Path:
-    from . import blip2
-
     return blip2.import_(src, out, blip2.INSTRUCTBLIP)
 
 
 def _export_llava(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
-    from . import llava
-
     return llava.export(model, out, lora, card)
 
 
 def _import_llava(src: Path, out: Path) -> Path:
-    from . import llava
-
     return llava.import_(src, out)
 
 
@@ -101,8 +91,6 @@ def stock_inputs(model: Any, samples: Sequence[Any], image_token_id: int, *, ins
     Soft-prompt slots become `image_token_id`; `labels` are vpgtrans's targets (+EOS), so the stock loss
     equals `model(...)`'s. For an instruction-aware Q-Former, `qformer_input_ids` carry the instructions.
     """
-    from vpgtrans_adapters.llm import _pad
-
     llm = model.llm
     n_soft = model.vpg.num_prompts(model.vision.num_tokens)
     if getattr(llm, "is_encoder_decoder", False):

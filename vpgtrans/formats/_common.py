@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from vpgtrans_adapters.llm import stop_token_ids
 
 from ..errors import CheckpointError, ConfigError
+from ..checkpoint import atomic_dir, save_model
+from ..lora import LORA_DIR, is_applied, load_adapter, save_adapter
+from ..model import build_model
+from ..names import load_pretrained
+from .usage import generation_config, write_usage
 
 IMAGE_TOKEN = "<image>"
 # Written beside an export: what vpgtrans did to the model, so `vpgtrans import` can undo it exactly.
@@ -47,7 +54,7 @@ def refuse_abstractor(model: Any, fmt: str) -> None:
 
 
 def _lora_layers(lm: nn.Module) -> dict[str, Any]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # why: importing peft costs a second; only LoRA models get here
 
     return {name: mod for name, mod in lm.named_modules() if isinstance(mod, LoraLayer)}
 
@@ -64,8 +71,6 @@ def llm_state(model: Any, lora: str) -> dict[str, torch.Tensor]:
     """
     if lora not in LORA_MODES:
         raise ConfigError(f"unknown --lora mode {lora!r}", f"use one of {', '.join(LORA_MODES)}")
-    from ..lora import is_applied
-
     lm = model.llm.model
     layers = _lora_layers(lm) if is_applied(model) else {}  # (importing peft costs a second)
     if any(getattr(m, "merged", False) for m in layers.values()):
@@ -132,7 +137,7 @@ def image_token_tokenizer(tokenizer: Any, decoder_only: bool, add_bos: bool = Tr
     template must add BOS (resp. EOS) for both to build the same sequence. `add_bos=False`: the chat
     template writes BOS itself (after the image, where the tokenizer cannot put it).
     """
-    from tokenizers.processors import TemplateProcessing
+    from tokenizers.processors import TemplateProcessing  # why: these (and transformers) cost seconds to import
     from transformers.tokenization_utils_base import AddedToken
 
     notes: list[str] = []
@@ -170,7 +175,7 @@ def image_token_tokenizer(tokenizer: Any, decoder_only: bool, add_bos: bool = Tr
 
 def image_processor(vision: Any) -> Any:
     """An image processor doing what the vision encoder's preprocess does (size, crop, statistics, bicubic)."""
-    from transformers import BlipImageProcessor, CLIPImageProcessor
+    from transformers import BlipImageProcessor, CLIPImageProcessor  # why: importing transformers costs seconds
 
     h, w = vision.input_hw
     crop = getattr(vision, "crop", None)
@@ -218,11 +223,6 @@ class LLMPart:
 
 def llm_part(model: Any, lora: str | None, fmt: str, add_bos: bool = True) -> LLMPart:
     """Prepare the LLM for a stock checkpoint: image token (growing the vocabulary if needed), LoRA handled."""
-    from dataclasses import asdict
-
-    from vpgtrans_adapters.llm import stop_token_ids
-
-    from ..lora import is_applied
 
     lm = model.llm.model
     proj_dim = getattr(lm.config, "word_embed_proj_dim", None)
@@ -256,10 +256,6 @@ def llm_part(model: Any, lora: str | None, fmt: str, add_bos: bool = True) -> LL
 def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_processor: Any,
                  improc: Any, usage: Any, card: dict[str, Any] | None = None) -> ExportResult:
     """Save the stock model with what its stock call needs (processor, generation config, chat template, card)."""
-    from ..checkpoint import atomic_dir
-    from ..lora import LORA_DIR, save_adapter
-    from .usage import generation_config, write_usage
-
     notes = part.notes
     card = card or {}
     part.tokenizer.chat_template = usage.chat_template
@@ -287,9 +283,7 @@ def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_pr
 
 def restore_llm(src: Path, info: dict[str, Any], lm: nn.Module) -> Any:
     """Undo what an export did to the LLM (extra vocabulary rows); returns the tokenizer vpgtrans used."""
-    from transformers import AutoTokenizer
-
-    from ..names import load_pretrained
+    from transformers import AutoTokenizer  # why: as above
 
     if info.get("added_rows"):
         lm.resize_token_embeddings(int(info["vocab_rows"]))
@@ -306,8 +300,6 @@ def read_export_info(src: Path) -> dict[str, Any]:
 
 def adapter_settings(src: Path) -> dict[str, Any] | None:
     """The `lora:` spec of a peft LoRA adapter shipped beside a stock checkpoint (`--lora peft`), if any."""
-    from ..lora import LORA_DIR
-
     path = src / LORA_DIR / "adapter_config.json"
     if not path.exists():
         return None
@@ -322,9 +314,6 @@ def adapter_settings(src: Path) -> dict[str, Any] | None:
 
 def build_imported(spec: dict[str, Any], src: Path) -> Any:
     """Build the imported model (with the shipped LoRA adapter, if any, loaded into its LLM)."""
-    from ..lora import LORA_DIR, load_adapter
-    from ..model import build_model
-
     spec = {**spec, "lora": adapter_settings(src)}
     model = build_model(spec)
     if spec["lora"]:
@@ -334,9 +323,6 @@ def build_imported(spec: dict[str, Any], src: Path) -> Any:
 
 def finish_import(model: Any, tmp: Path, final: Path, extra: dict[str, Any]) -> None:
     """Save the assembled model's manifest + trainable weights into `tmp`, its paths pointing into `final`."""
-    import shutil
-
-    from ..checkpoint import save_model
 
     for kind in ("vision", "vpg", "llm"):
         part = getattr(model.spec, kind)

@@ -20,9 +20,12 @@ import torch
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
 from ..hf_dirs import preprocessor_settings, qformer_vpg_spec, read_blip2_vpg, read_hf_config, save_frozen_parts
+from ..model import IMAGE_SLOT, detect_llm_component
+from ..names import load_pretrained
 from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
                       image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
                       write_export)
+from .usage import Usage, chat_template
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
 
@@ -45,13 +48,13 @@ INSTRUCTBLIP = Family("hf-instructblip", "instructblip", "InstructBlipForConditi
 
 
 def _cls(name: str) -> Any:
-    import transformers
+    import transformers  # why: importing transformers costs seconds; only export/import needs it
 
     return getattr(transformers, name)
 
 
 def _check(model: Any, family: Family) -> None:
-    from transformers import Blip2VisionModel
+    from transformers import Blip2VisionModel  # why: as above
 
     fmt = family.fmt
     vision = model.vision
@@ -112,8 +115,6 @@ def _layout(model: Any, family: Family, n_query: int) -> tuple[str, int | None]:
     The stock processor prepends the image tokens to whatever text it gets; a template with text before
     the image instead gets the tokens from the chat template and a processor that prepends none.
     """
-    from ..model import IMAGE_SLOT
-
     if family.instruct and model.template.text != IMAGE_SLOT + "{instruction}":
         raise ExportRefused(f"{family.processor_cls} puts the image first and gives the Q-Former the same text as the "
                             f"LLM, but this model's template is {model.template.text!r}",
@@ -126,8 +127,6 @@ def _layout(model: Any, family: Family, n_query: int) -> tuple[str, int | None]:
 def export(model: Any, out: str | Path, lora: str | None, family: Family,
            card: dict[str, Any] | None = None) -> ExportResult:
     """Write `model` as a stock (InstructBlip|Blip2)ForConditionalGeneration directory (+ processor)."""
-    from .usage import Usage, chat_template
-
     refuse_abstractor(model, family.fmt)
     _check(model, family)
     n_query = model.vpg.config.num_query_tokens
@@ -187,10 +186,7 @@ def _check_qformer_config(ours: Any, theirs: Any, src: Path) -> None:
 
 def import_(src: str | Path, out: str | Path, family: Family) -> Path:
     """Turn a stock (InstructBlip|Blip2)ForConditionalGeneration directory into a vpgtrans model directory."""
-    from transformers import AutoTokenizer, Blip2VisionConfig, Blip2VisionModel
-
-    from ..model import detect_llm_component
-    from ..names import load_pretrained
+    from transformers import AutoTokenizer, Blip2VisionConfig, Blip2VisionModel  # why: as above
 
     src, out = Path(src), Path(out)
     read_hf_config(src, (family.model_type,), family.fmt)

@@ -18,16 +18,19 @@ import torch
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
 from ..hf_dirs import preprocessor_settings, read_hf_config, save_frozen_parts
+from ..model import IMAGE_SLOT, detect_llm_component
+from ..names import load_pretrained
 from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
                       image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
                       write_export)
+from .usage import Usage, chat_template
 
 FMT = "hf-llava"
 
 
 def _check(model: Any) -> tuple[bool, str]:
     """(drop CLS?, projector activation) if LLaVA can represent the model, else a plain refusal."""
-    from transformers import CLIPVisionModel
+    from transformers import CLIPVisionModel  # why: importing transformers costs seconds
 
     name = model.spec.vpg.get("name")
     if name not in ("mlp", "linear", "llava", "llava-1.5"):
@@ -78,10 +81,7 @@ def _text_keys(state: dict[str, torch.Tensor], prefix: str, to_llava: bool) -> d
 
 def export(model: Any, out: str | Path, lora: str | None, card: dict[str, Any] | None = None) -> ExportResult:
     """Write `model` as a stock LlavaForConditionalGeneration directory (+ LlavaProcessor)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from ..model import IMAGE_SLOT
-    from .usage import Usage, chat_template
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # why: as above
 
     refuse_abstractor(model, FMT)
     drop_cls, act = _check(model)
@@ -144,11 +144,8 @@ def _vpg_from_projector(stock: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
 
 def import_(src: str | Path, out: str | Path) -> Path:
     """Turn a stock LlavaForConditionalGeneration directory into a vpgtrans model directory."""
-    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration  # why: as above
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from ..model import detect_llm_component
-    from ..names import load_pretrained
 
     src, out = Path(src), Path(out)
     read_hf_config(src, ("llava",), FMT)

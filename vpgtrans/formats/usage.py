@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..model import IMAGE_SLOT
+
 EXAMPLE_INSTRUCTION = "What is in the picture?"
 
 
@@ -42,8 +44,6 @@ def chat_template(model: Any, image_slot: str, bos_after_image: bool = False) ->
     `image_slot` is what stands where the soft prompts go ("" when the processor prepends the image
     tokens itself); `bos_after_image` writes BOS right after it (vpgtrans's `[image][BOS] text`).
     """
-    from ..model import IMAGE_SLOT
-
     before, after = model.template.text.split(IMAGE_SLOT)
     head = ("{%- set ns = namespace(text='') -%}"
             "{%- for m in messages if m['role'] == 'user' -%}"
@@ -57,7 +57,7 @@ def chat_template(model: Any, image_slot: str, bos_after_image: bool = False) ->
 
 def generation_config(stock: Any, part: Any) -> Any:
     """The stock model's generation config: greedy, vpgtrans's stop ids, the tokenizer's pad."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # why: importing transformers costs seconds
 
     cfg = part.config
     gen = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, max_new_tokens=30,
