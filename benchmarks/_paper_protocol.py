@@ -30,7 +30,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 1-hour run on 2 shared cores cannot afford for 3 pairs x 3 seeds); the README says so next to the figures.
     "paper": {"pairs": [SIZE_PAIR, *TYPE_PAIRS], "seeds": 3, "budget_min": 75, "ablation_pair": SIZE_PAIR,
               "settings": {"lr": 5e-4, "min_lr": 2.5e-4, "steps": 800, "eval_every": 25, "val_samples": 96,
-                           "source_steps": 1200, "source_lr": 5e-4, "data_fraction": 0.107, "warmup_epochs": 1.0,
+                           "source_steps": 800, "source_lr": 5e-4, "data_fraction": 0.107, "warmup_epochs": 1.0,
                            "plateau": True}},
     "paper-quick": {"pairs": [SIZE_PAIR], "seeds": 2, "budget_min": 10, "ablation_pair": None,
                     "settings": {"lr": 5e-4, "min_lr": 2.5e-4, "steps": 240, "eval_every": 20, "val_samples": 64,

@@ -365,6 +365,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
               "merged_from": [{"date": p["date"], "pairs": list(p["pairs"]), "total_s": p.get("total_s"),
                                "machine": p["machine"]} for p in parts]}
     merged["sources_s"] = max(p.get("sources_s", 0.0) for p in parts)
+    merged["seeds"] = sorted({seed for p in parts for seed in p["seeds"]})
     return merged
 
 

@@ -206,6 +206,17 @@ def test_paper_protocol_reports_rows_that_never_matched(paper_result):
     assert any(v["claim"].startswith("opt-s>opt-m: VPGTrans speed-up") for v in paper_result["data"]["paper_comparison"])
 
 
+def test_results_of_side_by_side_processes_merge(bench, result):
+    data = result["data"]
+    other = {**data, "seeds": [1], "runs": [{**r, "seed": 1} for r in data["runs"]], "pairs": {"opt-s>flant5": {}}}
+    merged = bench.merge_results([data, other])
+    assert merged["seeds"] == [0, 1] and len(merged["runs"]) == 2 * len(data["runs"])
+    assert set(merged["pairs"]) == {"opt-s>llama", "opt-s>flant5"}
+    assert bench.summarise(merged["runs"])["opt-s>llama"]["scratch"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="different settings"):
+        bench.merge_results([data, {**other, "settings": {**data["settings"], "steps": 7}}])
+
+
 def test_unknown_pair_is_refused(bench, tiny_world, capsys):
     assert bench.main(["--world", str(tiny_world), "--pairs", "opt-s>gpt9"]) == 2
     assert "unknown pair/row" in capsys.readouterr().err
