@@ -111,6 +111,7 @@ def main(debug: bool, trust_remote_code: bool) -> None:
 
 
 def _add_commands() -> None:
+    # why local: the commands are added once `main` exists (their modules stay free of the group itself)
     from .chat import chat
     from .components import components
     from .demo import demo

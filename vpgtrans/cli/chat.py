@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import click
 
+from ..errors import ConfigError, DataError
 from .generate import generation_options, load_for_inference
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 HELP = "commands: /reset starts over, /image PATH switches image (and resets), /quit or Ctrl-D leaves"
 # Tag-like tokens glued to the image slot (<Img>…</Img>) belong to the image, not to a turn.
@@ -24,7 +26,6 @@ _TAGS_AFTER = re.compile(r"^(<[^<>\s]*>)*\s*")
 
 def turn_markers(template: Any) -> tuple[str, str]:
     """(text before, text after) a follow-up question: the template's turn without the image."""
-    from ..errors import ConfigError
     from ..model import IMAGE_SLOT
 
     if "{instruction}" not in template.text:
@@ -119,7 +120,6 @@ def read_line() -> str:
 @generation_options
 def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, device: str) -> None:
     """Talk about an image, turn by turn (answers on stdout, prompts on stderr)."""
-    from ..errors import DataError
     from ..images import open_image
     from ..interfaces import GenerationConfig
 

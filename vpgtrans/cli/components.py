@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 CACHE_FILE = "components.json"
 

@@ -6,6 +6,7 @@ import json
 import time
 
 import click
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 
 @click.command("eval")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..errors import DataError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 _FORMATS = ["hf-blip2", "hf-instructblip", "hf-llava"]
 
 
@@ -24,7 +27,6 @@ def export(model_dir: str, fmt: str, out_dir: str, lora: str | None, scores_path
     from pathlib import Path
 
     from ..checkpoint import load_model, read_manifest
-    from ..errors import DataError
     from ..formats import FORMATS, export_model
 
     scores = None

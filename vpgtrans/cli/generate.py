@@ -8,6 +8,9 @@ from typing import Any, Callable
 
 import click
 
+from ..errors import ConfigError, DataError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -45,7 +48,6 @@ def caption_folder(model: Any, root: str | Path, out: str | Path, prompt: str, c
     from tqdm import tqdm
 
     from ..checkpoint import atomic_write_text
-    from ..errors import DataError
     from ..images import open_image
 
     root = Path(root)
@@ -91,7 +93,6 @@ def caption_folder(model: Any, root: str | Path, out: str | Path, prompt: str, c
 def generate(model_dir: str, image_path: str | None, images_dir: str | None, out_path: str | None, prompt: str,
              batch_size: int, skip_bad_images: bool, beams: int, max_new_tokens: int, device: str) -> None:
     """Print the model's text for one image, or caption a folder of images into JSONL."""
-    from ..errors import ConfigError, DataError
     from ..images import open_image
     from ..interfaces import GenerationConfig
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 
 @click.command("plot")

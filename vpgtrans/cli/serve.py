@@ -6,13 +6,14 @@ import socket
 
 import click
 
+from ..errors import ConfigError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 _PUBLIC = ("0.0.0.0", "::", "")
 
 
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket, so a taken port is a one-line error before the model loads."""
-    from ..errors import ConfigError
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -50,8 +51,6 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(model_dir: str, host: str, port: int, model_id: str | None, device: str, max_tokens: int, max_batch: int,
           max_queue: int, max_context: int | None, max_body_mb: float, max_image_pixels: int) -> None:
     """Serve the model: OpenAI-compatible /v1/chat/completions, /v1/models, /health, and a chat page at /."""
-    from ..errors import ConfigError
-
     try:
         import fastapi  # noqa: F401
         import uvicorn

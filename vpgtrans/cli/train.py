@@ -7,6 +7,9 @@ from typing import Any, Callable
 
 import click
 
+from ..errors import VpgtransError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--recipe", required=True, help="Recipe name (see recipes/) or path to a YAML file.")
@@ -53,7 +56,6 @@ def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: 
 
 def _dry_run(loaded: Any, out: Path, skip_bad: bool, echo: Callable[[str], None]) -> None:
     """Print the plan, then fail naming every missing weight (and missing data) at once."""
-    from ..errors import VpgtransError
     from ..names import missing_error, missing_weights, recipe_weights
     from ..train.runner import run_recipe
 

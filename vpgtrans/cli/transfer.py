@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..errors import ConfigError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 
 @click.command()
 @click.option("--src", required=True, help="Source model: vpgtrans model dir, HF BLIP-2 dir, LAVIS .pth or alias.")
@@ -72,7 +75,6 @@ def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, d
 def _followup(src: str, dst: str, src_llm: str | None, recipe: str | None, then_data: str | None,
               then_overrides: tuple[str, ...]) -> str | None:
     """The recipe following this transfer (vl_vicuna into Vicuna); --then-data elsewhere is refused up front."""
-    from ..errors import ConfigError
     from ..transfer.choose import choose_recipe
 
     followup = choose_recipe(src, dst, src_llm).followup if recipe is None else None

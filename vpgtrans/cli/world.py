@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import WeightsNotFoundError
+# why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
+
 
 @click.group()
 def world() -> None:
@@ -47,7 +50,6 @@ def _config(size: str, overrides: tuple[str, ...]):
               help="World directory [default: $VPGTRANS_HOME/world].")
 def info(out: Path | None) -> None:
     """Print the manifest summary of a built world."""
-    from ..errors import WeightsNotFoundError
     from ..paths import world_dir
     from ..world.build import read_manifest
 
@@ -81,7 +83,6 @@ def knobs() -> None:
 def export_cc_sbu_command(world_path: Path | None, split: str, out: Path | None, limit: int | None) -> None:
     """Write the world's captions in MiniGPT-4's cc_sbu_align layout (filter_cap.json + image/{id}.jpg)."""
     from ..data.cc_sbu_export import export_cc_sbu
-    from ..errors import WeightsNotFoundError
     from ..paths import world_dir
 
     root = world_path or world_dir()
