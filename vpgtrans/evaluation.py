@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .data import ImageReader, read_records
 from .errors import ConfigError, DataError
 from .interfaces import GenerationConfig
 
@@ -210,8 +211,6 @@ def group_by_image(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 def load_eval_records(path: str | Path, task: str = "caption", limit: int | None = None,
                       fmt: str = "auto") -> list[dict[str, Any]]:
     """Read annotations (JSONL, COCO, cc_sbu_align, shards) for evaluation; captions grouped per image."""
-    from .data import read_records
-
     records = read_records(path, fmt, task=task)
     for i, rec in enumerate(records):
         (_answers if task == "vqa" else _references)(rec, i)
@@ -222,8 +221,6 @@ def load_eval_records(path: str | Path, task: str = "caption", limit: int | None
 
 def image_features(model: Any) -> Callable[[Sequence[Mapping[str, Any]]], torch.Tensor]:
     """Default features_fn: decode each record's image (file or shard member) and run the frozen encoder."""
-    from .data import ImageReader
-
     reader = ImageReader()
 
     def features(batch: Sequence[Mapping[str, Any]]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_dir
 from .errors import WeightsNotFoundError
 from .names import load_pretrained
 from .paths import home
@@ -53,8 +54,6 @@ def dense_checkpoint(name: str, target: str, gguf_file: str | None = None, model
     """A local dense checkpoint dir for a GGUF model, dequantising and caching it on first use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import atomic_dir
 
     where, file = split_gguf(target, gguf_file)
     final = cache_dir_for(where, file)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import WEIGHTS, read_safetensors
 from .errors import CheckpointError
 
 PARTS = ("vpg", "projector", "llm")
@@ -34,8 +35,6 @@ def trainable_parts(model: Any) -> list[str]:
 
 def init_from_model_dir(model: Any, path: Path) -> list[str]:
     """Copy every fitting VPG/projector/LoRA tensor of `path` into `model`; report lines (refuse if nothing trains)."""
-    from .checkpoint import WEIGHTS, read_safetensors
-
     state = read_safetensors(path / WEIGHTS, "model weights")
     expected = model.trainable_state_dict()
     shared = sorted(set(state) & set(expected))

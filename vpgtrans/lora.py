@@ -18,6 +18,7 @@ import torch
 
 from .config import from_dict, help_field, to_dict
 from .errors import CheckpointError, ConfigError
+from .names import LLM_ALIASES, resolve
 
 ADAPTER = "default"
 LORA_DIR = "lora"
@@ -68,8 +69,6 @@ def is_applied(model: Any) -> bool:
 
 
 def _base_name(model: Any) -> str:
-    from .names import LLM_ALIASES, resolve
-
     path = str(getattr(getattr(model.llm, "config", None), "path", ""))
     try:
         return resolve(path, LLM_ALIASES)

@@ -9,8 +9,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .config import to_dict
 from .errors import ConfigError
 from .interfaces import VPG, GenerationConfig, LLMBackend, TextSample, VisionEncoder
+from .lora import apply_lora
+from .names import LLM_ALIASES, load_pretrained, resolve
 from .registry import get as get_component
 
 IMAGE_SLOT = "<ImageHere>"
@@ -163,7 +166,7 @@ class VisionLanguageModel(nn.Module):
         """Human-readable statement of what trains and what is frozen."""
         lines = [f"{'part':<10}{'component':<14}{'trainable':>14}{'frozen':>16}"]
         names = {"vision": self.spec.vision.get("name"), "vpg": self.spec.vpg.get("name"),
-                 "projector": f"linear", "llm": self.spec.llm.get("name")}
+                 "projector": "linear", "llm": self.spec.llm.get("name")}
         total_t = total_f = 0
         for part, counts in self.parameter_report().items():
             total_t += counts["trainable"]
@@ -209,8 +212,6 @@ def detect_llm_component(path: str) -> str:
     """Pick the built-in backend for a checkpoint from its config's model_type."""
     from transformers import AutoConfig
 
-    from .names import LLM_ALIASES, load_pretrained, resolve
-
     target = resolve(path, LLM_ALIASES)
     if target.endswith(".gguf"):
         return "llama"
@@ -236,15 +237,12 @@ def build_model(spec: ModelSpec | dict[str, Any], *, device: str | torch.device 
     vpg_config = vpg_component.make_config(gcfg)
     vpg = vpg_component.build(vpg_config)
     # Record the resolved VPG config (e.g. widths read from a BERT checkpoint) so reloads rebuild it exactly.
-    from .config import to_dict
 
     spec.vpg = {"name": gname, **(to_dict(vpg_config) if not isinstance(vpg_config, dict) else vpg_config)}
     lname, lcfg = spec.part("llm")
     llm = get_component("llm", lname).component.build(lcfg)
     model = VisionLanguageModel(vision, vpg, llm, spec)
     if spec.lora:
-        from .lora import apply_lora
-
         apply_lora(model, spec.lora)
     if device is not None:
         model.to(device)

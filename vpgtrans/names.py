@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .errors import ConfigError, WeightsNotFoundError
+from . import trust
+from .errors import CheckpointError, ConfigError, WeightsNotFoundError, translate
+from .paths import world_dir
 
 T = TypeVar("T")
 
@@ -115,8 +117,6 @@ def resolve(name: str, aliases: dict[str, str]) -> str:
     if os.path.isdir(os.path.expanduser(name)) or name.endswith(".gguf"):
         return str(Path(name).expanduser())
     if name.startswith(WORLD_PREFIX):
-        from .paths import world_dir
-
         path = world_dir() / name[len(WORLD_PREFIX):]
         if not path.is_dir() and name not in WORLD_NAMES:
             close = suggest(name, WORLD_NAMES)
@@ -144,8 +144,6 @@ def load_pretrained(loader: Callable[..., T], name: str, target: str, *, what: s
     looked for, and how to get it — never a stack trace from deep inside transformers. Code shipped with
     the checkpoint runs only after `--trust-remote-code` (vpgtrans.trust), whatever `kwargs` say.
     """
-    from . import trust
-
     kwargs["trust_remote_code"] = trust.remote_code_allowed()
     trust.announce(what, name, target)
     try:
@@ -165,8 +163,6 @@ def looks_local(target: str) -> bool:
 
 def _damaged_as_error(loader: Callable[..., T], name: str, target: str, what: str, kwargs: dict[str, Any]) -> T:
     """Call the loader; a damaged file in a local checkpoint (errors.translate knows its kind) is one line."""
-    from .errors import CheckpointError, translate
-
     try:
         return loader(target, **kwargs)
     except OSError:
@@ -223,8 +219,6 @@ def locate(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
     if local.exists():
         return str(local), None
     if name.startswith(WORLD_PREFIX):
-        from .paths import world_dir
-
         path = world_dir() / name[len(WORLD_PREFIX):]
         if name not in WORLD_NAMES and not path.is_dir():
             return str(path), f"not a world model{suggest(name, WORLD_NAMES)}"

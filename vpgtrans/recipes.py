@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import paths
 from .config import from_dict, parse_override, set_dotted
 from .data.dataset import DataConfig
 from .errors import ConfigError
 from .model import ModelSpec
+from .registry import get as get_component
 from .train.config import TrainConfig
 from .train.objectives import EvalConfig
 
@@ -163,8 +165,6 @@ def _expand(value: Any, variables: dict[str, Any]) -> Any:
 
 
 def _variables() -> dict[str, Any]:
-    from . import paths
-
     return {"world": paths.world_dir, "home": paths.home}
 
 
@@ -192,8 +192,6 @@ def build_recipe(data: dict[str, Any], overrides: Sequence[str] = (), *, name: s
 
 def check_components(model: ModelSpec) -> None:
     """Validate each named component's config now (cheap dataclasses), not after minutes of loading."""
-    from .registry import get as get_component
-
     for kind in ("vision", "vpg", "llm"):
         entry = getattr(model, kind)
         if entry.get("name") is not None and not isinstance(entry["name"], str):
