@@ -98,7 +98,7 @@ def _threshold(run: Path) -> dict[str, Any]:
 
 
 def _transfer_series(run: Path, label: str) -> list[Series]:
-    from .transfer.report import joined_rows
+    from .transfer.report import joined_rows  # why local: plot is core; transfer/ imports it, not the reverse
 
     stages = [run / s for s in ("stage1", "stage2") if (run / s / LOG_FILE).exists()]
     warm = len(read_rows(stages[0])) if stages and stages[0].name == "stage1" else 0

@@ -89,6 +89,7 @@ def get_metric(name: str) -> MetricFn:
     if name in _METRICS:
         return _METRICS[name]
     try:
+        # why local: needed only for metrics that are not built in (evaluation pulls in the data readers)
         from .. import evaluation  # type: ignore[attr-defined]
 
         extra = dict(getattr(evaluation, "TRAINING_METRICS", {}))
