@@ -183,8 +183,16 @@ def _set_lora(model: Any, on: bool) -> None:
 
 
 def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float = 0.05) -> Any:
-    """Token pairs between the source LLM's tokenizer and the destination's."""
-    return pair_tokens(src_llm.tokenizer, model.llm.tokenizer, min_coverage=min_coverage)
+    """Token pairs between the two tokenizers, kept to those occurring in the training text (when ≥ 16 do)."""
+    from ..data import load_records
+    from .pairing import restrict_to_texts
+
+    pairs = pair_tokens(src_llm.tokenizer, model.llm.tokenizer, min_coverage=min_coverage)
+    # The official code fits its converter on caption tokens; tokens that never occur in text keep an
+    # untrained embedding, and on the world they pulled the fit off the caption tokens (DESIGN.md §7).
+    records = load_records(plan.stage1.data, "train")[:20000]
+    texts = [r[k] for r in records for k in ("caption", "question", "answer") if isinstance(r.get(k), str)]
+    return restrict_to_texts(pairs, src_llm.tokenizer, model.llm.tokenizer, texts)
 
 
 def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage: float = 0.05,
