@@ -374,23 +374,33 @@ class AnchorOmpConverter(Converter):
 
 
 def omp_coefficients(targets: np.ndarray, atoms: np.ndarray, k: int) -> np.ndarray:
-    """Coefficients C [T, A] with at most `k` non-zeros per row such that C·atoms ≈ targets (greedy OMP)."""
-    norms = np.maximum(np.linalg.norm(atoms, axis=1), 1e-30)
-    unit = atoms / norms[:, None]
-    out = np.zeros((targets.shape[0], atoms.shape[0]))
-    for t, target in enumerate(targets):
-        chosen: list[int] = []
-        residual = target.copy()
-        coef = np.zeros(0)
-        for _ in range(min(k, atoms.shape[0])):
-            score = np.abs(unit @ residual)
-            score[chosen] = -1.0
-            chosen.append(int(np.argmax(score)))
-            coef = scipy.linalg.lstsq(atoms[chosen].T, target)[0]
-            residual = target - coef @ atoms[chosen]
-            if np.linalg.norm(residual) <= 1e-9 * max(np.linalg.norm(target), 1e-30):
-                break
-        out[t, chosen] = coef
+    """Coefficients C [T, A] with at most `k` non-zeros per row such that C·atoms ≈ targets (greedy OMP).
+
+    All targets advance together: at each step every row adds the atom most correlated with its residual
+    and re-solves its least squares on the atoms chosen so far (batched normal equations).
+    """
+    n_t, n_a = targets.shape[0], atoms.shape[0]
+    k = min(k, n_a)
+    unit = atoms / np.maximum(np.linalg.norm(atoms, axis=1), 1e-30)[:, None]
+    chosen = np.zeros((n_t, 0), dtype=np.int64)
+    coef = np.zeros((n_t, 0))
+    residual = targets.copy()
+    scale = np.maximum(np.linalg.norm(targets, axis=1), 1e-30)
+    rows = np.arange(n_t)
+    for _ in range(k):
+        score = np.abs(residual @ unit.T)
+        score[rows[:, None], chosen] = -1.0
+        done = np.linalg.norm(residual, axis=1) <= 1e-9 * scale
+        pick = np.argmax(score, axis=1)
+        if done.any():  # an exact fit keeps its atoms: repeat one (its coefficient is merged below)
+            pick[done] = chosen[done, 0] if chosen.shape[1] else pick[done]
+        chosen = np.concatenate([chosen, pick[:, None]], axis=1)
+        sel = atoms[chosen]  # [T, j, D]
+        gram = sel @ sel.transpose(0, 2, 1) + 1e-12 * np.eye(chosen.shape[1])
+        coef = np.linalg.solve(gram, (sel @ targets[:, :, None]))[:, :, 0]
+        residual = targets - (coef[:, :, None] * sel).sum(1)
+    out = np.zeros((n_t, n_a))
+    np.add.at(out, (np.repeat(rows, chosen.shape[1]), chosen.ravel()), coef.ravel())
     return out
 
 
