@@ -211,19 +211,23 @@ class MemoryPlan:
         """The plan as console lines, ending with whether it fits `capacity` bytes."""
         out = ["memory  estimated peak per device (an estimate, not a measurement):"]
         for key, value in self.parts.items():
-            out.append(f"  {key:<20}{value / GIB:>9.2f} GiB  {self.details.get(key, '')}".rstrip())
+            out.append(f"  {key:<20}{_size(value):>13}  {self.details.get(key, '')}".rstrip())
         other = "" if (not self.checkpointing) not in self.activations else (
-            f"; {'off' if self.checkpointing else 'on'}: {self.total_with(not self.checkpointing) / GIB:.2f} GiB")
-        out.append(f"  {'total':<20}{self.total / GIB:>9.2f} GiB  (checkpointing "
+            f"; {'off' if self.checkpointing else 'on'}: {_size(self.total_with(not self.checkpointing))}")
+        out.append(f"  {'total':<20}{_size(self.total):>13}  (checkpointing "
                    f"{'on' if self.checkpointing else 'off'}{other})")
         if self.host_features:
-            out.append(f"  feature cache       {self.host_features / GIB:>9.2f} GiB on disk / host memory, "
-                       f"not on the device")
+            out.append(f"  feature cache       {_size(self.host_features):>13} on disk / host memory, not on the device")
         out += [f"  note: {n}" for n in self.notes]
         if capacity is not None:
             verdict = "fits" if self.total <= capacity else "does NOT fit"
             out.append(f"  {verdict} {where} ({capacity / GIB:.1f} GiB)")
         return out
+
+
+def _size(n: int) -> str:
+    """GiB for real models, MiB below 1 GiB (the world's tiny models)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, checkpointing: bool | None = None,
@@ -278,7 +282,7 @@ def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, ch
         "trainable weights": f"{trainable:,} params @ float32 (VPG + projector{' + LoRA' if lora else ''})",
         "gradients": "float32", "optimizer state": "AdamW: 2 × float32 per trainable parameter",
         "activations": f"batch {batch} × {sim['seq']} LLM tokens, {depth} layers, checkpointing "
-                       + " / ".join(f"{'on' if m else 'off'} {v / GIB:.2f} GiB" for m, v in sim["activations"].items()),
+                       + " / ".join(f"{'on' if m else 'off'} {_size(v)}" for m, v in sim["activations"].items()),
         "features (batch)": f"{batch} × {n_vis} × {width} @ {feats_dtype}",
     }
     if shard > 1:
