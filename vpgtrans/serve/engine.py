@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from vpgtrans_adapters.llm import stop_token_ids
 
 from ..cli.chat import conversation_sample
 from ..interfaces import GenerationConfig
@@ -47,15 +48,6 @@ def context_limit(model: Any, cap: int | None = None) -> int:
     if limit is None:
         return cap or 2048
     return min(int(limit), cap) if cap else int(limit)
-
-
-def eos_ids(model: Any) -> set[int]:
-    """Token ids generation stops on: the checkpoint's generation config and the tokenizer's EOS."""
-    ids: set[int] = set()
-    gen = getattr(model.llm.model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), model.llm.tokenizer.eos_token_id):
-        ids.update(int(i) for i in (source if isinstance(source, (list, tuple)) else [source]) if i is not None)
-    return ids
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -133,7 +125,7 @@ class Engine:
         self.model = model
         self.max_batch, self.max_queue, self.default_max_tokens = max_batch, max_queue, default_max_tokens
         self.context = context_limit(model, context)
-        self.eos = eos_ids(model)
+        self.eos = set(stop_token_ids(model.llm))
         self._features: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cache_size = cache_size
         self._pending: collections.deque[Job] = collections.deque()
