@@ -53,14 +53,19 @@ def test_plateau_rule_stops_when_the_last_quarter_gains_under_one_percent():
                  for i, s in enumerate(range(10, 110, 10))]
     assert rep.plateau(improving, "val_loss") is None  # 5% per step: never flat
     flat = improving[:5] + [{"step": s, "samples": s, "wall_time": s, "value": 1.6 - 0.001 * i}
-                            for i, s in enumerate(range(60, 210, 10), 1)]
+                            for i, s in enumerate(range(60, 260, 10), 1)]
     stop = rep.plateau(flat, "val_loss")
-    # Step 60: best 1.599 vs 1.7 up to step 45 (6% gain). Step 70: 1.598 vs 1.6 up to step 52.5 (0.1%): stop.
-    assert stop is not None and stop["step"] == 70
+    # Flat from step 60 on, but the last quarter must hold 4 evaluations: first checked at step 130
+    # (steps 100-130), where the best 1.592 beats the best up to step 90 (1.596) by 0.25% < 1%.
+    assert stop is not None and stop["step"] == 130
     kept, at = rep.until_plateau(flat, "val_loss")
-    assert at == stop and [p["step"] for p in kept] == list(range(10, 80, 10))
+    assert at == stop and [p["step"] for p in kept] == list(range(10, 140, 10))
     higher = [{**p, "value": -p["value"]} for p in flat]  # accuracy-like metrics: larger is better
-    assert rep.plateau(higher, "cider")["step"] == 70
+    assert rep.plateau(higher, "cider")["step"] == 130
+    # A slow start (two flat evaluations, then learning) is not a plateau.
+    slow = [{"step": s, "samples": s, "wall_time": s, "value": v}
+            for s, v in zip(range(20, 220, 20), [1.46, 1.42, 1.37, 1.362, 1.33, 1.31, 1.28, 1.27, 1.2, 1.1])]
+    assert rep.plateau(slow, "val_loss") is None
 
 
 @pytest.fixture(scope="module")

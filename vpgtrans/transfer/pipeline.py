@@ -456,7 +456,7 @@ def _scratch_first(plan: TransferPlan, until: str | None, progress: bool,
     # Training is causal: cutting the curve at the plateau rule is what an early-stopped run would have logged.
     curve, stop = rep.until_plateau(rep.transfer_curve([plan.out / "scratch"], metric), metric)
     summary = {**_stage_summary(plan.out / "scratch"), "plateau_step": stop["step"] if stop else None,
-               "plateau_rule": "best improved < 1% over the last quarter of the steps so far"}
+               "plateau_rule": "best improved < 1% over the last quarter of the steps so far (>= 4 evaluations in it)"}
     if curve:
         best = (min if rep.lower_is_better(metric) else max)(p["value"] for p in curve)
         summary["best"] = best

@@ -60,14 +60,17 @@ def first_reaching(curve: Sequence[Point], target: float, lower: bool) -> Point 
 
 def plateau(curve: Sequence[Point], metric: str, tol: float = 0.01, window: float = 0.25,
             min_evals: int = 4) -> Point | None:
-    """First evaluation where the best so far beats the best before the last `window` of steps by < `tol`."""
+    """First evaluation where the best so far beats the best before the last `window` of steps by < `tol`.
+
+    The window must hold at least `min_evals` evaluations: a slow start (a few flat early evaluations) is not
+    a plateau.
+    """
     lower = lower_is_better(metric)
     pick = min if lower else max
     for i, p in enumerate(curve):
-        if i + 1 < min_evals:
-            continue
-        before = [q["value"] for q in curve[:i + 1] if q["step"] <= (1.0 - window) * p["step"]]
-        if not before:
+        edge = (1.0 - window) * p["step"]
+        before = [q["value"] for q in curve[:i + 1] if q["step"] <= edge]
+        if not before or sum(q["step"] > edge for q in curve[:i + 1]) < min_evals:
             continue
         old, new = pick(before), pick(q["value"] for q in curve[:i + 1])
         gain = (old - new) if lower else (new - old)
