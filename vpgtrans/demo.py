@@ -211,7 +211,8 @@ def _story(summary: dict[str, Any]) -> list[str]:
     scratch, warm = summary.get("scratch") or {}, ((summary.get("stages") or {}).get("stage1") or {}).get("steps")
     plateau = scratch.get("plateau_step")
     lines = [f"scratch ({cfg['dst']}, 100% of the data) reached its best at step {speed['scratch']['step']}"
-             + (f" and plateaued at step {plateau}" if plateau else f" (no plateau within its {cfg['steps']}-step cap)")]
+             + (f" and plateaued at step {plateau}" if plateau else
+                f" (no plateau within its {scratch.get('steps') or cfg['steps']}-step cap)")]
     ours = speed.get("vpgtrans")
     if ours:
         lines.append(f"VPGTrans ({cfg['src']} → {cfg['dst']}, {cfg['data_fraction']:.1%} of the data) matched it at "
