@@ -77,7 +77,7 @@ def test_checkpointing_lowers_measured_peak_memory_of_a_training_step(tmp_path):
     llm.save_pretrained(tmp_path / "opt")
     _tokenizer_like(tmp_path / "opt")
     peaks = {}
-    from adapters.llm import CausalLMBackend, LLMConfig
+    from vpgtrans_adapters.llm import CausalLMBackend, LLMConfig
 
     backend = CausalLMBackend(LLMConfig(path=str(tmp_path / "opt")))
     prompts = torch.randn(8, 32, 256, requires_grad=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -317,6 +318,20 @@ def followup_command(plan: TransferPlan) -> str:
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> None:
+    # Rank 0 alone refuses and cleans (as the train runner does), then every rank waits for its decision:
+    # otherwise one rank finds what another has just written and refuses a run that is its own.
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from accelerate import PartialState  # why: as in prepare(); only launched runs need it
+
+        state = PartialState()
+        if state.is_main_process:
+            _check_out_here(out, resume, force)
+        state.wait_for_everyone()
+        return
+    _check_out_here(out, resume, force)
+
+
+def _check_out_here(out: Path, resume: bool, force: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if force:
