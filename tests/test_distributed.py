@@ -151,9 +151,6 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known bug, open: under the 2-process FSDP launch the ranks of `vpgtrans transfer` fall out of "
-                         "step between its stages (rank 0's stage-1 out-dir check finds the other rank's run.json and "
-                         "restarts the stage); `vpgtrans train` under FSDP is tested above")
 def test_fsdp_transfer_matches_one_process(recipe, tiny_paths):
     """`vpgtrans transfer` under the FSDP config: both stages shard the same model in turn (the model is turned
     back into a plain one between them) and end where the 1-process transfer ends."""

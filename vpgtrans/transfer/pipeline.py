@@ -323,7 +323,9 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         from accelerate import PartialState  # why: as in prepare(); only launched runs need it
 
-        state = PartialState()
+        # cpu=True on a machine without CUDA, as make_accelerator does: only then does accelerate form the
+        # gloo group; a plain PartialState() here would leave every process training on its own.
+        state = PartialState(cpu=not torch.cuda.is_available())
         if state.is_main_process:
             _check_out_here(out, resume, force)
         state.wait_for_everyone()
