@@ -13,7 +13,7 @@ from vpgtrans.checkpoint import save_model
 from vpgtrans.cli import main
 from vpgtrans.model import build_model
 from vpgtrans.surrogate import final_norm, make_surrogate, read_surrogate
-from vpgtrans.testing import WORDS, tiny_images, tiny_spec
+from vpgtrans.testing import WORDS, tiny_spec, write_caption_set
 from vpgtrans.transfer import pipeline
 
 QUIET = {"echo": lambda _: None}
@@ -72,12 +72,7 @@ def test_healing_moves_the_surrogate_towards_the_full_llm(tiny_paths, tmp_path):
 def surrogate_source(tmp_path_factory, tiny_paths):
     """A tiny captioning set and a VPG model trained (well, perturbed) on a 1-layer surrogate of tiny LLaMA."""
     root = tmp_path_factory.mktemp("surrogate-transfer")
-    (root / "img").mkdir()
-    rows = []
-    for i, im in enumerate(tiny_images(8, seed=5)):
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} circle on the left"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_caption_set(root, 8, 5, ["a red circle on the left", "a blue circle on the left"])
     sur = root / "sur"
     make_surrogate(str(tiny_paths["llama"]), 1, sur, **QUIET)
     spec = tiny_spec(tiny_paths, "llama")

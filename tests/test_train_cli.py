@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from vpgtrans.cli import main
 from vpgtrans.recipes import list_recipes, load_recipe
-from vpgtrans.testing import tiny_images, tiny_spec
+from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
 
 CLI = [sys.executable, "-c", "import sys; from vpgtrans.cli import main; sys.exit(main())"]
@@ -28,12 +28,7 @@ CLI = [sys.executable, "-c", "import sys; from vpgtrans.cli import main; sys.exi
 def setup(tmp_path_factory, tiny_paths):
     """A recipe file wiring tiny models to a tiny JSONL dataset."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "img").mkdir()
-    rows = []
-    for i, im in enumerate(tiny_images(12, seed=9)):
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue', 'green'][i % 3]} square on the right"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_caption_set(root, 12, 9, [f"a {c} square on the right" for c in ("red", "blue", "green")])
     recipe = {"name": "tiny_stage2", "model": tiny_spec(tiny_paths, dropout=0.1),
               "data": {"train": str(root / "train.jsonl"), "val": str(root / "train.jsonl"), "max_val_samples": 4},
               "train": {"batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "max_steps": 6, "save_every": 3,

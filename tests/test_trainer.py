@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from vpgtrans.data import DataConfig, build_dataset, load_records
 from vpgtrans.errors import TrainingError
 from vpgtrans.model import build_model
-from vpgtrans.testing import tiny_images, tiny_spec
+from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import (Schedule, TrainConfig, Trainer, lm_loss, make_optimizer, param_groups, parse_until,
                             read_log)
 from vpgtrans.train.state import _optimizer_from_files, _optimizer_to_files, find_checkpoint
@@ -24,13 +24,7 @@ from vpgtrans.train.state import _optimizer_from_files, _optimizer_to_files, fin
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer-data")
-    (root / "img").mkdir()
-    rows = []
-    for i, im in enumerate(tiny_images(8, seed=5)):
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} circle on the left"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "train.jsonl"
+    return write_caption_set(root, 8, 5, ["a red circle on the left", "a blue circle on the left"])
 
 
 # --- schedule and optimiser ----------------------------------------------------------------------------

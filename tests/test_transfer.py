@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vpgtrans.checkpoint import save_model
 from vpgtrans.cli import main
 from vpgtrans.model import build_model
-from vpgtrans.testing import tiny_images, tiny_spec
+from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
 from vpgtrans.transfer import pipeline
 
@@ -26,12 +26,7 @@ FAST = ["train.batch_size=2", "train.max_steps=3", "train.eval_every=0", "train.
 def world(tmp_path_factory, tiny_paths):
     """Tiny data (8 captioned images) and saved source models trained (well, initialised) on OPT and LLaMA."""
     root = tmp_path_factory.mktemp("transfer")
-    (root / "img").mkdir()
-    rows = []
-    for i, im in enumerate(tiny_images(8, seed=3)):
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} circle on the left"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_caption_set(root, 8, 3, ["a red circle on the left", "a blue circle on the left"])
     sources = {}
     for llm in ("opt", "llama"):
         torch.manual_seed(0)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from vpgtrans.checkpoint import load_model, save_model
 from vpgtrans.model import build_model
-from vpgtrans.testing import tiny_images, tiny_spec
+from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
 from vpgtrans.transfer import pipeline
 from vpgtrans.transfer import report as rep
@@ -72,12 +72,7 @@ def test_plateau_rule_stops_when_the_last_quarter_gains_under_one_percent():
 def world(tmp_path_factory, tiny_paths):
     """8 captioned images and sources on OPT (tied embeddings) and LLaMA (untied), one with a dropout-heavy VPG."""
     root = tmp_path_factory.mktemp("protocol")
-    (root / "img").mkdir()
-    rows = []
-    for i, im in enumerate(tiny_images(8, seed=5)):
-        im.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": f"a {['red', 'blue'][i % 2]} square at the top"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_caption_set(root, 8, 5, ["a red square at the top", "a blue square at the top"])
     sources = {}
     for name, llm, dropout in (("opt", "opt", 0.0), ("llama", "llama", 0.0), ("opt-dropout", "opt", 0.5)):
         torch.manual_seed(0)

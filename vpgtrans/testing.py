@@ -161,3 +161,15 @@ def tiny_images(n: int = 2, size: int = 40, seed: int = 0) -> list:
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def write_caption_set(root: str | Path, n: int, seed: int, captions: list[str]) -> Path:
+    """Write `n` random images under `root/img` and a `train.jsonl` cycling through `captions`; returns that file."""
+    root = Path(root)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, im in enumerate(tiny_images(n, seed=seed)):
+        im.save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": captions[i % len(captions)]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "train.jsonl"
