@@ -63,6 +63,9 @@ class LinearCosineConfig:
     min_steps: int = help_field(
         500, help="train at least this many steps: a few thousand pairs in batches of 4096 would "
                   "otherwise give only a handful of updates")
+    match_norm: bool = help_field(
+        True, help="after the fit, scale W and b so the mapped embeddings have the destination's mean norm: the "
+                   "cosine loss leaves the scale free (false: whatever scale SGD left, as the official code)")
 
 
 class LinearCosineConverter(Converter):
@@ -108,6 +111,14 @@ class LinearCosineConverter(Converter):
             raise DataError(f"converter linear-cosine diverged (lr {lr})", "lower lr or use optimizer=adam")
         with torch.no_grad():
             layer.weight.div_(rms)
+            if cfg.match_norm:
+                # A merged projector otherwise writes soft prompts at an arbitrary multiple of the
+                # destination's embedding norm (8.4x on the world's OPT-s → OPT-m caption-token fit).
+                gx = layer(src.detach().float())
+                scale = y.norm(dim=-1).mean() / gx.norm(dim=-1).mean().clamp_min(1e-12)
+                if torch.isfinite(scale) and scale > 0:
+                    layer.weight.mul_(scale)
+                    layer.bias.mul_(scale)
         return layer
 
     @staticmethod

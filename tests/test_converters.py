@@ -207,3 +207,19 @@ def test_anchor_omp_sends_unmatched_tokens_towards_their_anchor_partners():
     # Without unmatched tokens it is ridge.
     alone = registry.build("converter", "anchor-omp").fit(src, dst)
     assert torch.allclose(alone.weight, ridge.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [FAST_SGD, FAST_ADAM])
+def test_linear_cosine_maps_to_the_destination_norms(config):
+    # The cosine loss leaves the scale free; match_norm (default) fixes it, so a merged projector writes soft
+    # prompts at the destination's embedding scale. Destination here is 40x the source's norm.
+    src, dst = _embeddings(24, 24, orthogonal=True)
+    dst = 13.0 * dst
+    pairs = (torch.arange(len(src)), torch.arange(len(src)))
+    for match, close in ((True, True), (False, False)):
+        conv = registry.build("converter", "linear-cosine", {**config, "match_norm": match})
+        fit = fit_converter(conv, src, dst, pairs, heldout=0.2, seed=1)
+        with torch.no_grad():
+            ratio = float(fit.linear(src).norm(dim=-1).mean() / dst.norm(dim=-1).mean())
+        assert fit.heldout_cosine > 0.98
+        assert (abs(ratio - 1) < 0.02) == close, (match, ratio)
