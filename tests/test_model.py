@@ -126,3 +126,22 @@ def test_vision_tower_cut_out_of_full_blip2_checkpoint(tiny_paths, tmp_path):
     enc = build("vision", "blip2-vit", {"path": str(tmp_path / "blip2")})
     for (k, a), b in zip(vis.state_dict().items(), enc.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("llm", ["opt", "opt-m", "llama"])
+def test_loss_at_target_positions_only_equals_stock_forward(tiny_paths, llm):
+    # The backend skips the LM head at non-target positions; loss and gradients must be the stock model's.
+    torch.manual_seed(0)
+    model = build_model(tiny_spec(tiny_paths, llm=llm))
+    backend = model.llm
+    assert type(backend.model).__name__ in ("OPTForCausalLM", "LlamaForCausalLM")
+    prompts = torch.randn(2, 4, backend.embed_dim, requires_grad=True)
+    fast = backend.loss(prompts, SAMPLES, 64)
+    (g_fast,) = torch.autograd.grad(fast, prompts)
+    stock = backend._forward(prompts, SAMPLES, 64).loss
+    (g_stock,) = torch.autograd.grad(stock, prompts)
+    assert torch.allclose(fast, stock, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(g_fast, g_stock, atol=1e-7, rtol=1e-4)
+    # A target token that changes changes the loss (the fast path reads the labels).
+    other = [SAMPLES[0], TextSample(after="what colour is it?", target="blue")]
+    assert backend.loss(prompts, other, 64).item() != fast.item()
