@@ -23,12 +23,14 @@ TARGETS = {"size": 5.0, "type": 3.0}  # issue #13: what this miniature must show
 SIZE_PAIR = "opt-s>opt-m"
 TYPE_PAIRS = ("opt-s>llama", "opt-s>flant5")
 MAIN_ROWS = ["scratch", "vpgtrans", "inherit", "inherit+conv", "vpgtrans-all-data"]  # in order of importance
+CONTROL_PAIR = "opt-s>opt-s"  # the source LLM itself: what transfer gives when the destination reads prompts alike
+CONTROL_ROWS = ["scratch", "inherit", "vpgtrans"]
 ABLATION_ROWS = ["warmup-1x", "warmup-10x"]  # plus one row per registered converter (conv-*)
 
 PROFILES: dict[str, dict[str, Any]] = {
     # The recipe's shape at 5x its LR (1e-4 → 5e-5 needs ~2,000 scratch steps to plateau on this world, which a
     # 1-hour run on 2 shared cores cannot afford for 3 pairs x 3 seeds); the README says so next to the figures.
-    "paper": {"pairs": [SIZE_PAIR, *TYPE_PAIRS], "seeds": 3, "budget_min": 75, "ablation_pair": SIZE_PAIR,
+    "paper": {"pairs": [SIZE_PAIR, *TYPE_PAIRS, CONTROL_PAIR], "seeds": 3, "budget_min": 75, "ablation_pair": SIZE_PAIR,
               "settings": {"lr": 5e-4, "min_lr": 2.5e-4, "steps": 800, "eval_every": 25, "val_samples": 96,
                            "source_steps": 800, "source_lr": 5e-4, "data_fraction": 0.107, "warmup_epochs": 1.0,
                            "plateau": True}},
@@ -41,6 +43,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def rows_for(profile: dict[str, Any], pair: str, all_rows: list[str]) -> list[str]:
     """Main rows on every pair; warm-up and converter ablations on the profile's ablation pair."""
+    if pair == CONTROL_PAIR:
+        return list(CONTROL_ROWS)
     rows = list(MAIN_ROWS)
     if pair == profile.get("ablation_pair"):
         rows += ABLATION_ROWS + [r for r in all_rows if r.startswith("conv-")]
@@ -135,6 +139,12 @@ def verdicts(summary: dict[str, Any], ablation_pair: str | None) -> list[dict[st
         add("transfer into FlanT5 (ours: OPT-s→FlanT5, a type transfer)", f"{name} {figure}x", describe(cell),
             "agrees" if mean >= figure / 2 else f"same direction, {figure / max(mean, 1e-9):.1f}x smaller"
             if mean > 1 else "disagrees")
+    for row in ("inherit", "vpgtrans"):
+        cell = _cell(summary, CONTROL_PAIR, row)
+        if cell:
+            add(f"{CONTROL_PAIR} (control, the source LLM itself): {row} row", "", describe(cell),
+                "what transfer gives where the destination reads soft prompts as the source does (the perfect "
+                "converter, the identity, exists): the ceiling for the other pairs")
     claims = {("vpgtrans", "inherit"): ("the converter + warm-up beat inheriting the VPG alone",
                                         "VPGTrans's two stages are what make it fast"),
               ("inherit+conv", "inherit"): ("the converter-merged projector alone (no warm-up) beats a fresh "

@@ -83,6 +83,9 @@ PAIRS: dict[str, Pair] = {p.name: p for p in (
     Pair("opt-s>flant5", "opt-s", "flant5", "type (decoder-only → encoder-decoder)"),
     Pair("llama>opt-s", "llama", "opt-s", "type (LLaMA → OPT)"),
     Pair("opt-m>llama", "opt-m", "llama", "type, larger source (compare with opt-s>llama)"),
+    # The same LLM on both ends: the perfect converter exists (the identity), so this bounds what a better
+    # converter could give and shows that the protocol itself can measure a large speed-up.
+    Pair("opt-s>opt-s", "opt-s", "opt-s", "control: back onto the source LLM itself"),
 )}
 
 

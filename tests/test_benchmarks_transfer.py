@@ -145,6 +145,17 @@ def test_paper_verdicts_follow_the_numbers(bench):
                    conv).startswith("agrees: vpgtrans matched scratch on every seed")
 
 
+def test_control_pair_runs_its_own_rows_and_gets_a_verdict(bench):
+    import _paper_protocol as paper
+
+    assert bench.PAIRS[paper.CONTROL_PAIR].src == bench.PAIRS[paper.CONTROL_PAIR].dst
+    assert paper.CONTROL_PAIR in paper.PROFILES["paper"]["pairs"]
+    assert paper.rows_for(paper.PROFILES["paper"], paper.CONTROL_PAIR, list(bench.ROWS)) == paper.CONTROL_ROWS
+    claims = [v for v in paper.verdicts(_summary({f"{paper.CONTROL_PAIR} inherit": 7.0}), None)
+              if v["claim"].startswith(paper.CONTROL_PAIR)]
+    assert len(claims) == 1 and claims[0]["ours"].startswith("7.00 ± 0.10x") and "ceiling" in claims[0]["verdict"]
+
+
 @pytest.fixture(scope="module")
 def paper_result(bench, tiny_world, result):
     out = result["out"]  # the same work dir: the short run's source VPG is reused (same source settings)
