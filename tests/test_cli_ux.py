@@ -106,10 +106,42 @@ def test_thread_default_is_one_on_a_busy_machine_and_overridable(monkeypatch):
     n, why = threads.choose_threads()
     assert n == 1 and "load 6.0 on 4 cores" in why
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    monkeypatch.setattr(threads, "running_others", lambda: 1)
     assert threads.choose_threads()[0] == 4
+    # A job that started seconds ago is not in the 1-minute load average yet: the run queue says it is there.
+    monkeypatch.setattr(threads, "running_others", lambda: 4)
+    n, why = threads.choose_threads()
+    assert n == 1 and "4 other processes running on 4 cores" in why
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.choose_threads() == (3, "OMP_NUM_THREADS")
     assert threads.choose_threads(2) == (2, "--threads")
+
+
+def test_running_others_counts_busy_processes():
+    import multiprocessing
+
+    from vpgtrans import threads
+
+    before = threads.running_others()
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    spinners = [ctx.Process(target=_spin, args=(stop,)) for _ in range(3)]
+    for p in spinners:
+        p.start()
+    try:
+        import time
+
+        time.sleep(1.0)  # let the spawned interpreters start spinning
+        assert threads.running_others() >= min(3, before + 2)
+    finally:
+        stop.set()
+        for p in spinners:
+            p.join(10)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
 
 
 def test_threads_are_stated_before_the_plan_but_not_before_a_one_line_error(tmp_path):

@@ -43,7 +43,11 @@ class DemoConfig:
 
 
 def _stage(echo: Callable[[str], None], k: int, text: str) -> float:
+    from .threads import apply_threads
+
     echo(f"\n[{k}/{len(STEPS)}] {text}")
+    if k > 1:  # chosen again at every stage: the machine's load may have changed since the last one
+        echo(apply_threads())
     return time.perf_counter()
 
 

@@ -1,9 +1,10 @@
 """How many torch threads a command uses: fast on a busy small machine, overridable, and stated in the plan.
 
 Default: one thread per physical core (hyper-threads only contend for the same units), and a single thread
-when the machine is already loaded (1-minute load average at or above the core count): spinning OpenMP
-workers that wait for busy cores make each step several times slower. `OMP_NUM_THREADS` or `--threads N`
-win over the default.
+when the machine is already loaded (1-minute load average, or the processes running right now besides this
+one, at or above the core count): spinning OpenMP workers that wait for busy cores make each step several
+times slower. The load average lags a minute behind a job that has just started, hence the second look.
+`OMP_NUM_THREADS` or `--threads N` win over the default.
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ def physical_cores() -> int:
     return max(1, logical)
 
 
+def running_others(samples: int = 5, interval: float = 0.02) -> int:
+    """Processes running or runnable now besides this one (median of a few reads of /proc/stat; 0 if unknown)."""
+    import statistics
+    import time
+
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                line = next((x for x in f if x.startswith("procs_running")), "")
+            seen.append(max(0, int(line.split()[1]) - 1))
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return int(statistics.median(seen))
+
+
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads, why) from --threads, then OMP_NUM_THREADS, then the load-aware default."""
     if requested:
@@ -46,6 +65,10 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
         load = 0.0
     if cores > 1 and load >= cores:
         return 1, f"load {load:.1f} on {cores} cores: one thread is faster on a busy machine; --threads N to change"
+    others = running_others() if cores > 1 else 0
+    if cores > 1 and others >= cores:
+        return 1, (f"{others} other processes running on {cores} cores: one thread is faster on a busy machine; "
+                   "--threads N to change")
     return cores, f"{cores} physical cores, load {load:.1f}; --threads N or OMP_NUM_THREADS to change"
 
 
