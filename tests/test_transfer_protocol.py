@@ -48,6 +48,19 @@ def test_warmup_steps_and_converter_fit_count_against_vpgtrans(tmp_path):
     assert sp["speedup_wall_time"] == pytest.approx(42.0 / 21.0, abs=1e-3)
 
 
+def test_catch_up_reads_the_whole_race_warmup_included(tmp_path):
+    # VPGTrans leads early (scratch's 1.5 reached at its step 4) and never reaches scratch's final 0.5.
+    stage1 = _log(tmp_path / "stage1", [_row(2, 5.0, 3.0)])
+    stage2 = _log(tmp_path / "stage2", [_row(2, 4.0, 1.4), _row(4, 8.0, 0.9)])
+    scratch = _log(tmp_path / "scratch", [_row(10, 20.0, 1.5), _row(20, 42.0, 1.0), _row(30, 63.0, 0.5)])
+    ours = rep.transfer_curve([stage1, stage2], "val_loss")
+    race = rep.catch_up(ours, rep.transfer_curve([scratch], "val_loss"), "val_loss")
+    assert [(r["scratch_step"], r["vpgtrans_step"]) for r in race] == [(10, 4), (20, 6), (30, None)]
+    assert race[0]["ratio_samples"] == pytest.approx(10 / 4) and race[2]["ratio_samples"] is None
+    lines = rep.catch_up_lines(race, "val_loss")
+    assert lines[1].split()[-3:] == ["10", "20", "30"] and lines[3].split()[-3:] == ["4", "6", "-"]
+
+
 def test_plateau_rule_stops_when_the_last_quarter_gains_under_one_percent():
     improving = [{"step": s, "samples": s, "wall_time": s, "value": 2.0 - 0.1 * i}
                  for i, s in enumerate(range(10, 110, 10))]

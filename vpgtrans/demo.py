@@ -179,7 +179,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *,
     timings["total"] = round(time.perf_counter() - started, 1)
 
     summary = {"config": asdict(cfg), "world": str(world), "timings_s": timings, "speedup": report.get("speedup"),
-               "scratch": report.get("scratch"), "stages": report.get("stages"),
+               "scratch": report.get("scratch"), "stages": report.get("stages"), "catch_up": report.get("catch_up"),
                "converter": {k: report["converter"].get(k) for k in ("n_pairs", "dst_coverage", "heldout_cosine")},
                "captions": captions, "plot": report.get("plot"), "transfer_report": str(out / "transfer" / "report.json")}
     from .checkpoint import atomic_write_text
@@ -192,13 +192,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *,
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
-    from .transfer.report import table
+    from .transfer.report import catch_up_lines, table
 
     lines = ["== summary"]
     speed = summary.get("speedup") or {}
     if "error" not in speed and speed:
         lines += table(speed)
         lines += _story(summary)
+        lines += catch_up_lines(summary.get("catch_up") or [], speed["metric"])
     else:
         lines.append(f"no speed-up figure: {speed.get('error', 'no evaluations logged')}")
     t = summary["timings_s"]

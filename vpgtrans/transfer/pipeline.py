@@ -411,9 +411,10 @@ def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "run
         # The converter's fitting time and the warm-up steps count against VPGTrans.
         ours = rep.transfer_curve(stage_dirs, metric, report["converter"].get("seconds", 0.0))
         report["speedup"] = rep.speedup(ours, scratch["curve"], metric)
+        report["catch_up"] = rep.catch_up(ours, scratch["curve"], metric)
         report["plot"] = _plot(plan, echo, report["speedup"])
         if "error" not in report["speedup"]:
-            for line in rep.table(report["speedup"]):
+            for line in rep.table(report["speedup"]) + rep.catch_up_lines(report["catch_up"], metric):
                 echo(line)
     rep.write_json(plan.out / "report.json", report)
     echo(f"transferred model saved to {plan.out / 'model'}; report {plan.out / 'report.json'}")
