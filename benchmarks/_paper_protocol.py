@@ -24,7 +24,7 @@ SIZE_PAIR = "opt-s>opt-m"
 TYPE_PAIRS = ("opt-s>llama", "opt-s>flant5")
 MAIN_ROWS = ["scratch", "vpgtrans", "inherit", "inherit+conv", "vpgtrans-all-data"]  # in order of importance
 CONTROL_PAIR = "opt-s>opt-s"  # the source LLM itself: what transfer gives when the destination reads prompts alike
-CONTROL_ROWS = ["scratch", "inherit", "vpgtrans"]
+CONTROL_ROWS = ["scratch", "inherit", "vpgtrans", "vpgtrans-all-data"]
 ABLATION_ROWS = ["warmup-1x", "warmup-10x"]  # plus one row per registered converter (conv-*)
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -139,7 +139,7 @@ def verdicts(summary: dict[str, Any], ablation_pair: str | None) -> list[dict[st
         add("transfer into FlanT5 (ours: OPT-s→FlanT5, a type transfer)", f"{name} {figure}x", describe(cell),
             "agrees" if mean >= figure / 2 else f"same direction, {figure / max(mean, 1e-9):.1f}x smaller"
             if mean > 1 else "disagrees")
-    for row in ("inherit", "vpgtrans"):
+    for row in CONTROL_ROWS[1:]:
         cell = _cell(summary, CONTROL_PAIR, row)
         if cell:
             add(f"{CONTROL_PAIR} (control, the source LLM itself): {row} row", "", describe(cell),
