@@ -90,6 +90,9 @@ def test_graft_is_the_identity_for_a_surrogate_source(surrogate_source, tiny_pat
     s = surrogate_source
     plan = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["llama"]), data=s["data"], recipe="vpgtrans_world",
                                   out=s["root"] / "unused")
+    dry = pipeline.prepare(plan, fit=False, **QUIET)  # --dry-run names the converter 'auto' will pick
+    stage0 = next(x for x in pipeline.plan_lines(plan, dry.model, dry.pairs, 4) if x.startswith("stage 0"))
+    assert "converter identity (auto: identical vocabularies and widths)" in stage0
     prepared = pipeline.prepare(plan, **QUIET)
     assert plan.converter == "identity"  # 'auto' with identical vocabularies
     assert prepared.pairs.method == "identity" and prepared.pairs.dst_coverage == 1.0

@@ -54,11 +54,11 @@ class IdentityConverter:
         return layer
 
 
-def choose_converter(name: str, pairs: TokenPairs, src_emb: torch.Tensor, dst_emb: torch.Tensor) -> str:
+def choose_converter(name: str, pairs: TokenPairs, src_width: int, dst_width: int) -> str:
     """Resolve 'auto': the identity for identical vocabularies of equal width (measured best), else linear-cosine."""
     if name != AUTO:
         return name
-    same = pairs.method == "identity" and src_emb.shape[-1] == dst_emb.shape[-1]
+    same = pairs.method == "identity" and src_width == dst_width
     return IDENTITY if same else "linear-cosine"
 
 

@@ -35,7 +35,7 @@ from ..train.runner import run_recipe
 from ..train.state import find_checkpoint
 from . import report as rep
 from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
-from .merge import choose_converter, fit_converter, merge_projector
+from .merge import AUTO, IDENTITY, choose_converter, fit_converter, merge_projector
 from .pairing import pair_tokens
 from .sources import load_source, reconcile_ln_vision
 
@@ -211,7 +211,7 @@ def prepare(plan: TransferPlan, *, fit: bool = True, seed: int = 0, min_coverage
     result = None
     if fit:
         src_emb, dst_emb = src_llm.input_embedding_matrix(), model.llm.input_embedding_matrix()
-        plan.converter = choose_converter(plan.converter, pairs, src_emb, dst_emb)
+        plan.converter = choose_converter(plan.converter, pairs, src_emb.shape[-1], dst_emb.shape[-1])
         result = fit_converter(plan.converter, src_emb, dst_emb, pairs, seed=seed)
         echo(result.summary())
         merged = merge_projector(src_proj, result.linear)
@@ -283,7 +283,8 @@ def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int | None) 
              f"data    {d.train}: " + (f"{n_train} examples{fraction}" if n_train is not None else "MISSING"),
              f"params  vpg {params(['vpg'])}, projector {params(['projector'])}, LLM {params(['llm'])} (frozen), "
              f"vision {params(['vision'])} (frozen)",
-             f"stage 0 converter {plan.converter} on the token pairs, merged into the projector (W_c·W_src)"]
+             f"stage 0 converter {_converter_named(plan, model, pairs)} on the token pairs, merged into the "
+             "projector (W_c·W_src)"]
     for i, (name, r) in enumerate((("warm-up", plan.stage1), ("fine-tune", plan.stage2)), 1):
         t = r.train
         steps = count_steps(t, n_train)[0] if n_train is not None else (t.max_steps or "?")
@@ -303,6 +304,15 @@ def plan_lines(plan: TransferPlan, model: Any, pairs: Any, n_train: int | None) 
     if plan.data_problem:
         lines.append(f"MISSING data: {plan.data_problem[0]}")
     return lines
+
+
+def _converter_named(plan: TransferPlan, model: Any, pairs: Any) -> str:
+    """The converter the run will fit: 'auto' resolved when the tokenizers and weights are there to decide it."""
+    if plan.converter != AUTO or model is None or pairs is None or plan.source is None:
+        return plan.converter
+    # The source projector writes into the source LLM's embedding space: its output width is that LLM's.
+    chosen = choose_converter(AUTO, pairs, plan.source.projector().out_features, model.llm.embed_dim)
+    return f"{chosen} (auto: {'identical vocabularies and widths' if chosen == IDENTITY else 'different LLMs'})"
 
 
 def _extra_plan_sections(plan: TransferPlan, model: Any) -> list[str]:
