@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from vpgtrans.checkpoint import save_model
 from vpgtrans.cli import main
-from vpgtrans.cli.chat import ChatSession, turn_markers
+from vpgtrans.cli.chat import ChatSession
 from vpgtrans.cli.generate import load_for_inference
+from vpgtrans.conversation import turn_markers
 from vpgtrans.errors import ConfigError
 from vpgtrans.interfaces import GenerationConfig
 from vpgtrans.model import Template, build_model

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from vpgtrans_adapters.llm import stop_token_ids
 
-from ..cli.chat import conversation_sample
+from ..conversation import conversation_sample
 from ..interfaces import GenerationConfig
 from .schema import ApiError, Conversation
 
