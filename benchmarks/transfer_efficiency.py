@@ -358,7 +358,12 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     first = parts[0]
     if any(p["settings"] != first["settings"] for p in parts):
         raise SystemExit("error: the results to merge were measured with different settings — merge like with like")
-    merged = {**first, "runs": [r for p in parts for r in p["runs"]], "skipped": [s for p in parts for s in p["skipped"]],
+    # A (pair, row, seed) run by two processes counts once (the first; seeded runs log the same steps).
+    runs: dict[tuple, dict[str, Any]] = {}
+    for r in (r for p in parts for r in p["runs"]):
+        runs.setdefault((r["pair"], r["row"], r["seed"]), r)
+    skipped = [s for p in parts for s in p["skipped"] if (s["pair"], s["row"], s["seed"]) not in runs]
+    merged = {**first, "runs": list(runs.values()), "skipped": skipped,
               "pairs": {k: v for p in parts for k, v in p["pairs"].items()},
               "rows": {k: v for p in parts for k, v in p["rows"].items()},
               "total_s": max(p.get("total_s", 0.0) for p in parts),

@@ -224,6 +224,9 @@ def test_results_of_side_by_side_processes_merge(bench, result):
     assert merged["seeds"] == [0, 1] and len(merged["runs"]) == 2 * len(data["runs"])
     assert set(merged["pairs"]) == {"opt-s>llama", "opt-s>flant5"}
     assert bench.summarise(merged["runs"])["opt-s>llama"]["scratch"]["seeds"] == [0, 1]
+    # The same (pair, row, seed) from two processes counts once.
+    again = bench.merge_results([data, other, data])
+    assert len(again["runs"]) == 2 * len(data["runs"])
     with pytest.raises(SystemExit, match="different settings"):
         bench.merge_results([data, {**other, "settings": {**data["settings"], "steps": 7}}])
 
