@@ -103,8 +103,12 @@ def test_thread_default_is_one_on_a_busy_machine_and_overridable(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "physical_cores", lambda: 4)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    monkeypatch.setattr(threads, "running_others", lambda: 2)
     n, why = threads.choose_threads()
     assert n == 1 and "load 6.0 on 4 cores" in why
+    # The load average still counts a phase that just ended (nothing else runs now): all cores again.
+    monkeypatch.setattr(threads, "running_others", lambda: 0)
+    assert threads.choose_threads()[0] == 4
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     monkeypatch.setattr(threads, "running_others", lambda: 1)
     assert threads.choose_threads()[0] == 4

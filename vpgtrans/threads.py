@@ -1,9 +1,10 @@
 """How many torch threads a command uses: fast on a busy small machine, overridable, and stated in the plan.
 
 Default: one thread per physical core (hyper-threads only contend for the same units), and a single thread
-when the machine is already loaded (1-minute load average, or the processes running right now besides this
-one, at or above the core count): spinning OpenMP workers that wait for busy cores make each step several
-times slower. The load average lags a minute behind a job that has just started, hence the second look.
+when the machine is already loaded — as many other processes running right now as there are cores, or a
+1-minute load average at or above the core count while any other process runs: spinning OpenMP workers that
+wait for busy cores make each step several times slower. The load average lags a minute behind the machine
+(a job that has just started, or one that has just ended), hence the look at the run queue.
 `OMP_NUM_THREADS` or `--threads N` win over the default.
 """
 
@@ -63,13 +64,17 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):
         load = 0.0
-    if cores > 1 and load >= cores:
-        return 1, f"load {load:.1f} on {cores} cores: one thread is faster on a busy machine; --threads N to change"
     others = running_others() if cores > 1 else 0
     if cores > 1 and others >= cores:
         return 1, (f"{others} other processes running on {cores} cores: one thread is faster on a busy machine; "
                    "--threads N to change")
-    return cores, f"{cores} physical cores, load {load:.1f}; --threads N or OMP_NUM_THREADS to change"
+    # A high load average with nothing else running now is this command's own previous phase (e.g. the world
+    # build's worker processes a moment ago): the machine is idle again.
+    if cores > 1 and load >= cores and others > 0:
+        return 1, (f"load {load:.1f} on {cores} cores, {others} other process(es) running: one thread is faster "
+                   "on a busy machine; --threads N to change")
+    return cores, (f"{cores} physical cores, load {load:.1f}, {others} other process(es) running; --threads N or "
+                   "OMP_NUM_THREADS to change")
 
 
 def apply_threads(requested: int | None = None) -> str:
