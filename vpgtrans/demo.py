@@ -61,8 +61,8 @@ def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
     if is_complete(path, manifest):
         echo(f"using the world at {path} (seed {manifest.get('seed')}, built in {manifest.get('build_seconds')}s)")
         return path
-    echo(f"no world at {path}: building it ({'about 6 minutes' if size == 'full' else 'seconds'}; "
-         "set VPGTRANS_HOME to build elsewhere)")
+    took = "about 7 minutes on an idle 2-core CPU, longer beside other jobs" if size == "full" else "seconds"
+    echo(f"no world at {path}: building it ({took}; set VPGTRANS_HOME to build elsewhere)")
     return build_world(path, progress=echo, config=WorldConfig.preset(size))
 
 
