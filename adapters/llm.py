@@ -189,25 +189,28 @@ class CausalLMBackend(_Backend):
         attn = _pad([[1] * len(r) for r in ids], 0, left_pad)
         return (_pad(ids, pad, left_pad), _pad(soft, 0, left_pad).bool(), _pad(labels, IGNORE, left_pad), attn)
 
-    def _forward(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int) -> Any:
+    def _teacher_forced(self, prompts: torch.Tensor, samples: Sequence[TextSample],
+                        max_text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input embeddings with the soft prompts in place, labels, attention mask) on the LLM's device."""
         ids, soft, labels, attn = self._sequences(prompts.shape[1], samples, max_text_len, True, False)
         dev = self.device
-        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
+        return self._embed(ids.to(dev), soft.to(dev), prompts), labels.to(dev), attn.to(dev)
+
+    def _forward(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int) -> Any:
+        embeds, labels, attn = self._teacher_forced(prompts, samples, max_text_len)
         # No KV cache: nothing reads it here, and a checkpointed layer would append to it again on replay.
-        return self.model(inputs_embeds=embeds, attention_mask=attn.to(dev), labels=labels.to(dev), use_cache=False)
+        return self.model(inputs_embeds=embeds, attention_mask=attn, labels=labels, use_cache=False)
 
     def loss(self, prompts: torch.Tensor, samples: Sequence[TextSample], max_text_len: int = 128) -> torch.Tensor:
         """Mean next-token loss over target tokens (+EOS), the LM head applied at those positions only."""
         body, head = getattr(self.model, self.model.base_model_prefix, None), self.model.get_output_embeddings()
         if type(self.model).__name__ not in HEAD_AT_TARGETS_ONLY or body is None or head is None:
             return self._forward(prompts, samples, max_text_len).loss
-        ids, soft, labels, attn = self._sequences(prompts.shape[1], samples, max_text_len, True, False)
-        dev = self.device
-        embeds = self._embed(ids.to(dev), soft.to(dev), prompts)
-        hidden = body(inputs_embeds=embeds, attention_mask=attn.to(dev), use_cache=False).last_hidden_state
+        embeds, labels, attn = self._teacher_forced(prompts, samples, max_text_len)
+        hidden = body(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state
         # Why: the head's [positions x vocab] product over every prompt position is most of a small LLM's
         # step (49k-token vocabulary: ~60% of a 6-layer SmolLM2 surrogate's FLOPs); only targets need it.
-        targets = labels[:, 1:].to(dev)
+        targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = head(hidden[:, :-1][keep])
         return torch.nn.functional.cross_entropy(logits.float(), targets[keep])

@@ -36,7 +36,7 @@ from ..train.state import find_checkpoint
 from . import report as rep
 from .choose import Choice, choose_recipe, data_problem, guess_component, wanted_weights
 from .merge import AUTO, IDENTITY, choose_converter, fit_converter, merge_projector
-from .pairing import pair_tokens
+from .pairing import pair_tokens, restrict_to_texts
 from .sources import load_source, reconcile_ln_vision
 
 DEFAULT_RECIPE = None  # chosen from the two models: see choose.py
@@ -185,9 +185,6 @@ def _set_lora(model: Any, on: bool) -> None:
 
 def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float = 0.05) -> Any:
     """Token pairs between the two tokenizers, kept to those occurring in the training text (when ≥ 16 do)."""
-    from ..data import load_records
-    from .pairing import restrict_to_texts
-
     pairs = pair_tokens(src_llm.tokenizer, model.llm.tokenizer, min_coverage=min_coverage)
     # The official code fits its converter on caption tokens; tokens that never occur in text keep an
     # untrained embedding, and on the world they pulled the fit off the caption tokens (DESIGN.md §7).
