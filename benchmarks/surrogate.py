@@ -109,15 +109,20 @@ def heal_text(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def tag(k: int, args: argparse.Namespace) -> str:
+    """Directory tag of a surrogate shape: k6, or k6-t1 (translator + last layer)."""
+    return f"k{k}-t{args.last_layers}" if args.last_layers else f"k{k}"
+
+
 def surrogate_for(k: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
                   log: Callable[[str], None]) -> dict[str, Any]:
     """The (healed) surrogate of depth k under the work dir, made once; its manifest."""
     from vpgtrans.surrogate import make_surrogate, read_surrogate
 
-    sur_dir = ctx["work"] / f"surrogate-k{k}"
+    sur_dir = ctx["work"] / f"surrogate-{tag(k, args)}"
     manifest = read_surrogate(sur_dir)
     if manifest is None or (manifest.get("heal") or {}).get("steps", 0) != size["heal_steps"]:
-        manifest = make_surrogate(args.dst, k, sur_dir, heal_steps=size["heal_steps"],
+        manifest = make_surrogate(args.dst, k, sur_dir, last_layers=args.last_layers, heal_steps=size["heal_steps"],
                                   heal_data=ctx["paths"].get("heal") if size["heal_steps"] else None,
                                   heal_lr=size["heal_lr"], force=True, echo=log)
     return manifest
@@ -139,15 +144,15 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     from vpgtrans.transfer.pipeline import transfer
 
     work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
-    sur_dir = work / f"surrogate-k{k}"
+    sur_dir = work / f"surrogate-{tag(k, args)}"
     manifest = surrogate_for(k, args, size, ctx, log)
-    out: dict[str, Any] = {"layers": k, "seed": seed, "surrogate_dir": str(sur_dir), "heal": manifest.get("heal")}
+    out: dict[str, Any] = {"layers": k, "last_layers": args.last_layers, "seed": seed, "surrogate_dir": str(sur_dir), "heal": manifest.get("heal")}
     log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
     recipe = load_recipe(RECIPE, [*common, f"data.train={paths['train']}", f"model.llm.path={sur_dir}",
                                   f"train.max_steps={size['sur_steps']}", f"train.eval_every={size['sur_eval_every']}"])
-    sur_run = run_recipe(recipe, work / f"s{seed}" / f"surrogate-k{k}", force=True, progress=False, echo=log)
+    sur_run = run_recipe(recipe, work / f"s{seed}" / f"surrogate-{tag(k, args)}", force=True, progress=False, echo=log)
     sur_res = sur_run["results"]
-    sur_curve = curve_of([work / f"s{seed}" / f"surrogate-k{k}"])
+    sur_curve = curve_of([work / f"s{seed}" / f"surrogate-{tag(k, args)}"])
     out["surrogate_training"] = {"steps": sur_res["steps"], "samples": sur_res["samples"],
                                  "wall_time": sur_res["wall_time"], "val_curve": sur_curve,
                                  "val_best": max((p["value"] for p in sur_curve), default=None)}
@@ -167,7 +172,7 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     torch.manual_seed(seed)
     log(f"[K={k} seed={seed}] transfer to {args.dst}: warm-up {size['warmup_steps']} + {size['transfer_steps']} steps")
     n_train = len(ctx["train"])
-    tdir = work / f"s{seed}" / f"transfer-k{k}"
+    tdir = work / f"s{seed}" / f"transfer-{tag(k, args)}"
     report = transfer(sur_run["model_dir"], args.dst, data=str(paths["train"]), out=tdir, recipe=RECIPE,
                       overrides=[*common, f"train.max_steps={size['transfer_steps']}",
                                  f"train.eval_every={size['transfer_eval_every']}"],
@@ -378,9 +383,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full = step_cost(spec, train, size["batch"], size["cost_repeats"])
     cost: dict[Any, Any] = {"full": full}
     for k in args.depths:
-        sur_dir = work / f"cost-k{k}"  # healing changes weights, not cost: an unhealed copy is measured
+        sur_dir = work / f"cost-{tag(k, args)}"  # healing changes weights, not cost: an unhealed copy is measured
         if not (sur_dir / "config.json").is_file():
-            make_surrogate(args.dst, k, sur_dir, force=True, echo=log)
+            make_surrogate(args.dst, k, sur_dir, last_layers=args.last_layers, force=True, echo=log)
         c = step_cost({**spec, "llm": {**spec["llm"], "path": str(sur_dir)}}, train, size["batch"],
                       size["cost_repeats"])
         c.update(cpu_ratio=round(c["cpu_s"] / full["cpu_s"], 3), flop_ratio=round(c["gflop"] / full["gflop"], 3))
@@ -418,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reuse-direct", action="store_true",
                    help="reuse a finished direct run of the same recipe in --work (it is the costliest part)")
     p.add_argument("--heal-steps", type=int, default=None, help="surrogate healing steps (0: unhealed)")
+    p.add_argument("--last-layers", type=int, default=0,
+                   help="surrogate with a translator + SmolLM2's last L layers (0: the first K layers only)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
     p.add_argument("--summarize", default=None, metavar="JSON", nargs="+",

@@ -69,6 +69,72 @@ def test_healing_moves_the_surrogate_towards_the_full_llm(tiny_paths, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def deep_llms(tmp_path_factory, tiny_paths):
+    """5-layer versions of the tiny LLaMA and OPT (room for first K + translator + last L with layers between)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    root, out = tmp_path_factory.mktemp("deep-llms"), {}
+    for name in ("llama", "opt"):
+        cfg = AutoConfig.from_pretrained(tiny_paths[name])
+        cfg.num_hidden_layers = 5
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(tiny_paths[name]).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("llm", ["llama", "opt"])
+def test_translator_surrogate_keeps_first_k_translator_and_last_layers(deep_llms, tmp_path, llm):
+    out = tmp_path / "sur"
+    manifest = make_surrogate(str(deep_llms[llm]), 1, out, last_layers=1, **QUIET)
+    sur, full = _full(out), _full(deep_llms[llm])
+    assert sur.config.num_hidden_layers == 3 and manifest["surrogate-of"]["kept_layers"] == [0, 1, 4]
+    prefix = "model.layers." if llm == "llama" else "model.decoder.layers."
+    full_state = full.state_dict()
+    for k, v in sur.state_dict().items():  # layer i of the surrogate is layer kept[i] of the full LLM
+        src = k
+        if k.startswith(prefix):
+            i, rest = k[len(prefix):].split(".", 1)
+            src = f"{prefix}{[0, 1, 4][int(i)]}.{rest}"
+        assert torch.equal(v, full_state[src]), k
+    # The bypassed layers 2 and 3 are gone; the forward is the full model's with them skipped.
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    layers = full.model.layers if llm == "llama" else full.model.decoder.layers
+    skipped = torch.nn.ModuleList([layers[i] for i in (0, 1, 4)])
+    if llm == "llama":
+        full.model.layers = skipped
+    else:
+        full.model.decoder.layers = skipped
+    full.config.num_hidden_layers = 3
+    with torch.no_grad():
+        assert torch.allclose(sur(input_ids=ids).logits, full(input_ids=ids, use_cache=False).logits, atol=1e-5)
+        # Generation uses the KV cache, indexed by position in the stack: it must agree with the cache-less run.
+        gen = sur.generate(ids, max_new_tokens=4, do_sample=False)
+        step = ids
+        for _ in range(4):
+            step = torch.cat([step, sur(input_ids=step, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(gen, step)
+
+
+def test_healing_a_translator_trains_only_the_translator(deep_llms, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    data = tmp_path / "heal.txt"
+    data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(80)))
+    out = tmp_path / "healed"
+    manifest = make_surrogate(str(deep_llms["llama"]), 1, out, last_layers=1, heal_steps=30, heal_data=data,
+                              heal_lr=1e-2, **QUIET)
+    heal = manifest["heal"]
+    assert heal["after"]["kl"] < heal["before"]["kl"] and heal["trained"] == "translator (decoder layer 1)"
+    sur, full = _full(out).state_dict(), _full(deep_llms["llama"]).state_dict()
+    changed = {k for k in sur if not torch.equal(sur[k], full[k.replace("layers.2.", "layers.4.")])}
+    # Everything but the translator is the full LLM's own: first layer, last layer, norm, embeddings, head.
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)
+
+
+@pytest.fixture(scope="module")
 def surrogate_source(tmp_path_factory, tiny_paths):
     """A tiny captioning set and a VPG model trained (well, perturbed) on a 1-layer surrogate of tiny LLaMA."""
     root = tmp_path_factory.mktemp("surrogate-transfer")
@@ -131,6 +197,8 @@ def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp
     ("llama", "3", [], "has 2 decoder layers"),
     ("t5", "1", [], "encoder-decoder"),
     ("llama", "1", ["--heal-steps", "5"], "--heal-steps needs --heal-data"),
+    ("llama", "1", ["--last-layers", "1"], "bypass no layer"),
+    ("llama", "1", ["--last-layers", "-1"], "--last-layers -1 is negative"),
 ])
 def test_bad_input_is_one_line(tiny_paths, tmp_path, llm, layers, extra, expected):
     out = tmp_path / "sur"

@@ -6,6 +6,11 @@ only brief fine-tuning there. The surrogate is a plain Hugging Face causal-LM di
 model.safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads; `surrogate.json` and the
 config's `surrogate_of` field record where it came from. Optional healing distils the full LLM's
 next-token distribution into the surrogate's top decoder layer and final norm on the user's text.
+
+With `last_layers` L > 0 the surrogate is the paper's: layers 0..K-1, then layer K as a *translator* that
+stands in for the bypassed middle, then the target's last L layers. The last layers read the residual stream
+the way the full LLM does, so what a VPG learns against them is what the full LLM's top reads; healing then
+trains the translator alone.
 """
 
 from __future__ import annotations
@@ -70,17 +75,30 @@ def check_layers(layers: int, total: int, llm: str) -> None:
                           f"choose 1 ≤ K ≤ {total} (e.g. {max(1, total // 3)})")
 
 
-def truncate(model: nn.Module, layers: int) -> nn.Module:
-    """Keep the first `layers` decoder layers of `model` in place and update its config to match."""
+def surrogate_layers(layers: int, total: int, last_layers: int = 0) -> list[int]:
+    """Indices of the decoder layers a surrogate keeps: 0..K-1, plus (with a translator) layer K and the last L."""
+    if not last_layers:
+        return list(range(layers))
+    return [*range(layers + 1), *range(total - last_layers, total)]
+
+
+def keep_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Keep the decoder layers at `indices` (in order) in place and update the config to match."""
     stack = decoder_layers(model)
     total = len(stack)
-    del stack[layers:]
+    kept = [stack[i] for i in indices]
+    del stack[:]
+    for new_idx, layer in enumerate(kept):
+        stack.append(layer)
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack, not by origin
     cfg = model.config
-    cfg.num_hidden_layers = layers
-    for attr in ("layer_types",):  # per-layer lists in some configs must shrink with the stack
+    cfg.num_hidden_layers = len(kept)
+    for attr in ("layer_types",):  # per-layer lists in some configs must follow the stack
         value = getattr(cfg, attr, None)
         if isinstance(value, list) and len(value) == total:
-            setattr(cfg, attr, value[:layers])
+            setattr(cfg, attr, [value[i] for i in indices])
     return model
 
 
@@ -150,9 +168,9 @@ def agreement(student: nn.Module, teacher: TeacherCache, batches: Sequence[dict[
 
 
 def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence[str], *, steps: int,
-         lr: float = 2e-3, batch: int = 8, seq_len: int = 64, seed: int = 0,
+         lr: float = 2e-3, batch: int = 8, seq_len: int = 64, seed: int = 0, translator: int | None = None,
          echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Distil the full LLM's next-token distribution into the surrogate's top layer + final norm (embeddings frozen)."""
+    """Distil the full LLM's next-token distribution into the translator layer (default: top layer + final norm)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = list(texts)
@@ -163,8 +181,15 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
     teacher.eval().requires_grad_(False)
     student.eval().requires_grad_(False)
     cache = TeacherCache(teacher)
-    # Embeddings and LM head stay the target's own: that shared space is what makes the graft work.
-    trainable = [*decoder_layers(student)[-1].parameters(), *(final_norm(student) or nn.Identity()).parameters()]
+    # Embeddings and LM head stay the target's own: that shared space is what makes the graft work. With a
+    # translator, the layers on both sides of it stay the target's own too: it alone learns to stand in for
+    # the bypassed middle.
+    if translator is None:
+        trainable = [*decoder_layers(student)[-1].parameters(), *(final_norm(student) or nn.Identity()).parameters()]
+        trained = "last decoder layer + final norm"
+    else:
+        trainable = list(decoder_layers(student)[translator].parameters())
+        trained = f"translator (decoder layer {translator})"
     for p in trainable:
         p.requires_grad_(True)
     before = agreement(student, cache, held)
@@ -189,7 +214,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence
     after = agreement(student, cache, held)
     echo(f"heal: after   top-1 agreement {after['top1_agreement']:.4f}, KL {after['kl']:.4f} "
          f"({steps} steps, {time.perf_counter() - start:.1f}s)")
-    return {"steps": steps, "lr": lr, "batch": batch, "seq_len": seq_len, "trained": "last decoder layer + final norm",
+    return {"steps": steps, "lr": lr, "batch": batch, "seq_len": seq_len, "trained": trained,
             "train_passages": len(texts) - n_held, "heldout_passages": n_held, "before": before, "after": after,
             "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
             "seconds": round(time.perf_counter() - start, 1)}
@@ -200,10 +225,10 @@ def _check_out(out: Path, force: bool) -> None:
         raise ConfigError(f"{out} already exists and is not empty", "pass --force to replace it, or another --out")
 
 
-def make_surrogate(llm: str, layers: int, out: str | Path, *, heal_steps: int = 0, heal_data: str | Path | None = None,
-                   heal_lr: float = 2e-3, force: bool = False, seed: int = 0,
+def make_surrogate(llm: str, layers: int, out: str | Path, *, last_layers: int = 0, heal_steps: int = 0,
+                   heal_data: str | Path | None = None, heal_lr: float = 2e-3, force: bool = False, seed: int = 0,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the surrogate of `llm` (first `layers` decoder layers) to `out`; returns its manifest."""
+    """Write the surrogate of `llm` (first `layers` decoder layers, optionally translator + last ones) to `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import atomic_dir
@@ -211,6 +236,8 @@ def make_surrogate(llm: str, layers: int, out: str | Path, *, heal_steps: int = 
     out = Path(out).expanduser()
     if layers < 1:  # before loading anything: K=0 is wrong whatever the model
         raise ConfigError(f"--layers {layers} is out of range", "choose K ≥ 1 (e.g. a third of the LLM's layers)")
+    if last_layers < 0:
+        raise ConfigError(f"--last-layers {last_layers} is negative", "use 0 (no translator) or a positive count")
     if heal_steps < 0:
         raise ConfigError(f"--heal-steps {heal_steps} is negative", "use 0 (no healing) or a positive count")
     if heal_steps and not heal_data:
@@ -224,6 +251,9 @@ def make_surrogate(llm: str, layers: int, out: str | Path, *, heal_steps: int = 
     kind = _check_family(llm, config)
     total = int(config.num_hidden_layers)
     check_layers(layers, total, llm)
+    if last_layers and layers + 1 + last_layers >= total:
+        raise ConfigError(f"--layers {layers} + a translator + --last-layers {last_layers} bypass no layer of {llm}'s "
+                          f"{total}", f"keep K + 1 + L < {total} (e.g. --layers {max(1, total // 5)} --last-layers 1)")
     start = time.perf_counter()
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, llm, target, what="tokenizer")
     model = load_pretrained(AutoModelForCausalLM.from_pretrained, llm, target, what="LLM", dtype=torch.float32)
@@ -233,18 +263,25 @@ def make_surrogate(llm: str, layers: int, out: str | Path, *, heal_steps: int = 
         import copy
 
         teacher = copy.deepcopy(model)  # the full LLM stays the teacher while its copy is cut down
-    truncate(model, layers)
+    kept_idx = surrogate_layers(layers, total, last_layers)
+    keep_layers(model, kept_idx)
     params = sum(p.numel() for p in model.parameters())
-    echo(f"surrogate of {llm}: {layers} of {total} decoder layers ({kind}), {params:,} of {full_params:,} parameters")
+    shape = (f"layers 0..{layers - 1} + translator (from layer {layers}) + layers {total - last_layers}..{total - 1}"
+             if last_layers else f"{layers} of {total} decoder layers")
+    echo(f"surrogate of {llm}: {shape} ({kind}), {params:,} of {full_params:,} parameters")
     healed = None
     if teacher is not None:
-        healed = heal(model, teacher, tokenizer, texts, steps=heal_steps, lr=heal_lr, seed=seed, echo=echo)
+        healed = heal(model, teacher, tokenizer, texts, steps=heal_steps, lr=heal_lr, seed=seed,
+                      translator=layers if last_layers else None, echo=echo)
         del teacher
     origin = {"llm": llm, "source": source, "model_type": kind, "layers": layers, "of_layers": total,
-              "params": params, "full_params": full_params, "healed": bool(healed)}
+              "last_layers": last_layers, "kept_layers": kept_idx, "params": params, "full_params": full_params,
+              "healed": bool(healed)}
     model.config.surrogate_of = origin
-    manifest = {"format": "vpgtrans-surrogate", "surrogate-of": origin, "heal": healed,
-                "kept": "input embeddings, decoder layers 0..K-1, final norm, LM head",
+    kept = (f"input embeddings, decoder layers 0..K-1, a translator initialised from layer K (it stands in for "
+            f"layers K..{total - last_layers - 1}), the last {last_layers} decoder layer(s), final norm, LM head"
+            if last_layers else "input embeddings, decoder layers 0..K-1, final norm, LM head")
+    manifest = {"format": "vpgtrans-surrogate", "surrogate-of": origin, "heal": healed, "kept": kept,
                 "seconds": None}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
