@@ -370,13 +370,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return [f"data.val={paths['val']}", f"data.max_val_samples={size['val_questions']}",
                 f"eval.max_samples={size['val_questions']}", f"train.batch_size={size['batch']}",
                 f"train.eval_every={size['eval_every']}", "train.save_every=0", f"model.llm.path={args.dst}",
-                f"train.seed={seed}"]
+                f"train.seed={seed}", *([f'model.template.text="{args.template}"'] if args.template else [])]
 
     ctx: dict[str, Any] = {"work": work, "paths": paths, "train": train, "val": val, "test": test, "common": common}
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "quick" if args.quick else "default",
         "machine": machine_info(), "note": args.note, "recipe": RECIPE, "dst_llm": args.dst, "sizes": size,
-        "depths": args.depths, "seeds": seeds, "metric": METRIC,
+        "depths": args.depths, "seeds": seeds, "metric": METRIC, "last_layers": args.last_layers,
+        "template": args.template or load_recipe(RECIPE, []).model.template.get("text"),
         "data": {"train_questions": len(train), "val_questions": len(val), "test_questions": len(test)}}
     spec = dict(load_recipe(RECIPE, common(0)).model.__dict__)
     log("step cost: SmolLM2 vs each surrogate (CPU time, counted FLOPs)")
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--heal-steps", type=int, default=None, help="surrogate healing steps (0: unhealed)")
     p.add_argument("--last-layers", type=int, default=0,
                    help="surrogate with a translator + SmolLM2's last L layers (0: the first K layers only)")
+    p.add_argument("--template", default=None,
+                   help="the prompt template for every arm (default: the recipe's '<ImageHere>{instruction}')")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
     p.add_argument("--summarize", default=None, metavar="JSON", nargs="+",
