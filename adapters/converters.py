@@ -89,7 +89,9 @@ class LinearCosineConverter(Converter):
         x = x / rms
         lr = cfg.lr if cfg.lr is not None else (5.0 if cfg.optimizer == "sgd" else 1e-2)
         gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        # Seeded init without touching the caller's RNG: manual_seed also reseeds every initialised CUDA device.
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             layer = nn.Linear(x.shape[1], y.shape[1], device=x.device)
         opt = (torch.optim.SGD(layer.parameters(), lr=lr) if cfg.optimizer == "sgd"

@@ -180,7 +180,7 @@ class Stage1Model(nn.Module):
         emb = self.embeddings(features, captions)
         features = features.to(self.temp.device)
         ids, mask, b = emb["ids"], emb["mask"], features.shape[0]
-        positive = self._positive_pairs(captions, image_ids)
+        positive = self._positive_pairs(captions, image_ids).to(features.device)  # built on the CPU
 
         sim_i2t = self.similarity(emb["image"], emb["text"])
         targets = _smoothed_targets(positive, self.label_smoothing)
