@@ -1,10 +1,11 @@
-"""Surrogate training on real weights: train the VPG on SmolLM2's first K layers, graft it onto SmolLM2, fine-tune.
+"""Surrogate training on real weights: train the VPG on a surrogate of SmolLM2, graft it onto SmolLM2, fine-tune.
 
     python benchmarks/surrogate.py [--quick] [--depths 6,10,15] [--seeds 0] [--out benchmarks/results]
 
 EfficientNet-Lite0 → Q-Former (MiniLM init) → projector → SmolLM2-135M (recipe `easyvqa_smollm2`, easy-vqa),
 as in benchmarks/real_weights.py. Per seed: direct training on SmolLM2 (the baseline). Per depth K:
-1. `make_surrogate` (SmolLM2's embeddings + first K of 30 layers + final norm + LM head);
+1. `make_surrogate` (SmolLM2's embeddings + first K of 30 layers + a translator (layer K) + the last layer
+   (`--last-layers 1`, the default; 0: first K only) + final norm + LM head), healed 200 steps;
 2. the cost of one training step on the surrogate vs on SmolLM2: CPU seconds (median of repeats, same
    process) and FLOPs counted with torch.utils.flop_counter on the same forward + backward;
 3. the recipe trained on the surrogate (its own validation accuracy);
@@ -39,7 +40,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # stopped direct training near chance: easy-vqa is half yes/no questions.)
     "default": dict(train_questions=4800, test_questions=296, val_questions=96, batch=16, direct_steps=150,
                     eval_every=15, sur_steps=150, sur_eval_every=25, warmup_steps=5, transfer_steps=45,
-                    transfer_eval_every=5, cost_repeats=3, depths=(6, 10, 15), heal_steps=40, heal_lr=2e-3),
+                    transfer_eval_every=5, cost_repeats=3, depths=(6, 10, 15), heal_steps=200, heal_lr=2e-3),
     "quick": dict(train_questions=320, test_questions=32, val_questions=16, batch=4, direct_steps=4, eval_every=2,
                   sur_steps=4, sur_eval_every=2, warmup_steps=1, transfer_steps=2, transfer_eval_every=1,
                   cost_repeats=1, depths=(4,), heal_steps=4, heal_lr=1e-3),
@@ -424,10 +425,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reuse-direct", action="store_true",
                    help="reuse a finished direct run of the same recipe in --work (it is the costliest part)")
     p.add_argument("--heal-steps", type=int, default=None, help="surrogate healing steps (0: unhealed)")
-    p.add_argument("--last-layers", type=int, default=0,
+    p.add_argument("--last-layers", type=int, default=1,
                    help="surrogate with a translator + SmolLM2's last L layers (0: the first K layers only)")
     p.add_argument("--template", default=None,
-                   help="the prompt template for every arm (default: the recipe's '<ImageHere>{instruction}')")
+                   help="the prompt template for every arm (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
     p.add_argument("--summarize", default=None, metavar="JSON", nargs="+",
