@@ -147,7 +147,8 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
     sur_dir = work / f"surrogate-{tag(k, args)}"
     manifest = surrogate_for(k, args, size, ctx, log)
-    out: dict[str, Any] = {"layers": k, "last_layers": args.last_layers, "seed": seed, "surrogate_dir": str(sur_dir), "heal": manifest.get("heal")}
+    out: dict[str, Any] = {"layers": k, "last_layers": args.last_layers, "seed": seed, "surrogate_dir": str(sur_dir),
+                           "heal": manifest.get("heal")}
     log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
     recipe = load_recipe(RECIPE, [*common, f"data.train={paths['train']}", f"model.llm.path={sur_dir}",
                                   f"train.max_steps={size['sur_steps']}", f"train.eval_every={size['sur_eval_every']}"])

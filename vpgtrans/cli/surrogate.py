@@ -20,13 +20,13 @@ import click
 @click.option("--heal-lr", type=float, default=2e-3, show_default=True,
               help="Healing learning rate (Adam; trains the translator, else the top kept layer and the final norm).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def surrogate(llm: str, layers: int, out_dir: str, last_layers: int, heal_steps: int, heal_data: str | None, heal_lr: float,
-              force: bool) -> None:
+def surrogate(llm: str, layers: int, out_dir: str, last_layers: int, heal_steps: int, heal_data: str | None,
+              heal_lr: float, force: bool) -> None:
     """Write a Hugging Face causal-LM dir: LLM's embeddings + first K layers (+ translator + last L) + norm + head.
 
     Train a VPG on it (model.llm.path=OUT), then `vpgtrans transfer --src RUN/model --dst LLM`.
     """
     from ..surrogate import make_surrogate
 
-    make_surrogate(llm, layers, out_dir, last_layers=last_layers, heal_steps=heal_steps, heal_data=heal_data, heal_lr=heal_lr, force=force,
-                   echo=click.echo)
+    make_surrogate(llm, layers, out_dir, last_layers=last_layers, heal_steps=heal_steps, heal_data=heal_data,
+                   heal_lr=heal_lr, force=force, echo=click.echo)
