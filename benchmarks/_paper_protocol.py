@@ -164,7 +164,11 @@ def verdicts(summary: dict[str, Any], ablation_pair: str | None) -> list[dict[st
             spread = max(c["speedup_steps"]["std"] or 0.0 for c in cells.values())
             best = max(means, key=means.get)
             ours = ", ".join(f"{k} {describe(c)}" for k, c in cells.items())
-            if max(means.values()) - min(means.values()) <= spread:
+            partial = [f"{k} {c['reached']}" for k, c in cells.items()
+                       if not _all_matched(c) and c["speedup_steps"]["mean"] is not None]
+            if partial:  # a mean over the seeds that matched ranks nothing against a row that never did
+                v = f"inconclusive: not every seed matched ({', '.join(partial)})"
+            elif max(means.values()) - min(means.values()) <= spread:
                 v = f"inconclusive: all within the seed std {spread:.2f}x"
             else:
                 v = "agrees" if best == "vpgtrans" else f"disagrees: {best} is fastest"

@@ -144,6 +144,17 @@ def test_paper_verdicts_follow_the_numbers(bench):
     assert verdict(_summary({"opt-s>llama vpgtrans": 4.0, "opt-s>llama inherit": None}),
                    conv).startswith("agrees: vpgtrans matched scratch on every seed")
 
+    def warmup(summary):
+        return next(v["verdict"] for v in paper.verdicts(summary, "opt-s>opt-m") if "warm-up LR" in v["claim"])
+
+    rows = {"opt-s>opt-m warmup-1x": 1.0, "opt-s>opt-m vpgtrans": 3.0, "opt-s>opt-m warmup-10x": 2.0}
+    assert warmup(_summary(rows)) == "agrees"
+    assert warmup(_summary({**rows, "opt-s>opt-m warmup-10x": 4.0})).startswith("disagrees: warmup-10x")
+    # One seed of three matching is no ranking: as the benchmark measured it (1x never, 5x and 10x on 1/3 seeds).
+    one_of_three = _summary({k: v for k, v in rows.items() if "1x" not in k}, reached="1/3")
+    one_of_three["opt-s>opt-m"]["warmup-1x"] = _summary({"opt-s>opt-m warmup-1x": None})["opt-s>opt-m"]["warmup-1x"]
+    assert warmup(one_of_three).startswith("inconclusive: not every seed matched")
+
 
 def test_control_pair_runs_its_own_rows_and_gets_a_verdict(bench):
     import _paper_protocol as paper
