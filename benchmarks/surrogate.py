@@ -152,9 +152,10 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
     recipe = load_recipe(RECIPE, [*common, f"data.train={paths['train']}", f"model.llm.path={sur_dir}",
                                   f"train.max_steps={size['sur_steps']}", f"train.eval_every={size['sur_eval_every']}"])
-    sur_run = run_recipe(recipe, work / f"s{seed}" / f"surrogate-{tag(k, args)}", force=True, progress=False, echo=log)
+    run_dir = work / f"s{seed}" / f"surrogate-{tag(k, args)}"
+    sur_run = run_recipe(recipe, run_dir, force=True, progress=False, echo=log)
     sur_res = sur_run["results"]
-    sur_curve = curve_of([work / f"s{seed}" / f"surrogate-{tag(k, args)}"])
+    sur_curve = curve_of([run_dir])
     out["surrogate_training"] = {"steps": sur_res["steps"], "samples": sur_res["samples"],
                                  "wall_time": sur_res["wall_time"], "val_curve": sur_curve,
                                  "val_best": max((p["value"] for p in sur_curve), default=None)}
