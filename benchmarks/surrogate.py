@@ -116,8 +116,8 @@ def tag(k: int, args: argparse.Namespace) -> str:
 
 
 def surrogate_for(k: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """The (healed) surrogate of depth k under the work dir, made once; its manifest."""
+                  log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The (healed) surrogate of depth k under the work dir, made once: its directory and manifest."""
     from vpgtrans.surrogate import make_surrogate, read_surrogate
 
     sur_dir = ctx["work"] / f"surrogate-{tag(k, args)}"
@@ -126,12 +126,14 @@ def surrogate_for(k: int, args: argparse.Namespace, size: dict[str, Any], ctx: d
         manifest = make_surrogate(args.dst, k, sur_dir, last_layers=args.last_layers, heal_steps=size["heal_steps"],
                                   heal_data=ctx["paths"].get("heal") if size["heal_steps"] else None,
                                   heal_lr=size["heal_lr"], force=True, echo=log)
-    return manifest
+    return sur_dir, manifest
 
 
 def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
     """First point of `curve` at or above `target` (accuracy: higher is better)."""
-    return next((p for p in curve if p["value"] >= target), None)
+    from vpgtrans.transfer.report import first_reaching as reaching
+
+    return reaching(curve, target, lower=False)
 
 
 def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: dict[str, Any],
@@ -145,8 +147,7 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     from vpgtrans.transfer.pipeline import transfer
 
     work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
-    sur_dir = work / f"surrogate-{tag(k, args)}"
-    manifest = surrogate_for(k, args, size, ctx, log)
+    sur_dir, manifest = surrogate_for(k, args, size, ctx, log)
     out: dict[str, Any] = {"layers": k, "last_layers": args.last_layers, "seed": seed, "surrogate_dir": str(sur_dir),
                            "heal": manifest.get("heal")}
     log(f"[K={k} seed={seed}] training the recipe on the surrogate ({size['sur_steps']} steps)")
