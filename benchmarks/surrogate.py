@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
-from real_weights import export_data, model_on_test, read_jsonl, test_features  # noqa: E402
+from real_weights import export_data, model_on_test, prior_answers, read_jsonl, score, test_features  # noqa: E402
 
 RECIPE = "easyvqa_smollm2"
 METRIC = "vqa_accuracy"
@@ -170,7 +170,8 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     for conv in converters:
         model, info = graft(sur_run["model_dir"], args.dst, paths["train"], common, conv, log)
         val, test = model_on_test(model, ctx["val"], ctx["feats"]), model_on_test(model, ctx["test"], ctx["feats"])
-        out["zero_shot"][conv] = {**info, "val": val[METRIC], "test": test[METRIC], "test_examples": test["examples"]}
+        out["zero_shot"][conv] = {**info, "val": val[METRIC], "test": test[METRIC],
+                                  "test_open": test["open_accuracy"], "test_examples": test["examples"]}
         log(f"  zero-shot graft ({conv}): val {val[METRIC]}, test {test[METRIC]}")
         del model
     torch.manual_seed(seed)
@@ -181,7 +182,7 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
                       overrides=[*common, f"train.max_steps={size['transfer_steps']}",
                                  f"train.eval_every={size['transfer_eval_every']}"],
                       warmup_epochs=size["warmup_steps"] * size["batch"] / n_train, force=True, min_coverage=0.0,
-                      echo=log)
+                      echo=log, **({"warmup_lr_scale": args.warmup_lr_scale} if args.warmup_lr_scale else {}))
     # The route pays for making the surrogate too: its healing (distillation) time counts, as the converter fit does.
     sur_wall = sur_res["wall_time"] + float((manifest.get("heal") or {}).get("seconds") or 0.0)
     zero = {"step": 0, "samples": 0, "wall_time": 0.0, "value": out["zero_shot"]["identity"]["val"]}
@@ -189,8 +190,8 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
                                                        {"step": 0, "samples": 0, "wall_time": sur_wall})
     out["transfer"] = {"converter": report["converter"].get("converter"), "stages": report["stages"],
                        "seconds": report["seconds"], "route_curve": route}
-    final = load_model(tdir / "model")
-    out["final_test"] = model_on_test(final, ctx["test"], ctx["feats"])[METRIC]
+    final = model_on_test(load_model(tdir / "model"), ctx["test"], ctx["feats"])
+    out["final_test"], out["final_test_open"] = final[METRIC], final["open_accuracy"]
     del final
     out.update(match_direct(out, ctx["direct"][seed], ctx["cost"][k]["cpu_s"] / ctx["cost"]["full"]["cpu_s"]))
     log(f"  match direct best {ctx['direct'][seed]['best']}: {out['match']}")
@@ -235,10 +236,10 @@ def direct_run(seed: int, args: argparse.Namespace, size: dict[str, Any], ctx: d
         res = run_recipe(recipe, d, force=True, progress=False, echo=log)
     curve = curve_of([d])
     best = max(p["value"] for p in curve)
-    final = load_model(res["model_dir"])
+    final = model_on_test(load_model(res["model_dir"]), ctx["test"], ctx["feats"])
     out = {"steps": res["results"]["steps"], "wall_time": res["results"]["wall_time"], "val_curve": curve,
            "best": best, "reached": first_reaching(curve, best),
-           "final_test": model_on_test(final, ctx["test"], ctx["feats"])[METRIC]}
+           "final_test": final[METRIC], "final_test_open": final["open_accuracy"]}
     log(f"  direct: best val {best} at {out['reached']}, final test {out['final_test']}")
     return out
 
@@ -279,12 +280,20 @@ def aggregate_lines(result: dict[str, Any]) -> list[str]:
     lines = ["per depth over seeds (wall ratio = route ÷ direct wall time to direct's best; mean over the seeds "
              "that matched it, their count given):"]
     direct_final = [d["final_test"] for d in result["direct"].values()]
+    if result.get("blind"):
+        b = result["blind"]
+        lines.append(f"  blind baseline (commonest training answer per question kind, image unseen): val "
+                     f"{b['val'][METRIC]:.3f}, test {b['test'][METRIC]:.3f} (open questions {b['test']['open_accuracy']:.3f})")
     for k in sorted({r["layers"] for r in result["runs"]}):
         rows = [r for r in result["runs"] if r["layers"] == k]
         hit = [r["match"]["wall_ratio_vs_direct"] for r in rows if r["match"]["reached"]]
         lines.append(f"  K={k}: matched {len(hit)}/{len(rows)} seeds, wall ratio {stat(hit)}; zero-shot graft "
                      f"test {stat([r['zero_shot']['identity']['test'] for r in rows])}; final test "
                      f"{stat([r['final_test'] for r in rows])} vs direct {stat(direct_final)}")
+        opens = [r["final_test_open"] for r in rows if "final_test_open" in r]
+        if opens:
+            direct_open = [d["final_test_open"] for d in result["direct"].values() if "final_test_open" in d]
+            lines.append(f"        open (colour/shape) questions: final test {stat(opens)} vs direct {stat(direct_open)}")
     return lines
 
 
@@ -377,12 +386,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"train.seed={seed}", *([f'model.template.text="{args.template}"'] if args.template else [])]
 
     ctx: dict[str, Any] = {"work": work, "paths": paths, "train": train, "val": val, "test": test, "common": common}
+    # What a model that never sees the image scores (easy-vqa is three quarters yes/no): a graft must beat it.
+    blind = {name: score(prior_answers(train, recs), recs, 0.0) for name, recs in (("val", val), ("test", test))}
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "quick" if args.quick else "default",
         "machine": machine_info(), "note": args.note, "recipe": RECIPE, "dst_llm": args.dst, "sizes": size,
         "depths": args.depths, "seeds": seeds, "metric": METRIC, "last_layers": args.last_layers,
         "template": args.template or load_recipe(RECIPE, []).model.template.get("text"),
-        "data": {"train_questions": len(train), "val_questions": len(val), "test_questions": len(test)}}
+        "data": {"train_questions": len(train), "val_questions": len(val), "test_questions": len(test)},
+        "blind": {name: {k: m[k] for k in (METRIC, "open_accuracy")} for name, m in blind.items()}}
     spec = dict(load_recipe(RECIPE, common(0)).model.__dict__)
     log("step cost: SmolLM2 vs each surrogate (CPU time, counted FLOPs)")
     full = step_cost(spec, train, size["batch"], size["cost_repeats"])
@@ -432,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="surrogate with a translator + SmolLM2's last L layers (0: the first K layers only)")
     p.add_argument("--template", default=None,
                    help="the prompt template for every arm (default: the recipe's)")
+    p.add_argument("--warmup-lr-scale", type=float, default=None,
+                   help="the transfer's warm-up LR ÷ the recipe's (default: transfer()'s own default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared, loaded machine')")
     p.add_argument("--summarize", default=None, metavar="JSON", nargs="+",

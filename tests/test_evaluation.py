@@ -220,3 +220,27 @@ def test_training_metrics_are_found_by_the_trainer(tiny_paths, tmp_path):
     assert get_metric("vqa_accuracy")(model, vqa_ctx)["vqa_accuracy"] == 1.0
     model.generate = lambda features, prompt, config: ["a blue one"] * len(prompt)
     assert get_metric("vqa_accuracy")(model, vqa_ctx)["vqa_accuracy"] == 0.0
+
+
+def test_eval_stop_reads_the_answer_before_the_stop_string(tiny_paths, tmp_path):
+    """`eval.stop` (lmms-eval's `until`) cuts generated text: "red\\nshape" is the answer "red"."""
+    from vpgtrans.train.objectives import EvalConfig, EvalContext, get_metric
+
+    torch.manual_seed(0)
+    model = build_model(tiny_spec(tiny_paths))
+    _write_data(tmp_path)
+    records = load_eval_records(tmp_path / "val.jsonl", task="vqa")
+    raw = ["red\nshape"] * len(records)
+    model.llm.generate = lambda prompts, samples, config: raw[:len(samples)]
+    for stop, expected in (([], 0.0), (["\n"], 1.0)):
+        ctx = EvalContext(records=records, dataset=None,
+                          config=EvalConfig(metrics=["vqa_accuracy"], max_samples=3, max_new_tokens=2, stop=stop))
+        assert get_metric("vqa_accuracy")(model, ctx)["vqa_accuracy"] == expected
+    out = model.generate(features=torch.randn(2, 4, 32), prompt="q", config=GenerationConfig(stop=("sh", "\n")))
+    assert out == ["red", "red"]
+
+
+def test_easyvqa_recipe_reads_the_first_line():
+    from vpgtrans.recipes import load_recipe
+
+    assert load_recipe("easyvqa_smollm2", []).eval.stop == ["\n"]

@@ -329,7 +329,8 @@ def _metric_inputs(model: Any, ctx: Any, task: str) -> tuple[Any, list[dict[str,
 def _training_metric(task: str) -> Callable[[Any, Any], dict[str, float]]:
     def metric(model: Any, ctx: Any) -> dict[str, float]:
         model, records, features_fn, prompt = _metric_inputs(model, ctx, task)
-        gen = GenerationConfig(max_new_tokens=ctx.config.max_new_tokens, num_beams=ctx.config.num_beams)
+        gen = GenerationConfig(max_new_tokens=ctx.config.max_new_tokens, num_beams=ctx.config.num_beams,
+                               stop=tuple(ctx.config.stop))
         out = evaluate_model(model, records, features_fn, task, ctx.config.batch_size, gen, prompt)
         out.pop("n", None)
         return out

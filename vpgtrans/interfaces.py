@@ -73,6 +73,9 @@ class GenerationConfig:
     min_new_tokens: int = 0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
+    # Text is cut at the first of these strings, as lmms-eval's `until`: a model asked for one word that
+    # writes on after it ("yes\n---") is read by its answer, not counted wrong for the rest.
+    stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 

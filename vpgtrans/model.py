@@ -124,8 +124,8 @@ class VisionLanguageModel(nn.Module):
             texts = self.llm.generate(self.prompts(features, instructions), samples, config or GenerationConfig())
         finally:
             self.train(was_training)
-        if self.template.end:
-            texts = [t.split(self.template.end)[0].strip() for t in texts]
+        for stop in ((self.template.end,) if self.template.end else ()) + tuple((config or GenerationConfig()).stop):
+            texts = [t.split(stop)[0].strip() if stop else t for t in texts]
         return texts
 
     # --- what trains ---------------------------------------------------------------------------

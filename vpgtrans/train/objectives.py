@@ -26,6 +26,8 @@ class EvalConfig:
     prompt: str | None = help_field(None, help="prompt for generation metrics (default: data.prompt)")
     max_new_tokens: int = help_field(30, help="generation length for generation metrics")
     num_beams: int = help_field(1, help="beam width for generation metrics")
+    stop: list = help_field([], help="generated text is cut at the first of these strings (lmms-eval's `until`), "
+                                     "e.g. ['\\n'] for one-word answers")
 
 
 @dataclass
