@@ -244,3 +244,15 @@ def test_easyvqa_recipe_reads_the_first_line():
     from vpgtrans.recipes import load_recipe
 
     assert load_recipe("easyvqa_smollm2", []).eval.stop == ["\n"]
+
+
+def test_eval_cli_stop_cuts_predictions(tiny_paths, tmp_path, monkeypatch):
+    save_model(build_model(tiny_spec(tiny_paths)), tmp_path / "m")
+    data = _write_data(tmp_path)
+    backend = type(build_model(tiny_spec(tiny_paths)).llm)
+    monkeypatch.setattr(backend, "generate", lambda self, prompts, samples, config: ["red\nshape"] * len(samples))
+    for extra, expected in (([], "0.0000"), (["--stop", "\\n"], "1.0000")):
+        res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--task", "vqa",
+                                        *extra])
+        assert res.exit_code == 0, res.output
+        assert f"vqa_accuracy: {expected}" in res.output

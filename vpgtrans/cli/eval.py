@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 
@@ -18,6 +19,9 @@ import click
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N records.")
 @click.option("--beams", default=1, show_default=True, type=click.IntRange(1), help="Beam width (1 = greedy).")
 @click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1), help="Length limit.")
+@click.option("--stop", multiple=True, metavar="TEXT",
+              help="Cut each prediction at this string (repeatable; backslash escapes read: '\\n' for one-word "
+                   "answers, as lmms-eval's until).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--prompt", default=None,
               help="Caption instruction (default none) or VQA format string (default 'Question: {} Answer:').")
@@ -27,7 +31,7 @@ import click
               help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
 @click.option("--no-progress", is_flag=True, help="No progress lines.")
 def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, beams: int, max_new_tokens: int,
-                 batch_size: int, prompt: str | None, out_path: str | None, threads: int | None,
+                 stop: tuple[str, ...], batch_size: int, prompt: str | None, out_path: str | None, threads: int | None,
                  no_progress: bool) -> None:
     """Generate for every record and print the metrics."""
     from ..checkpoint import atomic_write_text, load_model
@@ -35,12 +39,12 @@ def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, b
     from ..interfaces import GenerationConfig
     from ..threads import announce_before, apply_threads
 
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop=tuple(map(unescape, stop)))
     threads_line = apply_threads(threads)
     note = announce_before(threads_line, lambda text: click.echo(text, err=True))
     records = load_eval_records(data_path, task, limit)
     model = load_model(model_dir)
     start = time.perf_counter()
-    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams)
     predictions: list[str] = []
     last = start
     # Chunks of a few batches: a progress line (with ETA from the measured speed) at most every 10 s.
@@ -62,6 +66,14 @@ def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, b
                 for r, p in zip(records, predictions)]
         atomic_write_text(out_path, json.dumps({"model": model_dir, "data": data_path, "task": task,
                                                 "metrics": metrics, "predictions": rows}, indent=2))
+
+
+def unescape(text: str) -> str:
+    """`--stop '\\n'` → a newline: a shell passes backslash + n, which is what users type for one."""
+    try:
+        return codecs.decode(text, "unicode_escape")
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{text!r} is not a valid escaped string ({exc.reason})", param_hint="--stop")
 
 
 def progress_line(what: str, done: int, total: int, seconds: float) -> str:
