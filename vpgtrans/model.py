@@ -118,14 +118,15 @@ class VisionLanguageModel(nn.Module):
         prompts_text = [prompt] * n if isinstance(prompt, str) else list(prompt)
         samples = [self.template.sample(p) for p in prompts_text]
         instructions = prompts_text if self.vpg.uses_instruction else None
+        config = config or GenerationConfig()
         was_training = self.training
         self.eval()  # decoding is deterministic: no dropout in the VPG, whatever mode training left us in
         try:
-            texts = self.llm.generate(self.prompts(features, instructions), samples, config or GenerationConfig())
+            texts = self.llm.generate(self.prompts(features, instructions), samples, config)
         finally:
             self.train(was_training)
-        for stop in ((self.template.end,) if self.template.end else ()) + tuple((config or GenerationConfig()).stop):
-            texts = [t.split(stop)[0].strip() if stop else t for t in texts]
+        for stop in [s for s in (self.template.end, *config.stop) if s]:
+            texts = [t.split(stop)[0].strip() for t in texts]
         return texts
 
     # --- what trains ---------------------------------------------------------------------------
