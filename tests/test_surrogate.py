@@ -171,6 +171,13 @@ def test_graft_is_the_identity_for_a_surrogate_source(surrogate_source, tiny_pat
                                    out=s["root"] / "unused")
     pipeline.prepare(other, min_coverage=0.0, **QUIET)
     assert other.converter == "linear-cosine"
+    # The warm-up LR: 1x the recipe's for a surrogate of the destination (its projector already fits), else 5x.
+    assert plan.warmup_lr_scale == 1.0 and plan.stage1.train.lr == plan.stage2.train.lr
+    assert any("surrogate of the destination" in n for n in plan.notes)
+    assert other.warmup_lr_scale == 5.0 and other.stage1.train.lr == pytest.approx(5 * other.stage2.train.lr)
+    given = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["llama"]), data=s["data"], recipe="vpgtrans_world",
+                                   out=s["root"] / "unused", warmup_lr_scale=5.0)
+    assert given.stage1.train.lr == pytest.approx(5 * given.stage2.train.lr)
 
 
 def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp_path):
@@ -190,6 +197,7 @@ def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp
     assert report["zero_shot"]["val_loss"] > 0 and "zero-shot graft (before training): val_loss" in result.output
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["spec"]["llm"]["path"] == str(tiny_paths["llama"])
+    assert manifest["transfer"]["warmup_lr_scale"] == 1.0
 
 
 @pytest.mark.parametrize("llm, layers, extra, expected", [

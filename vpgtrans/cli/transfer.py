@@ -27,8 +27,9 @@ from ..errors import ConfigError
               help="Embedding converter (linear-cosine, lstsq, procrustes, ridge, ridge-whitened, anchor-omp, "
                    "identity; `vpgtrans components` lists all); auto: identity when the vocabularies are identical "
                    "(a surrogate source), else linear-cosine.")
-@click.option("--warmup-lr-scale", type=float, default=5.0, show_default=True,
-              help="Stage-1 LR = this × the recipe's LR.")
+@click.option("--warmup-lr-scale", type=float, default=None,
+              help="Stage-1 LR = this × the recipe's LR. Default: 5 (the paper's); 1 when the source was trained on "
+                   "a surrogate of DST (`vpgtrans surrogate`), whose projector already fits DST's embeddings.")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of stage 1 in epochs.")
 @click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM in stage 2.")
 @click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop stage 2 once a metric reaches a target.")
@@ -50,7 +51,7 @@ from ..errors import ConfigError
               help="Override of the next stage's recipe (repeat), e.g. --then train.max_steps=400.")
 def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, data_fraction: float | None,
              out_dir: str, recipe: str | None,
-             converter: str, warmup_lr_scale: float, warmup_epochs: float, lora: bool, until: str | None,
+             converter: str, warmup_lr_scale: float | None, warmup_epochs: float, lora: bool, until: str | None,
              compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
              src_llm: str | None, min_coverage: float, no_progress: bool, threads: int | None,
              then_data: str | None, then_overrides: tuple[str, ...]) -> None:
