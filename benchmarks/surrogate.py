@@ -11,9 +11,13 @@ as in benchmarks/real_weights.py. Per seed: direct training on SmolLM2 (the base
 3. the recipe trained on the surrogate (its own validation accuracy);
 4. the zero-shot graft: the surrogate's VPG + projector on SmolLM2 with the identity converter (and, at the
    first depth, with a fitted `linear-cosine` converter: the identity-vs-fitted measurement), no training;
-5. `transfer()` from the surrogate-trained model to SmolLM2 (converter 'auto' → identity, 5× warm-up,
-   fine-tune). The route's cost = surrogate healing + surrogate training + transfer; it is compared to direct
-   training's steps and wall time to reach direct training's best validation accuracy.
+5. `transfer()` from the surrogate-trained model to SmolLM2 (converter 'auto' → identity, warm-up at 1× LR —
+   transfer()'s default for a surrogate source, `--warmup-lr-scale` to change it — then fine-tuning). The
+   route's cost = surrogate healing + surrogate training + transfer; it is compared to direct training's steps
+   and wall time to reach direct training's best validation accuracy.
+Answers are read up to the first newline (the recipe's `eval.stop`), and every accuracy has a blind baseline
+beside it: each question answered with the commonest training answer of its kind (three quarters of easy-vqa
+is yes/no, so saying "yes" to everything scores ~0.4).
 Seeds can run side by side (each with its own --work) and be merged with --summarize A.json B.json.
 Results: `<out>/surrogate.json` and `<out>/surrogate.png`. Wall times on a shared CPU are noisy; the CPU-time
 and FLOP ratios of step 2 are the steadier cost figures.
@@ -283,7 +287,8 @@ def aggregate_lines(result: dict[str, Any]) -> list[str]:
     if result.get("blind"):
         b = result["blind"]
         lines.append(f"  blind baseline (commonest training answer per question kind, image unseen): val "
-                     f"{b['val'][METRIC]:.3f}, test {b['test'][METRIC]:.3f} (open questions {b['test']['open_accuracy']:.3f})")
+                     f"{b['val'][METRIC]:.3f}, test {b['test'][METRIC]:.3f} "
+                     f"(open questions {b['test']['open_accuracy']:.3f})")
     for k in sorted({r["layers"] for r in result["runs"]}):
         rows = [r for r in result["runs"] if r["layers"] == k]
         hit = [r["match"]["wall_ratio_vs_direct"] for r in rows if r["match"]["reached"]]
@@ -293,7 +298,8 @@ def aggregate_lines(result: dict[str, Any]) -> list[str]:
         opens = [r["final_test_open"] for r in rows if "final_test_open" in r]
         if opens:
             direct_open = [d["final_test_open"] for d in result["direct"].values() if "final_test_open" in d]
-            lines.append(f"        open (colour/shape) questions: final test {stat(opens)} vs direct {stat(direct_open)}")
+            lines.append(f"        open (colour/shape) questions: final test {stat(opens)} "
+                         f"vs direct {stat(direct_open)}")
     return lines
 
 
