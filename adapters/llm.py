@@ -125,15 +125,19 @@ class _Backend(LLMBackend):
         return super().train(mode and getattr(self, "trainable", False))
 
     def input_embedding_matrix(self) -> torch.Tensor:
-        """Input word embeddings: the space the projector writes soft prompts into."""
-        return self.model.get_input_embeddings().weight
+        """Input word embeddings as the first layer sees them: the space the projector writes soft prompts into."""
+        emb = self.model.get_input_embeddings()
+        # Gemma multiplies by sqrt(width) inside the embedding's forward: text reaches the first layer scaled,
+        # and soft prompts (which skip the lookup) must match it, so converters are fitted on the scaled rows.
+        scale = getattr(emb, "embed_scale", None)
+        return emb.weight if scale is None else emb.weight * scale.to(emb.weight.dtype)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     @property
     def device(self) -> torch.device:
-        return self.input_embedding_matrix().device
+        return self.model.get_input_embeddings().weight.device
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Recompute each transformer layer in the backward pass instead of keeping its activations."""
