@@ -24,6 +24,7 @@ made SmolLM2 generation several times slower. On a GPU the same sizes take minut
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -195,16 +196,22 @@ def llm_alone(llm_path: str, records: list[dict[str, Any]], max_new_tokens: int 
     return {**score([p.strip() for p in preds], records, time.perf_counter() - start), "max_new_tokens": max_new_tokens}
 
 
+@functools.cache
+def recipe_stop() -> tuple[str, ...]:
+    """The recipe's stop strings, read once (model_on_test runs at every evaluation of a benchmark)."""
+    from vpgtrans.recipes import load_recipe
+
+    return tuple(load_recipe(RECIPE, []).eval.stop)
+
+
 def model_on_test(model: Any, records: list[dict[str, Any]], feats: Callable, max_new_tokens: int = 4) -> dict:
     """A vision-language model on the test subset (greedy, 'Question: {} Answer:', the recipe's stop strings)."""
     from vpgtrans.evaluation import predict
     from vpgtrans.interfaces import GenerationConfig
-    from vpgtrans.recipes import load_recipe
 
     start = time.perf_counter()
-    stop = tuple(load_recipe(RECIPE, []).eval.stop)
     preds = predict(model, records, feats, task="vqa", batch_size=32,
-                    gen_config=GenerationConfig(max_new_tokens=max_new_tokens, stop=stop))
+                    gen_config=GenerationConfig(max_new_tokens=max_new_tokens, stop=recipe_stop()))
     return score(preds, records, time.perf_counter() - start)
 
 

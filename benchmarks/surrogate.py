@@ -186,7 +186,7 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
                       overrides=[*common, f"train.max_steps={size['transfer_steps']}",
                                  f"train.eval_every={size['transfer_eval_every']}"],
                       warmup_epochs=size["warmup_steps"] * size["batch"] / n_train, force=True, min_coverage=0.0,
-                      echo=log, **({"warmup_lr_scale": args.warmup_lr_scale} if args.warmup_lr_scale else {}))
+                      echo=log, warmup_lr_scale=args.warmup_lr_scale)
     # The route pays for making the surrogate too: its healing (distillation) time counts, as the converter fit does.
     sur_wall = sur_res["wall_time"] + float((manifest.get("heal") or {}).get("seconds") or 0.0)
     zero = {"step": 0, "samples": 0, "wall_time": 0.0, "value": out["zero_shot"]["identity"]["val"]}
@@ -196,7 +196,6 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
                        "seconds": report["seconds"], "route_curve": route}
     final = model_on_test(load_model(tdir / "model"), ctx["test"], ctx["feats"])
     out["final_test"], out["final_test_open"] = final[METRIC], final["open_accuracy"]
-    del final
     out.update(match_direct(out, ctx["direct"][seed], ctx["cost"][k]["cpu_s"] / ctx["cost"]["full"]["cpu_s"]))
     log(f"  match direct best {ctx['direct'][seed]['best']}: {out['match']}")
     return out

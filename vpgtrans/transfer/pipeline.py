@@ -89,9 +89,10 @@ def _source_parts(source: Any, base: Any, src_llm: str | None) -> tuple[dict, di
 
 def default_warmup_scale(src_llm: dict[str, Any], dst: str) -> tuple[float, str | None]:
     """The warm-up LR multiplier when none is given: the paper's 5, or 1 (with the reason) for a surrogate of dst."""
-    origin = (read_surrogate(src_llm["path"]) or {}).get("surrogate-of") or {} if src_llm.get("path") else {}
-    named = dst in (origin.get("llm"), origin.get("source"))
-    if named or (origin.get("source") and Path(dst).expanduser().resolve() == Path(origin["source"]).resolve()):
+    path = src_llm.get("path")
+    origin = ((read_surrogate(path) if path else None) or {}).get("surrogate-of") or {}
+    source = origin.get("source")
+    if dst == origin.get("llm") or (source and Path(dst).expanduser().resolve() == Path(source).resolve()):
         # Measured (benchmarks/surrogate.py, K = 20, seed 0): 5x LR on the projector undid the graft (best val
         # 0.458, test 0.370 after 5 + 45 steps); 1x kept it (0.635, 0.565). With the identity converter the
         # projector already writes the destination's embedding space: there is nothing to re-align fast.
