@@ -260,12 +260,14 @@ def check_llm(results: dict, paths: dict[str, Path], cfg: dict, c: dict, dev: st
         data = feature_set(c["batch"] * 2, model.vision.num_tokens, model.vision.hidden_size, c["text"])
         row = run_steps(model, lm_loss(c["text"]), data, tcfg, root / f"run-{name}", dev, cfg["warmup"],
                         cfg["steps"])
-        plan = estimate(spec, tcfg, None, text_len=c["text"], modes=(False,))
+        ckpt = bool(c.get("ckpt"))
+        plan = estimate(spec, tcfg, None, text_len=c["text"], checkpointing=ckpt, modes=(ckpt,))
         peak = row["measured_peak_bytes"]
-        row.update(batch=c["batch"], max_text_len=c["text"], measured_peak_gib=round(peak / GIB, 3),
+        row.update(batch=c["batch"], max_text_len=c["text"], gradient_checkpointing=ckpt,
+                   samples_per_s=round(c["batch"] / row["step_s_median"], 1), measured_peak_gib=round(peak / GIB, 3),
                    estimate_gib=round(plan.total / GIB, 3), est_over_measured=round(plan.total / peak, 3),
                    estimate_parts_gib={k: round(v / GIB, 3) for k, v in plan.parts.items()})
-        row["line"] = (f"batch {c['batch']} x text {c['text']}: loss {row['losses'][0]:.3f} -> "
+        row["line"] = (f"batch {c['batch']} x text {c['text']}{' (checkpointing)' if ckpt else ''}: loss {row['losses'][0]:.3f} -> "
                        f"{row['losses'][-1]:.3f}, step {row['step_s_median']:.3f}s (median of {cfg['steps']}), peak "
                        f"{row['measured_peak_gib']} GiB, estimate {row['estimate_gib']} GiB (est/measured "
                        f"{row['est_over_measured']}); all {row['trainable_tensors_changed']} "
@@ -361,11 +363,17 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is available")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (width 64, 2 layers) for a quick test")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cuda_check.json")
+    ap.add_argument("--batch", type=int, help="batch of every LLM's training check (default: 32 OPT, 16 LLaMA; "
+                                              "the recipes' per-device batch is 95 BLIP-2, 108 VPGTrans)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing through the LLM")
     args = ap.parse_args()
+    if args.batch is not None and args.batch < 1:
+        ap.error(f"--batch must be at least 1, got {args.batch}")
     dev = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if dev == "cpu":
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg, started = TINY if args.tiny else FULL, time.perf_counter()
+    cfg = {**cfg, "llms": [dict(c, batch=args.batch or c["batch"], ckpt=args.checkpointing) for c in cfg["llms"]]}
     results: dict[str, Any] = {"benchmark": "cuda_check", "device": dev, "tiny": args.tiny, "command": sys.argv,
                                "machine": machine_info(), "checks": {}}
     print(f"cuda_check on {dev} ({results['machine'].get('cuda') or 'no GPU'}), "
