@@ -178,3 +178,24 @@ def test_restrict_to_texts_keeps_the_tokens_that_occur(toks):
     # Too few pairs in the texts: nothing is dropped, and the details say why.
     unchanged = restrict_to_texts(pairs, bpe, sp, ["red"], min_pairs=16)
     assert unchanged.n_pairs == pairs.n_pairs and "all pairs kept" in unchanged.details["in_texts"]
+
+
+def test_transfer_fits_on_every_pair_when_the_text_pairs_cannot_determine_the_map(toks, tmp_path):
+    """Text tokens are kept only when they outnumber the map's unknowns per output (embed_dim + 1)."""
+    import json
+    from types import SimpleNamespace
+
+    from vpgtrans.data.dataset import DataConfig
+    from vpgtrans.transfer.pipeline import pair_for
+
+    bpe, sp = toks["bytelevel"], toks["sentencepiece"]
+    (tmp_path / "x.png").write_bytes(b"")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"image": "x.png", "caption": t}) + "\n" for t in _texts()))
+    plan = SimpleNamespace(stage1=SimpleNamespace(data=DataConfig(train=str(train))))
+    dst = SimpleNamespace(llm=SimpleNamespace(tokenizer=sp))
+    every = pair_tokens(bpe, sp)
+    narrow = pair_for(plan, SimpleNamespace(tokenizer=bpe, embed_dim=8), dst)
+    assert 16 <= narrow.n_pairs < every.n_pairs  # a determined fit: the text's tokens only
+    wide = pair_for(plan, SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs), dst)
+    assert wide.n_pairs == every.n_pairs and "all pairs kept" in wide.details["in_texts"]
