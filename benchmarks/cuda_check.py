@@ -264,10 +264,12 @@ def check_llm(results: dict, paths: dict[str, Path], cfg: dict, c: dict, dev: st
         plan = estimate(spec, tcfg, None, text_len=c["text"], checkpointing=ckpt, modes=(ckpt,))
         peak = row["measured_peak_bytes"]
         row.update(batch=c["batch"], max_text_len=c["text"], gradient_checkpointing=ckpt,
-                   samples_per_s=round(c["batch"] / row["step_s_median"], 1), measured_peak_gib=round(peak / GIB, 3),
+                   samples_per_s=round(c["batch"] / row["step_s_median"], 1),
+                   measured_peak_gib=round(peak / GIB, 3),
                    estimate_gib=round(plan.total / GIB, 3), est_over_measured=round(plan.total / peak, 3),
                    estimate_parts_gib={k: round(v / GIB, 3) for k, v in plan.parts.items()})
-        row["line"] = (f"batch {c['batch']} x text {c['text']}{' (checkpointing)' if ckpt else ''}: loss {row['losses'][0]:.3f} -> "
+        row["line"] = (f"batch {c['batch']} x text {c['text']}{' (checkpointing)' if ckpt else ''}: "
+                       f"loss {row['losses'][0]:.3f} -> "
                        f"{row['losses'][-1]:.3f}, step {row['step_s_median']:.3f}s (median of {cfg['steps']}), peak "
                        f"{row['measured_peak_gib']} GiB, estimate {row['estimate_gib']} GiB (est/measured "
                        f"{row['est_over_measured']}); all {row['trainable_tensors_changed']} "

@@ -205,8 +205,8 @@ def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float =
     # The official code fits its converter on caption tokens; tokens that never occur in text keep an
     # untrained embedding, and on the world they pulled the fit off the caption tokens (DESIGN.md §7).
     # But a linear map has embed_dim + 1 unknowns per output: fewer text pairs than that (38 of a real
-    # LLM pair's 46,017 on easy-vqa, against width 640) fit any target exactly and carry nothing, so then
-    # every string pair is kept — trained LLMs' rows are trained, which was the world's reason to restrict.
+    # LLM pair's 46,017 on easy-vqa, against width 640) are fitted exactly and carry nothing. Then every
+    # string pair is kept: in a real LLM every row is trained, so the reason to restrict is gone.
     records = load_records(plan.stage1.data, "train")[:20000]
     texts = [r[k] for r in records for k in ("caption", "question", "answer") if isinstance(r.get(k), str)]
     return restrict_to_texts(pairs, src_llm.tokenizer, model.llm.tokenizer, texts,
