@@ -260,8 +260,8 @@ def check_llm(results: dict, paths: dict[str, Path], cfg: dict, c: dict, dev: st
         data = feature_set(c["batch"] * 2, model.vision.num_tokens, model.vision.hidden_size, c["text"])
         row = run_steps(model, lm_loss(c["text"]), data, tcfg, root / f"run-{name}", dev, cfg["warmup"],
                         cfg["steps"])
-        ckpt = bool(c.get("ckpt"))
-        plan = estimate(spec, tcfg, None, text_len=c["text"], checkpointing=ckpt, modes=(ckpt,))
+        ckpt = tcfg.gradient_checkpointing  # train_config(c) set it from c["ckpt"]; estimate() reads it from tcfg
+        plan = estimate(spec, tcfg, None, text_len=c["text"], modes=(ckpt,))
         peak = row["measured_peak_bytes"]
         row.update(batch=c["batch"], max_text_len=c["text"], gradient_checkpointing=ckpt,
                    samples_per_s=round(c["batch"] / row["step_s_median"], 1),
