@@ -10,7 +10,9 @@ import click
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
               help="Where every stage writes (a second run continues what the first left).")
 @click.option("--src", default="world-opt-s", show_default=True, help="Source LLM (the VPG is trained here).")
-@click.option("--dst", default="world-opt-m", show_default=True, help="Destination LLM (the VPG is moved here).")
+@click.option("--dst", multiple=True, default=("world-opt-m", "world-flant5"), show_default=True,
+              help="Destination LLM (the VPG is moved here); repeat it for several races (the default: the "
+                   "paper's size transfer, then a type transfer).")
 @click.option("--source-steps", type=click.IntRange(1), default=600, show_default=True,
               help="BLIP-2 stage-2 steps on the source.")
 @click.option("--steps", type=click.IntRange(1), default=400, show_default=True,
@@ -23,11 +25,11 @@ import click
               help="World to build when none exists ('tiny' is a seconds-long smoke test).")
 @click.option("--force", is_flag=True, help="Delete --out first and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(out_dir: str, src: str, dst: str, source_steps: int, steps: int, data_fraction: float, eval_every: int,
+def demo(out_dir: str, src: str, dst: tuple[str, ...], source_steps: int, steps: int, data_fraction: float, eval_every: int,
          seed: int, world_size: str, force: bool, no_progress: bool) -> None:
-    """Build the world if absent, train a VPG on SRC, transfer it to DST next to a from-scratch run, report."""
+    """Build the world if absent, train a VPG on SRC, transfer it to each DST next to a from-scratch run, report."""
     from ..demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(src=src, dst=dst, source_steps=source_steps, steps=steps, data_fraction=data_fraction,
+    cfg = DemoConfig(src=src, dst=list(dst), source_steps=source_steps, steps=steps, data_fraction=data_fraction,
                      eval_every=eval_every, seed=seed, world_size=world_size)
     run_demo(out_dir, cfg, force=force, progress=not no_progress, echo=click.echo)
