@@ -25,8 +25,8 @@ import click
               help="World to build when none exists ('tiny' is a seconds-long smoke test).")
 @click.option("--force", is_flag=True, help="Delete --out first and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(out_dir: str, src: str, dst: tuple[str, ...], source_steps: int, steps: int, data_fraction: float, eval_every: int,
-         seed: int, world_size: str, force: bool, no_progress: bool) -> None:
+def demo(out_dir: str, src: str, dst: tuple[str, ...], source_steps: int, steps: int, data_fraction: float,
+         eval_every: int, seed: int, world_size: str, force: bool, no_progress: bool) -> None:
     """Build the world if absent, train a VPG on SRC, transfer it to each DST next to a from-scratch run, report."""
     from ..demo import DemoConfig, run_demo
 
