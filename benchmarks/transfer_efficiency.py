@@ -414,7 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting (" + ", ".join(f for f in Settings.__dataclass_fields__ if f != "world")
                     + ")")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1, as the "
+                    "README's figures: processes run side by side, and two threads each on two cores ran 3x slower)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
     if args.rescore:
         path = Path(args.rescore[0])
         result = json.loads(path.read_text())
@@ -427,6 +432,18 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(result, path.stem, path.parent)
         _print(result)
         return 0
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _measure(args)
+    finally:  # main() is also called in-process (the tests): leave the caller's thread count as it was
+        torch.set_num_threads(before)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    """Everything but --rescore: train and time the runs the arguments ask for."""
     from vpgtrans.paths import home, world_dir
 
     world = Path(args.world or world_dir()).expanduser()

@@ -245,3 +245,19 @@ def test_results_of_side_by_side_processes_merge(bench, result):
 def test_unknown_pair_is_refused(bench, tiny_world, capsys):
     assert bench.main(["--world", str(tiny_world), "--pairs", "opt-s>gpt9"]) == 2
     assert "unknown pair/row" in capsys.readouterr().err
+
+
+def test_runs_train_on_the_threads_asked_for_and_leave_the_callers_count(bench, tiny_world, tmp_path, monkeypatch):
+    import torch
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(bench, "train_source", lambda *a, **k: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        args = ["--world", str(tiny_world), "--work", str(tmp_path), "--pairs", "opt-s>llama", "--sources-only"]
+        assert bench.main(args) == 0 and seen == [1]  # one thread by default: the README's figures
+        assert torch.get_num_threads() == 2
+        assert bench.main(args + ["--threads", "2"]) == 0 and seen == [1, 2]
+        assert bench.main(args + ["--threads", "0"]) == 2 and seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
