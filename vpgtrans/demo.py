@@ -191,13 +191,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *,
         t = _stage(echo, 3, f"the paper's protocol on {dst}{which}: a VPG from scratch on 100% of the data until its "
                             f"val_loss plateaus, then VPGTrans from {cfg.src} on {cfg.data_fraction:.1%} of the data "
                             "until it matches scratch's best")
-        report = run_transfer(cfg, dst, source, transfer_dir(out, dst), progress, echo)
+        where = transfer_dir(out, dst)
+        report = run_transfer(cfg, dst, source, where, progress, echo)
         timings[f"transfer {dst}"] = time.perf_counter() - t
         races[dst] = {"speedup": report.get("speedup"), "scratch": report.get("scratch"),
                       "stages": report.get("stages"), "catch_up": report.get("catch_up"),
                       "converter": {k: report["converter"].get(k)
                                     for k in ("n_pairs", "dst_coverage", "heldout_cosine")},
-                      "plot": report.get("plot"), "report": str(transfer_dir(out, dst) / "report.json")}
+                      "plot": report.get("plot"), "report": str(where / "report.json")}
 
     t = _stage(echo, 4, "captions of test images")
     models = {f"source ({cfg.src})": source}

@@ -206,7 +206,9 @@ def pair_for(plan: TransferPlan, src_llm: Any, model: Any, min_coverage: float =
     # untrained embedding, and on the world they pulled the fit off the caption tokens (DESIGN.md §7).
     # But a linear map has embed_dim + 1 unknowns per output: fewer text pairs than that (38 of a real
     # LLM pair's 46,017 on easy-vqa, against width 640) are fitted exactly and carry nothing. Then every
-    # string pair is kept: in a real LLM every row is trained, so the reason to restrict is gone.
+    # string pair is kept: in a real LLM every row is trained, so the reason to restrict is gone. The world
+    # falls back too (49-58 caption pairs against OPT-s's 64), untrained rows included: OPT-m and FlanT5 fit
+    # better for it, LLaMA worse (README, Transfer efficiency).
     records = load_records(plan.stage1.data, "train")[:20000]
     texts = [r[k] for r in records for k in ("caption", "question", "answer") if isinstance(r.get(k), str)]
     return restrict_to_texts(pairs, src_llm.tokenizer, model.llm.tokenizer, texts,
