@@ -237,7 +237,35 @@ def test_bad_input_truncated_gguf(model_dir, tmp_path):
     gguf_file = tmp_path / "broken.gguf"
     gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
     code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(gguf_file)), tmp_path)
-    _one_line_error(code, out, ".gguf file is truncated or damaged")
+    _one_line_error(code, out, f"GGUF file {gguf_file} is truncated or damaged")
+
+
+def _small_gguf(path):
+    """A well-formed two-tensor .gguf (16,576 bytes); returns where its tensor data starts."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name in ("token_embd.weight", "output.weight"):
+        writer.add_tensor(name, np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return min(int(t.data_offset) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+@pytest.mark.parametrize("cut", ["header_only", "half", "mid_metadata"])
+def test_bad_input_cut_gguf_is_one_line_naming_the_file(model_dir, tmp_path, cut):
+    pytest.importorskip("gguf", reason="pip install -e '.[real]'")
+    gguf_file = tmp_path / "cut.gguf"
+    data_start = _small_gguf(gguf_file)
+    whole = gguf_file.read_bytes()
+    keep = {"header_only": data_start, "half": len(whole) // 2, "mid_metadata": 60}[cut]
+    gguf_file.write_bytes(whole[:keep])
+    code, out = _generate(_broken_copy(model_dir, tmp_path, _llm_edit(gguf_file)), tmp_path)
+    _one_line_error(code, out, f"GGUF file {gguf_file} is truncated or damaged")
+    assert "dequantising" not in out, out  # refused before any work starts, with nothing else printed
 
 
 def test_bad_input_missing_local_llm_says_path_does_not_exist(model_dir, tmp_path):

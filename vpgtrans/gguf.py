@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_dir
-from .errors import WeightsNotFoundError
+from .errors import CheckpointError, WeightsNotFoundError
 from .names import load_pretrained
 from .paths import home
 
@@ -50,6 +50,26 @@ def cache_dir_for(where: str, file: str) -> Path:
     return home() / "models" / f"{stem}-{digest}"
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse, in one line naming the file, a .gguf that is not one or is cut short (before any work starts)."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        # The reader maps the file and slices every tensor out of it: a file cut anywhere (header, metadata,
+        # tensor data) fails here, with numpy/struct messages that name neither the file nor the cause.
+        reader = gguf.GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is a damaged file, reported as one line
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"GGUF file {path} is truncated or damaged: {size:,} bytes that do not parse as "
+                              f"GGUF ({reason})", "re-download or re-save the .gguf file") from None
+    if not reader.tensors or end > size:
+        what = "holds no tensors" if not reader.tensors else f"is {size:,} bytes but its tensors end at byte {end:,}"
+        raise CheckpointError(f"GGUF file {path} is truncated or damaged: it {what}",
+                              "re-download or re-save the .gguf file")
+
+
 def dense_checkpoint(name: str, target: str, gguf_file: str | None = None, model_cls: Any = None) -> Path:
     """A local dense checkpoint dir for a GGUF model, dequantising and caching it on first use."""
     import torch
@@ -62,6 +82,9 @@ def dense_checkpoint(name: str, target: str, gguf_file: str | None = None, model
     if importlib.util.find_spec("gguf") is None:
         raise WeightsNotFoundError(f"reading {file} needs the gguf package, which is not installed",
                                    "run `pip install gguf` (or `pip install -e .[real]`)")
+    local = Path(where).expanduser() / file
+    if local.is_file():
+        check_gguf(local)
     print(f"vpgtrans: dequantising {file} once (about 30 s on two CPU cores); cached at {final}",
           file=sys.stderr)
     model_cls = model_cls or AutoModelForCausalLM
