@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..interfaces import TextSample
 from .cache import CacheReport, FeatureCache, FeatureStore, prepare_features
 from .readers import FORMATS, BadSamples, ImageReader, read_records
+from .streaming import StreamDataset, StreamSpec, load_stream, streams
 
 T = TypeVar("T")
 
@@ -46,6 +47,18 @@ class DataConfig:
     cache_dtype: str = help_field("float32", help="dtype of cached features (float16 halves the disk use)")
     feature_batch_size: int = help_field(32, help="images per vision forward when filling the cache")
     preload_gb: float = help_field(2.0, help="hold cached features in memory when they fit in this many GB")
+    augment: bool = help_field(False, help="train on the official BLIP-2 train transform (random resized crop, "
+                                           "bicubic, then a horizontal flip); evaluation always resizes only. "
+                                           "Needs data.feature_cache=false: cached features are of the plain image")
+    flip: bool = help_field(True, help="data.augment: flip half the images left-right; switch off when the text "
+                                       "says left and right")
+    crop_scale: list = help_field([0.5, 1.0], help="data.augment: the crop's area range, a fraction of the image")
+    stream: str | bool = help_field("auto", help="read webdataset shards as a stream (no index in memory): auto (when "
+                                          "the feature cache is off, or data.sources is set), true, false")
+    shuffle_buffer: int = help_field(1000, help="streaming: samples held per source and loader worker for "
+                                                "shuffling (shards are also dealt in a seeded order every pass)")
+    sources: list = help_field([], help="streaming mixture: [{train: shards, weight: 0.7}, ...]; each sample "
+                                        "comes from a source drawn by weight (data.train is then ignored)")
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -59,6 +72,28 @@ class DataConfig:
             raise ConfigError(f"data.preload_gb must be a finite number >= 0, got {self.preload_gb}", "e.g. 2")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"data.cache_dtype '{self.cache_dtype}' is unknown", "use float32, float16 or bfloat16")
+        self._check_stream_keys()
+
+    def _check_stream_keys(self) -> None:
+        """The transform and streaming keys, each in range, in one line naming the key."""
+        scale = self.crop_scale
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+                and 0 < float(scale[0]) <= float(scale[1]) <= 1):
+            raise ConfigError(f"data.crop_scale must be two numbers 0 < lo <= hi <= 1, got {scale}",
+                              "e.g. data.crop_scale=[0.5,1.0] (the official BLIP-2 range)")
+        stream = str(self.stream).lower()  # YAML reads `stream: true` as a bool
+        if stream not in ("auto", "true", "false"):
+            raise ConfigError(f"data.stream '{self.stream}' is unknown", "use auto, true or false")
+        self.stream = stream
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}", "e.g. 1000")
+        from .streaming import check_sources
+
+        self.sources = check_sources(self.sources)
+        if self.sources and self.stream == "false":
+            raise ConfigError("data.sources is a streamed mixture but data.stream=false",
+                              "set data.stream=auto, or drop data.sources and name one data.train")
 
 
 def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
@@ -109,6 +144,7 @@ class VLDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._reader: ImageReader | None = None
+        self.transform: Any = None
         self.collate = Collate("features" if store is not None else "pixels")
 
     def set_epoch(self, epoch: int) -> None:
@@ -118,24 +154,16 @@ class VLDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def train_mode(self, on: bool) -> None:
+        """Training draws the recipe's train transform (data.augment) on decoded images; evaluation never does."""
+        from .transforms import train_transform
+
+        self.transform = train_transform(self.vision, self.config) if on and self.store is None else None
+
     def text(self, index: int) -> tuple[TextSample, str]:
         """The text side of one example: TextSample and the instruction (for instruction-aware VPGs)."""
-        rec = self.records[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
-        cfg = self.config
-        if "caption" in rec:
-            instruction = rng.choice(cfg.instructions) if cfg.instructions else cfg.prompt
-            prefix, target = "", rec["caption"]
-            if cfg.random_caption and isinstance(rec.get("captions"), list) and rec["captions"]:
-                target = str(rng.choice(rec["captions"]))
-            if self.is_encoder_decoder and cfg.prefix_lm:
-                prefix, target = split_caption(target, rng)
-            sample = self.template.sample(instruction, target)
-            if prefix:
-                sample.after = f"{sample.after.rstrip()} {prefix}" if sample.after.strip() else prefix
-            return sample, instruction
-        instruction = cfg.question_template.format(question=rec["question"])
-        return self.template.sample(instruction, _answer(rec["answer"])), instruction
+        return make_text(self.records[index], self.template, self.config, rng, self.is_encoder_decoder)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, TextSample, str]:
         sample, instruction = self.text(index)
@@ -144,11 +172,37 @@ class VLDataset(Dataset):
         if self._reader is None:
             self._reader = ImageReader()
         image = self._reader.decode(self.records[index])
+        if self.transform is not None:  # its own stream: the text's draws stay those of an un-augmented run
+            image = self.transform(image, random.Random(f"{self.seed}:{self.epoch}:{index}:crop"))
         return self.vision.preprocess([image])[0], sample, instruction
 
 
-def load_records(config: DataConfig, split: str = "train", bad: BadSamples | None = None) -> list[dict[str, Any]]:
-    """Read the train or val annotations named by the config (train: data.fraction subset, then max_samples)."""
+def make_text(rec: dict[str, Any], template: Any, cfg: DataConfig, rng: random.Random,
+              is_encoder_decoder: bool = False) -> tuple[TextSample, str]:
+    """TextSample and instruction of one record: instruction, caption and prefix split drawn from `rng`."""
+    if "caption" in rec:
+        instruction = rng.choice(cfg.instructions) if cfg.instructions else cfg.prompt
+        prefix, target = "", rec["caption"]
+        if cfg.random_caption and isinstance(rec.get("captions"), list) and rec["captions"]:
+            target = str(rng.choice(rec["captions"]))
+        if is_encoder_decoder and cfg.prefix_lm:
+            prefix, target = split_caption(target, rng)
+        sample = template.sample(instruction, target)
+        if prefix:
+            sample.after = f"{sample.after.rstrip()} {prefix}" if sample.after.strip() else prefix
+        return sample, instruction
+    instruction = cfg.question_template.format(question=rec["question"])
+    return template.sample(instruction, _answer(rec["answer"])), instruction
+
+
+def load_records(config: DataConfig, split: str = "train", bad: BadSamples | None = None) -> Any:
+    """Read the train or val annotations named by the config (train: data.fraction subset, then max_samples).
+
+    A streamed training split (`data.stream`, `data.sources`) is not indexed: a `StreamSpec` comes back,
+    which counts its samples (`len`) and reads the first ones' text (`spec[:n]`).
+    """
+    if split == "train" and streams(config):
+        return load_stream(config, bad)
     path = config.train if split == "train" else config.val
     if not path:
         raise ConfigError(f"data.{split} is not set", f"set data.{split}=PATH in the recipe or on the command line")
@@ -169,9 +223,11 @@ def fraction_subset(records: Sequence[T], fraction: float, seed: int = 0) -> lis
 
 def build_dataset(records: Sequence[dict[str, Any]], model: Any, config: DataConfig, *, seed: int = 0,
                   bad: BadSamples | None = None, progress: bool = True,
-                  device: str | torch.device | None = None) -> tuple[VLDataset, CacheReport | None]:
+                  device: str | torch.device | None = None) -> tuple[VLDataset | StreamDataset, CacheReport | None]:
     """Dataset for `model` (its template and vision encoder); fills the feature cache first when enabled."""
     kw = dict(is_encoder_decoder=bool(getattr(model.llm, "is_encoder_decoder", False)), seed=seed)
+    if isinstance(records, StreamSpec):
+        return StreamDataset(records, model.template, config, vision=model.vision, **kw), None
     if not config.feature_cache:
         return VLDataset(records, model.template, config, vision=model.vision, **kw), None
     cache = FeatureCache(config.cache_dir, model.vision.cache_id())

@@ -1,4 +1,4 @@
-"""Resumable data order: a seeded permutation per epoch and a position counted in micro-batches."""
+"""Resumable data order: a seeded permutation per epoch (or a stream) and a position counted in micro-batches."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ class BatchStream:
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self.global_batch = batch_size * world_size
+        # The stream is what training sees: the recipe's train transform (data.augment) is switched on here,
+        # never for the same records read by evaluation.
+        if hasattr(dataset, "train_mode"):
+            dataset.train_mode(True)
+        self.streamed = hasattr(dataset, "configure")
+        if self.streamed:  # a webdataset stream: its epoch depends on ranks, workers and batch
+            from ..data.streaming import Layout
+
+            dataset.configure(Layout(batch_size, rank, world_size, num_workers))
         n = len(dataset)
         self.per_epoch = n // self.global_batch
         if self.per_epoch < 1:
@@ -40,6 +49,9 @@ class BatchStream:
 
     def batches(self, start: int = 0) -> Iterator[Any]:
         """Collated micro-batches from position `start` on, forever."""
+        if self.streamed:
+            yield from self._streamed(start)
+            return
         pos = start
         while True:
             epoch, first = divmod(pos, self.per_epoch)
@@ -54,3 +66,12 @@ class BatchStream:
             for batch in loader:
                 yield batch
                 pos += 1
+
+    def _streamed(self, start: int) -> Iterator[Any]:
+        """One endless loader over the stream; each worker resumes at the samples it had emitted by `start`."""
+        from ..data.streaming import Layout
+
+        self.dataset.configure(Layout(self.batch_size, self.rank, self.world_size, self.num_workers), start)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers, persistent_workers=False)
+        yield from loader
