@@ -52,6 +52,9 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "config") -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
     data = dict(data or {})
@@ -64,6 +67,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "config
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"{where}: unknown key '{key}'", hint)
         tp = hints[key]
+        if tp is bool and isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            value = _YAML11_BOOLS[value.lower()]  # what YAML 1.1 read as booleans still reads so where one is wanted
         if not _type_ok(value, tp):
             raise ConfigError(
                 f"{where}: '{key}' should be {_type_name(tp)}, got {type(value).__name__} {value!r}",
@@ -118,15 +123,33 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
     return out
 
 
+def core_schema(loader: Any) -> Any:
+    """A subclass of yaml `loader` whose booleans are only true/false (YAML 1.2), so `no`, `on`, `off` stay text."""
+    import re
+
+    class Core(loader):
+        pass
+
+    # PyYAML follows YAML 1.1, where yes/no/on/off are booleans: `mixed_precision=no`, the documented value,
+    # arrived as False and was refused as "should be str". YAML 1.2 (and JSON) keep only true/false.
+    bool_tag = "tag:yaml.org,2002:bool"
+    Core.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in loader.yaml_implicit_resolvers.items()
+    }
+    Core.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Core
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one `key=value` override; the value is read as YAML (numbers, bools, lists)."""
+    """Parse one `key=value` override; the value is read as YAML 1.2 (numbers, true/false, lists)."""
     import yaml
 
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value", "write it as key=value, e.g. lr=1e-4")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=core_schema(yaml.SafeLoader)) if raw != "" else ""  # a SafeLoader
     except yaml.YAMLError:
         value = raw
     # YAML reads 1e-4 as a string; numbers written that way are still numbers to a user.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import paths
-from .config import from_dict, parse_override, set_dotted
+from .config import core_schema, from_dict, parse_override, set_dotted
 from .data.dataset import DataConfig
 from .errors import ConfigError
 from .model import ModelSpec
@@ -98,7 +98,7 @@ def _strict_loader() -> Any:
     """yaml.SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
     import yaml
 
-    class Strict(yaml.SafeLoader):
+    class Strict(core_schema(yaml.SafeLoader)):  # `mixed_precision: no` is the text "no", as documented
         pass
 
     def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:

@@ -1,0 +1,65 @@
+"""bad_input, issue 32: refusals that left something behind or said too little (transfer, resume, serve, overrides)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vpgtrans.checkpoint import save_model
+from vpgtrans.cli import main
+from vpgtrans.model import build_model
+from vpgtrans.testing import tiny_spec, write_caption_set
+
+FAST = ["train.batch_size=2", "train.max_steps=3", "train.eval_every=0", "train.save_every=0",
+        "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4"]
+
+
+def _errors(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_paths):
+    """A saved tiny OPT model and 8 captioned images."""
+    root = tmp_path_factory.mktemp("issue32")
+    write_caption_set(root, 8, 3, ["a red circle on the left", "a blue circle on the left"])
+    torch.manual_seed(0)
+    model = save_model(build_model(tiny_spec(tiny_paths, "opt")), root / "src")
+    return {"root": root, "model": model, "data": str(root / "train.jsonl"), "paths": tiny_paths}
+
+
+# --- overrides and recipes: YAML 1.2 booleans ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["no", "fp16", "bf16"])
+def test_documented_mixed_precision_values_are_accepted_as_overrides(value):
+    from vpgtrans.recipes import load_recipe
+
+    recipe = load_recipe("blip2_stage2_world", [f"train.mixed_precision={value}"])
+    assert recipe.train.mixed_precision == value
+
+
+def test_unquoted_no_in_a_recipe_file_is_text(tmp_path):
+    from vpgtrans.recipes import find_recipe, load_recipe
+
+    text = find_recipe("blip2_stage2_world").read_text()
+    assert 'mixed_precision: "no"' in text
+    path = tmp_path / "r.yaml"
+    path.write_text(text.replace('mixed_precision: "no"', "mixed_precision: no"))
+    assert load_recipe(str(path)).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("off", False), ("yes", True), ("False", False)])
+def test_bool_fields_still_read_yes_no_on_off(text, value):
+    from vpgtrans.recipes import load_recipe
+
+    recipe = load_recipe("blip2_stage2_world", [f"train.gradient_checkpointing={text}"])
+    assert recipe.train.gradient_checkpointing is value
+
+
+def test_bad_mixed_precision_override_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--recipe", "blip2_stage2_world", "--out", str(tmp_path / "o"),
+                                       "--dry-run", "train.mixed_precision=off"])
+    errors = _errors(result.output)
+    assert result.exit_code != 0 and len(errors) == 1 and "mixed_precision 'off' is unknown" in errors[0], \
+        result.output
