@@ -257,3 +257,57 @@ def test_bad_images_raise_or_are_skipped(tmp_path, images, vision):
     ds, report = build_dataset(recs, _FakeModel(vision, False), cfg, bad=bad, progress=False)
     assert len(ds) == 1 and report.bad == 3 and len(bad) == 3
     assert any("corrupt" in m for m in bad.items) and any("empty" in m for m in bad.items)
+
+
+# --- the plan's data lines: the cache's disk and pre-pass, or images on the fly ------------------------------
+
+def test_cache_states_its_disk_and_pre_pass_before_encoding(tmp_path, images, vision):
+    recs = _caption_records(tmp_path, images, n=6)
+    lines: list[str] = []
+    prepare_features(recs, vision, FeatureCache(tmp_path / "cache", vision.cache_id()), progress=False,
+                     echo=lines.append)
+    per_image = vision.num_tokens * vision.hidden_size * 4
+    assert len(lines) == 1 and f"6 images × {vision.num_tokens} tokens × {vision.hidden_size} × float32" in lines[0]
+    assert f"{6 * per_image / 1e3:.1f} kB" in lines[0] and "pre-pass" in lines[0] and "FLOP" in lines[0]
+    lines.clear()
+    prepare_features(recs, vision, FeatureCache(tmp_path / "cache", vision.cache_id()), progress=False,
+                     echo=lines.append)
+    assert lines == []  # everything cached: nothing to announce
+
+
+def test_a_cache_that_does_not_fit_the_disk_is_refused_before_writing(tmp_path, images, vision, monkeypatch):
+    import vpgtrans.memory as memory
+
+    monkeypatch.setattr(memory, "free_disk", lambda path: 1000)
+    recs = _caption_records(tmp_path, images, n=6)
+    cache = FeatureCache(tmp_path / "cache", vision.cache_id())
+    with pytest.raises(DataError) as err:
+        prepare_features(recs, vision, cache, progress=False)
+    text = str(err.value)
+    assert "\n" not in text and "needs" in text and "1.0 kB free" in text
+    assert "stream instead: data.feature_cache=false" in text
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_the_plan_says_which_data_path_a_run_takes(tmp_path, images, tiny_paths):
+    from types import SimpleNamespace
+
+    from vpgtrans.memory import data_plan_lines
+    from vpgtrans.model import ModelSpec
+
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"image": f"img/{i % 3}.png", "caption": f"c {i}"} for i in range(6)])
+    spec = ModelSpec(**tiny_spec(tiny_paths))
+
+    def plan(**data):
+        return data_plan_lines(SimpleNamespace(model=spec, data=DataConfig(train=str(path), **data)), 6)
+
+    cached = plan(cache_dir=str(tmp_path / "cache"), augment=True)
+    assert cached[0].startswith("data    feature cache on: 3 images × ") and "pre-pass" in cached[1]
+    assert "data.augment is off while features are cached" in cached[2]
+    fly = plan(feature_cache=False, augment=True, flip=False)
+    assert len(fly) == 1 and "encoded on the fly" in fly[0] and "random resized crop 0.5-1, bicubic, no flip" in fly[0]
+    from test_stream import write_shards
+
+    shards = write_shards(tmp_path / "shards", [3, 3])
+    streamed = data_plan_lines(SimpleNamespace(model=spec, data=DataConfig(train=str(shards), feature_cache=False)))
+    assert streamed[0].startswith("data    streamed from webdataset shards")

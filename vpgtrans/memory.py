@@ -246,16 +246,10 @@ def estimate(spec: Any, train: Any, data: Any = None, *, n_examples: int = 0, ch
     notes += [note] if note else []
     llm_cfg = getattr(llm_cfg, "text_config", None) or llm_cfg
     vis_entry = dict(spec.vision)
-    vcfg, note = _hf_config(vis_entry.get("path", "eva-vit-g"), _aliases("vision"), KNOWN_VISION,
-                            "vision encoder", sub="vision_config")
+    n_vis, width, vision_params, note = vision_shape(spec)
     notes += [note] if note else []
     llm_dtype = llm_entry.get("dtype", "float32")
     vis_dtype = vis_entry.get("dtype", "float32")
-    size = int(vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0])
-    patch = int(vcfg.patch_size if isinstance(vcfg.patch_size, int) else vcfg.patch_size[0])
-    n_vis = (size // patch) ** 2 + (0 if vis_entry.get("drop_cls") else 1)
-    width = int(vcfg.hidden_size)
-    vision_params = _vision_params(vcfg)
 
     max_text = text_len if text_len is not None else int(train.max_text_len)
     template = _template_tokens(spec, data, llm_entry.get("path", ""))
@@ -299,6 +293,17 @@ def _aliases(kind: str) -> dict[str, str]:
     from .names import LLM_ALIASES, VISION_ALIASES
 
     return LLM_ALIASES if kind == "LLM" else VISION_ALIASES
+
+
+def vision_shape(spec: Any) -> tuple[int, int, int, str | None]:
+    """(tokens per image, feature width, parameters, note) of the spec's vision encoder, from its config."""
+    vis_entry = dict(spec.vision)
+    vcfg, note = _hf_config(vis_entry.get("path", "eva-vit-g"), _aliases("vision"), KNOWN_VISION,
+                            "vision encoder", sub="vision_config")
+    size = int(vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0])
+    patch = int(vcfg.patch_size if isinstance(vcfg.patch_size, int) else vcfg.patch_size[0])
+    n_vis = (size // patch) ** 2 + (0 if vis_entry.get("drop_cls") else 1)
+    return n_vis, int(vcfg.hidden_size), _vision_params(vcfg), note
 
 
 def _vision_params(vcfg: Any) -> int:
@@ -441,7 +446,9 @@ def plan_recipe(recipe: Any, n_examples: int = 0, **kw: Any) -> MemoryPlan:
 
 
 def print_memory_plan(recipe: Any, n_examples: int = 0, echo: Callable[[str], None] = print) -> MemoryPlan | None:
-    """Print the plan and whether it fits this machine's device; says why when it cannot be estimated."""
+    """Print the data path (cache or on the fly), then the memory plan and whether it fits this machine's device."""
+    for line in data_plan_lines(recipe, n_examples):
+        echo(line)
     try:
         plan = plan_recipe(recipe, n_examples)
     except PlanError as exc:
@@ -481,3 +488,145 @@ def check_run_fits(recipe: Any, n_examples: int = 0) -> None:
                         f"{device} has {free / GIB:.1f} GiB free",
                         f"lower train.batch_size, set {hint}model.llm.dtype=bfloat16, or use a bigger device "
                         f"(`--dry-run` prints the plan; VPGTRANS_SKIP_MEMORY_CHECK=1 skips this check)")
+
+
+# --- the data path: feature cache on disk, or images encoded on the fly ---------------------------------------
+# The pre-pass time is an estimate from FLOPs at this assumed rate (printed with it): one A100/H100-class GPU
+# running a ViT forward in float16 at roughly a third of its peak. Decoding images is not counted.
+ASSUMED_VISION_FLOPS = 100e12
+
+
+@dataclass
+class CachePlan:
+    """What the frozen-feature cache of a run costs: disk (images × tokens × width × dtype) and a pre-pass."""
+
+    images: int
+    tokens: int
+    width: int
+    dtype: str
+    vision_params: int
+    root: str
+    free: int | None
+
+    @property
+    def per_image(self) -> int:
+        """Bytes of one image's features."""
+        return self.tokens * self.width * dtype_bytes(self.dtype)
+
+    @property
+    def need(self) -> int:
+        """Bytes of the whole cache (safetensors headers, ~100 bytes a file, not counted)."""
+        return self.images * self.per_image
+
+    @property
+    def fits(self) -> bool:
+        """True when the cache fits the free disk (or the free disk is unknown)."""
+        return self.free is None or self.need <= self.free
+
+    def pre_pass(self) -> str:
+        """The encoding pre-pass as FLOPs and time at the assumed rate."""
+        flops = 2.0 * self.vision_params * self.tokens * self.images
+        return (f"{_flops(flops)} ≈ {_duration(flops / ASSUMED_VISION_FLOPS)} at an assumed "
+                f"{ASSUMED_VISION_FLOPS / 1e12:.0f} TFLOP/s (one GPU, float16), before the first step")
+
+    def size_line(self) -> str:
+        """images × tokens × width × dtype = bytes, under root (free)."""
+        free = "free space unknown" if self.free is None else f"{_bytes(self.free)} free"
+        return (f"{self.images:,} images × {self.tokens} tokens × {self.width} × {self.dtype} = {_bytes(self.need)} "
+                f"under {self.root} ({free})")
+
+    def refusal(self) -> tuple[str, str]:
+        """(what, fix) of the one-line error for a cache that does not fit."""
+        return (f"the feature cache needs {_bytes(self.need)} ({self.size_line()})",
+                "stream instead: data.feature_cache=false encodes images on the fly on the training device (and "
+                "streams webdataset shards); or set data.cache_dir to a disk with room, or data.cache_dtype=float16")
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def _flops(n: float) -> str:
+    for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def free_disk(path: str | os.PathLike) -> int | None:
+    """Free bytes on the disk that holds `path` (its nearest existing parent); None when unknown."""
+    import shutil
+    from pathlib import Path
+
+    probe = Path(path).expanduser()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def cache_plan(data: Any, images: int, tokens: int, width: int, vision_params: int) -> CachePlan:
+    """The cache plan of `images` distinct images for a data config (its cache_dir and cache_dtype)."""
+    from .data.cache import default_cache_root
+
+    root = str(data.cache_dir or default_cache_root())
+    return CachePlan(images, tokens, width, data.cache_dtype, vision_params, root, free_disk(root))
+
+
+def _distinct_images(data: Any, n_examples: int) -> tuple[int, bool]:
+    """(distinct images of the training split, known): read from the records, else the example count."""
+    from .data import load_records
+
+    try:
+        records = load_records(data, "train")
+        return len({(r.get("archive"), r["image"]) for r in records}), True
+    except Exception:  # noqa: BLE001 - data absent at plan time: the plan still prints, from the count given
+        return n_examples, False
+
+
+def data_plan_lines(recipe: Any, n_examples: int = 0) -> list[str]:
+    """The plan's data lines: the feature cache's disk and pre-pass when it is on; else how images are read."""
+    from .data.streaming import streams
+
+    data = recipe.data
+    try:
+        streamed = streams(data)
+    except Exception:  # noqa: BLE001 - an unreadable data path is reported by whoever reads it
+        streamed = False
+    augment = ("the official train transform (random resized crop "
+               f"{data.crop_scale[0]:g}-{data.crop_scale[1]:g}, bicubic, "
+               + ("flip)" if data.flip else "no flip)")) if data.augment else "no augmentation"
+    if streamed:
+        return [f"data    streamed from webdataset shards (shuffle buffer {data.shuffle_buffer}), images encoded "
+                f"on the fly on the training device, {augment}; no cache"]
+    try:
+        tokens, width, params, _ = vision_shape(recipe.model)
+    except Exception as exc:  # noqa: BLE001 - an unknown encoder: the memory plan below says why
+        return [f"data    feature cache {'on' if data.feature_cache else 'off'} (size not estimated: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+    images, known = _distinct_images(data, n_examples) if data.feature_cache else (n_examples, False)
+    plan = cache_plan(data, images, tokens, width, params)
+    count = "" if known else " (one per example: distinct images not counted)"
+    if not data.feature_cache:
+        return [f"data    images encoded on the fly on the training device every step, {augment}; a feature "
+                f"cache would need {_bytes(plan.need)} on disk for {images:,} images{count} (data.feature_cache=true)"]
+    lines = [f"data    feature cache on: {plan.size_line()}{count}"
+             + ("" if plan.fits else " — does NOT fit: data.feature_cache=false streams instead"),
+             f"        pre-pass (once per encoder, reused later): {plan.pre_pass()}"]
+    if data.augment:
+        lines.append("        note: data.augment is off while features are cached (they are of the plain image); "
+                     "data.feature_cache=false trains on the official transform")
+    return lines

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -123,8 +123,13 @@ def hash_images(records: Sequence[dict[str, Any]], reader: ImageReader, bad: Bad
 def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: FeatureCache, *,
                      batch_size: int = 32, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, bad: BadSamples | None = None, progress: bool = True,
-                     reader: ImageReader | None = None) -> tuple[list[str | None], CacheReport]:
-    """Make sure every record's image has cached features; returns each record's sha (None = bad)."""
+                     reader: ImageReader | None = None,
+                     echo: Callable[[str], None] | None = print) -> tuple[list[str | None], CacheReport]:
+    """Make sure every record's image has cached features; returns each record's sha (None = bad).
+
+    Before encoding anything it says what the missing features will take (disk and pre-pass time), and refuses
+    in one line, writing nothing, when they do not fit the free disk.
+    """
     import time
 
     from tqdm.auto import tqdm
@@ -141,6 +146,8 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
             todo[sha] = rec
     distinct = {s for s in shas if s}
     report.images, report.cached = len(distinct), len(distinct) - len(todo)
+    if todo:
+        _check_disk(len(todo), vision, cache, dtype, echo)
     failed: set[str] = set()
     items = list(todo.items())
     bar = tqdm(total=len(items), desc="vision features", unit="img", disable=not progress or not items,
@@ -169,6 +176,23 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
     report.bad = sum(1 for s in shas if s is None)
     report.seconds = time.perf_counter() - start
     return shas, report
+
+
+def _check_disk(images: int, vision: Any, cache: FeatureCache, dtype: torch.dtype | None,
+                echo: Callable[[str], None] | None) -> None:
+    """Refuse features that do not fit the cache's disk; else say their size and the pre-pass's time."""
+    from ..memory import CachePlan, free_disk
+
+    tokens, width = getattr(vision, "num_tokens", None), getattr(vision, "hidden_size", None)
+    if not tokens or not width:
+        return  # an encoder that does not declare its shape: nothing to estimate
+    name = str(dtype or torch.float32).removeprefix("torch.")
+    params = sum(p.numel() for p in vision.parameters()) if hasattr(vision, "parameters") else 0
+    plan = CachePlan(images, int(tokens), int(width), name, params, str(cache.root), free_disk(cache.root))
+    if not plan.fits:
+        raise DataError(*plan.refusal())
+    if echo is not None:
+        echo(f"feature cache: encoding {plan.size_line()}; pre-pass {plan.pre_pass()}")
 
 
 @torch.no_grad()
