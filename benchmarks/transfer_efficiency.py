@@ -6,6 +6,7 @@
     python benchmarks/transfer_efficiency.py --plateau 2000   # one long scratch run: when does scratch plateau?
     python benchmarks/transfer_efficiency.py --protocol paper         # the paper's protocol (~1 h on 2 cores)
     python benchmarks/transfer_efficiency.py --protocol paper --quick # the same on one pair, 2 seeds (minutes)
+    python benchmarks/transfer_efficiency.py --diagnose [--quick]     # is the world in the paper's regime? (issue 29)
 
 Speed-up (paper's definition): steps for the scratch run to reach its best val_loss ÷ steps for the row to
 first match it, warm-up steps counted against the row; likewise in samples and in wall time (training time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _diagnose  # noqa: E402
 import _paper_protocol as paper  # noqa: E402
 from _transfer_rows import (METRIC, PAIRS, ROWS, Settings, compare, run_row, source_architecture,  # noqa: E402
                             train_source)
@@ -416,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
                     + ")")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1, as the "
                     "README's figures: processes run side by side, and two threads each on two cores ran 3x slower)")
+    _diagnose.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.diagnose and (args.full or args.plateau or args.rescore or args.protocol != "short"):
+        print("error: --diagnose runs alone (with --quick at most) — drop --full/--plateau/--rescore/--protocol",
+              file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _measure(args)
+        return _diagnose.main(args, Path(args.results)) if args.diagnose else _measure(args)
     finally:  # main() is also called in-process (the tests): leave the caller's thread count as it was
         torch.set_num_threads(before)
 
