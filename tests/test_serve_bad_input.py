@@ -94,6 +94,14 @@ def test_bad_input_is_a_4xx_with_an_openai_error(server, body, status, fragment)
     _assert_openai_error(code, reply, status, fragment)
 
 
+def test_bad_input_unknown_key_inside_image_url_is_named(server):
+    turn = user_turn("describe", data_url(GOOD))
+    turn["content"][0]["image_url"]["detial"] = "low"  # misspelt "detail"
+    code, reply = request("POST", server + "/v1/chat/completions", _body(turn))
+    _assert_openai_error(code, reply, 400, "unknown_parameter")
+    assert "detial" in reply["error"]["message"] and "image_url" in reply["error"]["param"], reply
+
+
 def test_bad_input_a_50_mb_body_is_refused(server):
     huge = base64.b64encode(b"\x00" * (37 << 20))  # 50 MB of base64 in one image part
     body = b'{"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "image_url", ' \

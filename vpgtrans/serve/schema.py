@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class ApiError(Exception):
@@ -54,13 +54,18 @@ class ImagePart(_Strict):
 
 
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+# A plain union tries both shapes and reports the first one's failure: an unknown key inside image_url came back as
+# "messages.0.content.str: Input should be a valid string". Choosing the shape by the value's own type reports
+# the error of the shape the client meant, naming the key.
+Content = Annotated[Union[Annotated[str, Tag("text")], Annotated[list[Part], Tag("parts")]],
+                    Discriminator(lambda v: "parts" if isinstance(v, list) else "text")]
 
 
 class Message(_Strict):
     """One chat message."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
+    content: Content | None = None
     name: str | None = None
 
 
