@@ -1,4 +1,4 @@
-"""Surrogate LLMs: the target's embeddings + first K decoder layers + final norm + LM head (DESIGN.md §8).
+"""Surrogate LLMs: the target's embeddings + first K decoder layers + final norm + LM head (docs/design.md#surrogates).
 
 A vision adapter trained against a surrogate writes soft prompts into the target's own embedding space,
 so it grafts onto the full LLM with an identity converter (zero-shot graft, arXiv 2505.22664) and needs

@@ -5,7 +5,7 @@ more words for the same meanings, the way real text does: synonyms (``crimson``,
 capitalised forms at the start of a sentence or in lists, number words and digits, definitions and
 opposites. A word's input embedding is then shaped by what it *means* in many contexts, not only by
 the handful of caption templates it occurs in, and every caption word has relatives whose embeddings
-say where it should sit: what lets a converter fitted on some tokens map the others (DESIGN.md §7).
+say where it should sit: what lets a converter fitted on some tokens map the others (docs/design.md#measuring-transfer).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def lm_specs(cfg: WorldConfig) -> list[LMSpec]:
         return [LMSpec("opt-s", "opt", 32, 1, 2, 64), LMSpec("opt-m", "opt", 48, 1, 2, 96, embed_proj=40),
                 LMSpec("llama", "llama", 48, 1, 2, 96, kv_heads=1), LMSpec("flant5", "t5", 32, 1, 2, 64)]
     # Narrow embeddings: each LM's few hundred meaningful tokens must share the space, so where a word
-    # sits is decided by what it means rather than by its random init (DESIGN.md §7).
+    # sits is decided by what it means rather than by its random init (docs/design.md#measuring-transfer).
     return [LMSpec("opt-s", "opt", 64, 3, 4, 256, step_share=1.4),
             LMSpec("opt-m", "opt", 128, 3, 4, 384, embed_proj=96, lr_share=0.7),
             LMSpec("llama", "llama", 96, 3, 4, 256, kv_heads=2, step_share=1.2),
@@ -213,7 +213,7 @@ def pretrain(model: torch.nn.Module, enc: Encoder, samples: list[Sample], cfg: W
     """AdamW, linear warm-up then cosine; returns the loss curve."""
     gen = torch.Generator().manual_seed(seed)
     # Token embeddings decay harder: real LLMs train so long (lr·λ·steps ≫ 1) that nothing of their random
-    # init survives; a few hundred steps reach that regime only with a larger λ (DESIGN.md §7).
+    # init survives; a few hundred steps reach that regime only with a larger λ (docs/design.md#measuring-transfer).
     emb = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     named = list(model.named_parameters())
     embeds = [p for _, p in named if id(p) in emb]
