@@ -72,6 +72,8 @@ class BatchStream:
         from ..data.streaming import Layout
 
         self.dataset.configure(Layout(self.batch_size, self.rank, self.world_size, self.num_workers), start)
+        # Its own generator: a loader without one seeds its workers from the global RNG, which would shift the
+        # dropout stream of a resumed run against the uninterrupted one.
         loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, persistent_workers=False)
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
         yield from loader
