@@ -1,10 +1,12 @@
 """Streamed training data: webdataset shards read in order through a shuffle buffer, resumable to the sample.
 
-Why webdataset: its tar reader (`webdataset.tariterators`) is the de-facto format of image-text corpora
-(img2dataset writes it, LAION-COCO ships in it), streams local files, `pipe:` commands and URLs alike, and
-groups members into samples by key; vpgtrans adds what it lacks, exact resume and an epoch in which no sample
-repeats under several processes. Only what a stream needs is held in memory: the shard names, one count per
-shard, and per source and loader worker a buffer of `data.shuffle_buffer` raw samples.
+Why webdataset: its shards are the de-facto format of image-text corpora (img2dataset writes them, LAION-COCO
+ships in them) and its tar reader (`webdataset.tariterators`; it needs only braceexpand, numpy and PyYAML)
+streams a shard and groups its members into samples by key exactly as the corpora's tools do; vpgtrans adds
+what it lacks, exact resume and an epoch in which no sample repeats under several processes. Shards are local
+files: each is counted from its tar headers when the run starts (data is skipped by seeking, not read). Only
+what a stream needs is held in memory: the shard names, one count per shard, and per source and loader worker
+a buffer of `data.shuffle_buffer` raw samples.
 
 How one pass ("epoch") over a source is laid out, all of it a function of (seed, source, pass):
 
@@ -94,6 +96,17 @@ def streams(config: Any) -> bool:
 
 
 # --- sources --------------------------------------------------------------------------------------------
+def tariterators() -> Any:
+    """webdataset's tar reader, or a one-line error saying how to install it."""
+    try:
+        from webdataset import tariterators as module
+    except ImportError:
+        raise ConfigError("streaming webdataset shards needs the webdataset package",
+                          "pip install 'vpgtrans[stream]', or set data.stream=false to index the shards instead "
+                          "(data.sources always streams)") from None
+    return module
+
+
 def _unit(text: str) -> float:
     """A uniform number in [0, 1) from text: the per-key draw of data.fraction, the same in every process."""
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2 ** 64
@@ -129,7 +142,7 @@ class Keep:
 
 def count_shard(path: str, keep: Keep) -> int:
     """Samples of one shard, reading tar headers only (member data is skipped by seeking, never read)."""
-    from webdataset.tariterators import group_by_keys
+    group_by_keys = tariterators().group_by_keys
 
     def names(tar: tarfile.TarFile) -> Iterator[dict[str, Any]]:
         for member in tar:
@@ -182,8 +195,7 @@ class ShardSource:
 
     def samples(self, shard_ids: Sequence[int], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(number, raw sample) of the slot's shards in order, from sample number `start` on."""
-        from webdataset.tariterators import tarfile_samples
-
+        tarfile_samples = tariterators().tarfile_samples
         base = 0
         for i in shard_ids:
             count = self.counts[i]
@@ -287,6 +299,7 @@ class StreamSpec:
 
 def load_stream(config: Any, bad: BadSamples | None = None) -> StreamSpec:
     """The training split of `config` as a stream (data.sources, or data.train's shards)."""
+    tariterators()
     if config.max_samples:
         raise ConfigError("data.max_samples needs the whole index, and a streamed split keeps none",
                           "use data.fraction (a seeded share of the samples), or data.stream=false")
