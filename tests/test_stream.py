@@ -222,3 +222,20 @@ def test_evaluation_never_sees_the_train_transform(tmp_path):
     BatchStream(train, 2, seed=1)  # training switches the transform on for its own dataset only
     assert val.transform is None and train.transform is not None
     assert all(torch.equal(val[i][0], plain[i]) for i in range(4))
+
+
+def test_shard_counts_are_remembered_until_the_shard_changes(tmp_path, shards, monkeypatch):
+    import os
+
+    import vpgtrans.data.streaming as streaming
+
+    config = DataConfig(train=str(shards), feature_cache=False, cache_dir=str(tmp_path / "cache"))
+    assert len(load_records(config)) == 39
+    calls = []
+    real = streaming.count_shard
+    monkeypatch.setattr(streaming, "count_shard", lambda path, keep: calls.append(path) or real(path, keep))
+    assert len(load_records(config)) == 39 and calls == []  # no tar header read the second time
+    first = sorted(shards.glob("*.tar"))[0]
+    write_shards(tmp_path / "again", [3], prefix="x")
+    os.replace(sorted((tmp_path / "again").glob("*.tar"))[0], first)
+    assert len(load_records(config)) == 39 - 7 + 3 and calls == [str(first.resolve())]

@@ -161,6 +161,35 @@ def count_shard(path: str, keep: Keep) -> int:
         raise DataError(f"{path}: not a readable webdataset shard ({exc})", "re-create the shard") from None
 
 
+def counted_shard(path: str, keep: Keep, root: str | Path | None = None) -> int:
+    """`count_shard`, remembered under `<cache root>/shard-counts` by the shard's path, size and mtime.
+
+    Counting reads every tar header (~4,000 samples/s on a busy 2-core machine: minutes for millions), so a
+    run counts each shard once; a shard rewritten since is counted again.
+    """
+    import os
+
+    from .cache import default_cache_root
+
+    st = os.stat(path)
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{keep.fraction}|{keep.seed}".encode()).hexdigest()
+    memo = Path(root).expanduser() if root else default_cache_root()
+    memo = memo / "shard-counts" / key[:2] / key
+    try:
+        return int(memo.read_text())
+    except (OSError, ValueError):
+        pass
+    n = count_shard(path, keep)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp.write_text(str(n))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs the counting again next time
+    return n
+
+
 @dataclass
 class ShardSource:
     """One webdataset source: its shards, the samples each holds, and its mixture weight."""
@@ -252,7 +281,8 @@ def open_source(src: dict[str, Any], config: Any, bad: BadSamples | None = None)
         return RecordSource(src["name"], records, src["weight"])
     keep = Keep(config.fraction, config.fraction_seed)
     shards = shard_paths(src["train"])
-    return ShardSource(src["name"], shards, [count_shard(p, keep) for p in shards], src["weight"], keep)
+    counts = [counted_shard(p, keep, config.cache_dir) for p in shards]
+    return ShardSource(src["name"], shards, counts, src["weight"], keep)
 
 
 class StreamSpec:
