@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .config import to_dict
+from .config import help_field, to_dict
 from .errors import ConfigError
 from .interfaces import VPG, GenerationConfig, LLMBackend, TextSample, VisionEncoder
 from .lora import apply_lora
@@ -27,8 +27,9 @@ class Template:
     ``"###Human: <Img><ImageHere></Img> {instruction} ###Assistant: "`` with ``end="###"``.
     """
 
-    text: str = IMAGE_SLOT + "{instruction}"
-    end: str = ""
+    text: str = help_field(IMAGE_SLOT + "{instruction}", help="the prompt: one <ImageHere> where the soft prompts go, "
+                                                          "{instruction} where the instruction or question goes")
+    end: str = help_field("", help="appended to every training target and cut from generated text (MiniGPT-4: ###)")
 
     def sample(self, instruction: str = "", target: str = "") -> TextSample:
         """Split the template around the image slot for one example."""
