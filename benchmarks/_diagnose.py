@@ -1,6 +1,6 @@
 """Is the world in the paper's regime? `python benchmarks/transfer_efficiency.py --diagnose [--quick]` (issue 29).
 
-The paper's speed-ups rest on one property (arXiv 2305.01278, Fig. 3 / Fig. 8, DESIGN.md §11): a VPG trained on
+The paper's speed-ups rest on one property (arXiv 2305.01278, Figs. 3 and 8; docs/design.md#paper): a VPG trained on
 one LLM, frozen, with only a linear projector trained on another LLM, gets close to what a VPG trained there from
 scratch (TFS) reaches — quickly, and about equally for every pair. This module measures it, per epoch:
 

@@ -87,14 +87,23 @@ def test_ratio_reads_tfs_best_not_its_last_point():
     assert up["scratch_best"] == 0.6 and up["vpgtrans"] is None and up["speedup"] is None  # "-": never surpassed
 
 
-def test_ratio_reads_tfs_only_up_to_its_plateau():
-    from vpgtrans.transfer import report as rep
+def test_race_target_is_tfs_best_up_to_its_plateau(tiny_world, source_model, tmp_path):
+    import json
 
-    # Flat from step 30 on (< 1% gain over the last quarter with >= 4 evaluations in it), then a late small gain.
+    from vpgtrans.transfer import race
+
+    plan = _plan(tiny_world, source_model, tmp_path)
+    scratch = plan.stage_dir("scratch")
+    (scratch / "model").mkdir(parents=True)  # a finished scratch run: the race only reads its log
+    # Flat from step 30 on (< 1% gain over the last quarter, >= 4 evaluations in it), then a late gain to 1.0.
     values = [2.0, 1.5, 1.2] + [1.2 - 0.0001 * i for i in range(1, 30)] + [1.0]
-    cut, stop = rep.until_plateau(_curve(values), "val_loss")
-    assert stop is not None and cut[-1]["step"] == stop["step"] < 320
-    assert min(p["value"] for p in cut) > 1.0  # the late gain after the plateau is not the target
+    (scratch / "log.jsonl").write_text("".join(json.dumps({**p, "metrics": {"val_loss": p.pop("value")}}) + "\n"
+                                               for p in _curve(values)))
+    run = race._scratch_first(plan, echo=lambda _: None)
+    assert run.summary.plateau_step is not None and run.curve[-1]["step"] == run.summary.plateau_step < 320
+    # The target VPGTrans races to is the best before the plateau, not the late gain a longer run found.
+    assert run.summary.best == pytest.approx(min(values[: len(run.curve)])) and run.summary.best > 1.0
+    assert run.target == f"val_loss<={run.summary.best!r}"
 
 
 # --- the converter's fitted and held-out rows are disjoint -------------------------------------------------------
