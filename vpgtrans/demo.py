@@ -164,6 +164,33 @@ def _check(cfg: DemoConfig) -> None:
         raise ConfigError(f"--dst names an LLM twice ({', '.join(cfg.dst)})", "give each destination once")
     if not 0.0 < cfg.data_fraction <= 1.0:
         raise ConfigError(f"--data-fraction must be in (0, 1], got {cfg.data_fraction}", "e.g. --data-fraction 0.107")
+    from .names import LLM_ALIASES, missing_error, missing_weights
+
+    # Every LLM is checked before the world is built or the source trained; world models may still be unbuilt.
+    wanted = [("--src", cfg.src, LLM_ALIASES), *(("--dst", d, LLM_ALIASES) for d in cfg.dst)]
+    for role, name, _ in wanted:
+        if name == "world-vit":
+            raise ConfigError(f"{role} world-vit is the world's vision encoder, not an LLM",
+                              "use world-opt-s, world-opt-m, world-llama or world-flant5")
+    missing = [m for m in missing_weights(wanted) if not m[3].startswith("world not built")]
+    if missing:
+        raise missing_error(missing)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out holding the world or foreign files (unless --force); --force then starts over."""
+    from .claim import refuse_overlap
+    from .paths import world_dir
+
+    refuse_overlap(out, {"world": world_dir()})
+    if out.is_dir() and not force and any(out.iterdir()) and \
+            not any((out / name).exists() for name in ("demo.json", "source", "transfer")):
+        raise ConfigError(f"{out} is not empty and holds no demo run",
+                          "choose another --out, or pass --force to delete its contents and start over")
+    if force and out.exists():
+        shutil.rmtree(out)
+
+
 
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *, force: bool = False,
@@ -172,8 +199,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *,
     cfg = config or DemoConfig()
     _check(cfg)
     out = Path(out).expanduser()
-    if force and out.exists():
-        shutil.rmtree(out)
+    from .claim import claim_dir
+
+    with claim_dir(out, echo=echo):  # before anything is written: two demos into one --out cannot both pass
+        _check_out(out, force)
+        return _run(out, cfg, progress, echo)
+
+
+def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started, timings = time.perf_counter(), {}
 

@@ -229,10 +229,6 @@ def make_surrogate(llm: str, layers: int, out: str | Path, *, last_layers: int =
                    heal_data: str | Path | None = None, heal_lr: float = 2e-3, force: bool = False, seed: int = 0,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the surrogate of `llm` (first `layers` decoder layers, optionally translator + last ones) to `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import atomic_dir
-
     out = Path(out).expanduser()
     if layers < 1:  # before loading anything: K=0 is wrong whatever the model
         raise ConfigError(f"--layers {layers} is out of range", "choose K ≥ 1 (e.g. a third of the LLM's layers)")
@@ -243,8 +239,21 @@ def make_surrogate(llm: str, layers: int, out: str | Path, *, last_layers: int =
     if heal_steps and not heal_data:
         raise ConfigError("--heal-steps needs --heal-data", "pass a text file, one passage per line")
     texts = read_texts(heal_data) if heal_steps else []
-    _check_out(out, force)
-    target, source = resolve_llm(llm)
+    from .claim import claim_dir, refuse_overlap
+
+    with claim_dir(out, echo=echo):  # before anything is looked at: two surrogates into one --out cannot both pass
+        target, source = resolve_llm(llm)
+        refuse_overlap(out, {"LLM": target, "LLM file": source, "healing text": heal_data})
+        _check_out(out, force)
+        return _write(llm, layers, out, target, source, last_layers=last_layers, heal_steps=heal_steps, texts=texts,
+                      heal_lr=heal_lr, seed=seed, echo=echo)
+
+
+def _write(llm: str, layers: int, out: Path, target: str, source: str, *, last_layers: int, heal_steps: int,
+           texts: list[str], heal_lr: float, seed: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import atomic_dir
     from .names import load_pretrained
 
     config = load_pretrained(AutoConfig.from_pretrained, llm, target, what="LLM config")

@@ -281,6 +281,49 @@ def write_export(out: Path, stock: nn.Module, part: LLMPart, model: Any, make_pr
     return ExportResult(out=out, format=part.info["format"], image_token_id=part.image_id, notes=notes)
 
 
+def check_out(out: str | Path, fmt: str, reads: dict[str, Any], *, force: bool, kind: str = "export") -> None:
+    """Before any work: refuse an --out holding what is read, or files that are not an earlier `kind` to `fmt`.
+
+    An earlier export (import) to the same format is replaced atomically, as is anything else with --force;
+    --force never replaces what the command reads.
+    """
+    from ..claim import check_writable, refuse_overlap
+
+    out = Path(out).expanduser()
+    refuse_overlap(out, reads)
+    check_writable(out)
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    held = _written_format(out, kind)
+    if held == fmt:
+        return
+    holds = (f"an {kind} {'to' if kind == 'export' else 'from'} {held}" if held
+             else f"files that are not a vpgtrans {kind}")
+    raise ConfigError(f"--out {out} is not empty: it holds {holds}",
+                      "choose another --out, or pass --force to replace it (everything in it is deleted)")
+
+
+def _written_format(out: Path, kind: str) -> str | None:
+    """The format an earlier export (EXPORT_INFO) or import (manifest's imported_from) wrote into `out`."""
+    try:
+        if kind == "export":
+            return json.loads((out / EXPORT_INFO).read_text())["format"]
+        return json.loads((out / "manifest.json").read_text())["imported_from"]["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def model_reads(model_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What exporting a model reads: its directory and the local files its spec points at (vision, LLM, ...)."""
+    reads: dict[str, Any] = {"model": model_dir}
+    for part, cfg in (manifest.get("spec") or {}).items():
+        for key in ("path", "tokenizer", "init_from"):
+            value = cfg.get(key) if isinstance(cfg, dict) else None
+            if isinstance(value, str) and Path(value).expanduser().is_absolute():
+                reads[f"{part} {key} of the model"] = value
+    return reads
+
+
 def restore_llm(src: Path, info: dict[str, Any], lm: nn.Module) -> Any:
     """Undo what an export did to the LLM (extra vocabulary rows); returns the tokenizer vpgtrans used."""
     from transformers import AutoTokenizer  # why: as above

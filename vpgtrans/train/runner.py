@@ -6,6 +6,7 @@ The recipe's `stage` picks the objective: 2 (default) trains VPG + projector wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import MANIFEST, atomic_write_text, library_versions, save_model
+from ..claim import check_writable, claim_dir
 from ..data import BadSamples, build_dataset, load_records
 from ..errors import CheckpointError, ConfigError, VpgtransError, write_error
 from ..init_report import init_from_model_dir
@@ -61,27 +63,6 @@ def _still_running(previous: dict[str, Any]) -> bool:
     return True
 
 
-def check_writable(out: Path) -> None:
-    """Refuse early, writing nothing, when `out` cannot be created or written (under a file, read-only, no access)."""
-    import os
-
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ConfigError(f"cannot write to {out}: {probe} is a file, not a directory", "choose another --out")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        read_only = False
-        try:
-            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        except (OSError, AttributeError):
-            pass
-        why = "is on a read-only file system" if read_only else "is not writable by you"
-        raise ConfigError(f"cannot write to {out}: {probe} {why}", "choose a writable --out")
-
-
 def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: bool,
                   echo: Callable[[str], None] | None = None) -> str | None:
     """Refuse to mix two runs in one directory unless resuming (same run) or forcing (start over).
@@ -98,6 +79,11 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
     check_writable(out)
     present = [name for name in _ARTIFACTS if (out / name).exists()]
     if not present:
+        others = sorted(p.name for p in out.iterdir() if not _leftover(p.name)) if out.is_dir() else []
+        if others and not force:
+            raise ConfigError(f"{out} is not empty ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}) and "
+                              "holds no vpgtrans run", "choose another --out, or pass --force to write into it "
+                              "(its files are kept)")
         if resume == "latest":
             raise CheckpointError(f"nothing to resume in {out} (no run there)", "start without --resume")
         return resume
@@ -123,6 +109,13 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
     what = "a run of this recipe" if same else f"a different run (recipe {previous.get('recipe_name', '?')})"
     raise ConfigError(f"{out} already holds {what}",
                       "pass --resume latest to continue it, --force to start over, or choose another --out")
+
+
+def _leftover(name: str) -> bool:
+    """Temp files a killed run left (clean_partial removes them) and claims of runs nested in `out`."""
+    from ..claim import SUFFIX
+
+    return name.endswith(SUFFIX) or name.startswith((".run.json.", ".log.jsonl.", ".model.", ".stage1."))
 
 
 def _remove(out: Path, names: list[str]) -> None:
@@ -202,7 +195,18 @@ def run_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force
     if getattr(recipe, "stage", 2) == 1:
         return run_stage1_recipe(recipe, out, resume=resume, force=force, dry_run=dry_run, skip_bad=skip_bad,
                                  progress=progress, echo=echo)
-    out = Path(out).expanduser()
+    with _claim(out, dry_run, echo):
+        return _run_stage2(recipe, Path(out).expanduser(), resume=resume, force=force, dry_run=dry_run,
+                           skip_bad=skip_bad, progress=progress, echo=echo, model=model)
+
+
+def _claim(out: str | Path, dry_run: bool, echo: Callable[[str], None]) -> Any:
+    """The claim on `out`, taken before anything is read: two runs started together cannot both pass."""
+    return contextlib.nullcontext() if dry_run else claim_dir(out, echo=echo)
+
+
+def _run_stage2(recipe: Any, out: Path, *, resume: str | None, force: bool, dry_run: bool, skip_bad: bool,
+                progress: bool, echo: Callable[[str], None], model: Any) -> dict[str, Any]:
     fingerprint = recipe.fingerprint()
     for kind in ("vision", "vpg", "llm"):
         name = getattr(recipe.model, kind).get("name")
@@ -284,8 +288,9 @@ def _train_recorded(trainer: Any, resume: str | None, out: Path, run: dict[str, 
     return result
 
 
-def _start_run(out: Path, recipe: Any, fingerprint: str, resume: str | None, main: bool) -> dict[str, Any]:
-    """Create `out`, clear temp files of killed runs, and write run.json with status "running"."""
+def _start_run(out: Path, recipe: Any, fingerprint: str, resume: str | None, main: bool,
+               **extra: Any) -> dict[str, Any]:
+    """Create `out`, clear temp files of killed runs, and write run.json with status "running" (both stages)."""
     import os
     import socket
 
@@ -293,7 +298,7 @@ def _start_run(out: Path, recipe: Any, fingerprint: str, resume: str | None, mai
     run: dict[str, Any] = {"format": "vpgtrans-run", "recipe_name": recipe.name, "recipe_path": recipe.source,
                            "fingerprint": fingerprint, "seed": recipe.train.seed, "recipe": recipe.raw,
                            "command": sys.argv, "versions": library_versions(), "started": started,
-                           "status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+                           "status": "running", "pid": os.getpid(), "host": socket.gethostname(), **extra}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
@@ -331,12 +336,18 @@ def _captions(batch: dict[str, Any]) -> list[str]:
 def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None, force: bool = False,
                       dry_run: bool = False, skip_bad: bool = False, progress: bool = True,
                       echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a stage-1 Q-Former into `out` (same arguments and run.json as the stage-2 runner)."""
-    from accelerate.utils import set_seed  # why: as in _build_model
-
+    """Train a stage-1 Q-Former into `out` (same arguments, claim and run.json as the stage-2 runner)."""
     if recipe.data.task == "vqa":
         raise ConfigError("BLIP-2 stage 1 trains on image-caption pairs, not VQA", "set data.task=caption")
-    out = Path(out).expanduser()
+    with _claim(out, dry_run, echo):
+        return _run_stage1(recipe, Path(out).expanduser(), resume=resume, force=force, dry_run=dry_run,
+                           skip_bad=skip_bad, progress=progress, echo=echo)
+
+
+def _run_stage1(recipe: Any, out: Path, *, resume: str | None, force: bool, dry_run: bool, skip_bad: bool,
+                progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    from accelerate.utils import set_seed  # why: as in _build_model
+
     fingerprint = recipe.fingerprint()
     vname, vcfg = recipe.model.part("vision")
     gname, gcfg = recipe.model.part("vpg")
@@ -387,14 +398,7 @@ def run_stage1_recipe(recipe: Any, out: str | Path, *, resume: str | None = None
     trainer = Trainer(model, loss_fn, train_set, t, out, collate_fn=train_set.collate,
                       eval_fn=eval_fn if val_set is not None else None, accelerator=accelerator,
                       progress=progress, echo=echo, fingerprint=None if force else fingerprint)
-    run: dict[str, Any] = {"format": "vpgtrans-run", "stage": 1, "recipe_name": recipe.name,
-                           "recipe_path": recipe.source, "fingerprint": fingerprint, "seed": t.seed,
-                           "recipe": recipe.raw, "command": sys.argv, "versions": library_versions(),
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running",
-                           "plan": trainer.plan()}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str))
+    run = _start_run(out, recipe, fingerprint, resume, accelerator.is_main_process, stage=1, plan=trainer.plan())
     result = _train_recorded(trainer, resume, out, run, accelerator.is_main_process,
                              lambda model, _: save_stage1(model, out / "stage1"), stage1_dir=str(out / "stage1"))
     accelerator.wait_for_everyone()

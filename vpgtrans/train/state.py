@@ -159,7 +159,8 @@ def _prune(ckpt_root: Path, keep: int, latest: str) -> None:
 def clean_partial(out_dir: Path) -> None:
     """Remove temp files and dirs that a killed run left mid-write (never a complete checkpoint or model)."""
     patterns = [(out_dir / "checkpoints", ".step-*"), (out_dir / "checkpoints", f".{LATEST}.*"),
-                (out_dir, ".model.tmp-*"), (out_dir, ".model.old-*"), (out_dir, ".run.json.*"),
+                (out_dir, ".model.tmp-*"), (out_dir, ".model.old-*"), (out_dir, ".stage1.tmp-*"),
+                (out_dir, ".stage1.old-*"), (out_dir, ".run.json.*"),
                 (out_dir, ".log.jsonl.*")]
     for folder, pattern in patterns:
         for tmp in folder.glob(pattern):

@@ -346,7 +346,8 @@ def followup_command(plan: TransferPlan) -> str:
             "[data.train=<cc_sbu_align dir>]")
 
 
-def _check_out(out: Path, resume: bool, force: bool) -> None:
+def _check_out(out: Path, resume: bool, force: bool) -> Any:
+    """Claim `out` and refuse what it holds (see _check_out_here); returns the claim, None on ranks but 0."""
     # Rank 0 alone refuses and cleans (as the train runner does), then every rank waits for its decision:
     # otherwise one rank finds what another has just written and refuses a run that is its own.
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -355,21 +356,38 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
         # cpu=True on a machine without CUDA, as make_accelerator does: only then does accelerate form the
         # gloo group; a plain PartialState() here would leave every process training on its own.
         state = PartialState(cpu=not torch.cuda.is_available())
-        if state.is_main_process:
-            _check_out_here(out, resume, force)
+        claim = _check_out_here(out, resume, force) if state.is_main_process else None
         state.wait_for_everyone()
-        return
-    _check_out_here(out, resume, force)
+        return claim
+    return _check_out_here(out, resume, force)
 
 
-def _check_out_here(out: Path, resume: bool, force: bool) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if force:
-        shutil.rmtree(out)
-    elif not resume:
-        raise ConfigError(f"{out} already holds a transfer run",
-                          "pass --resume to continue it, --force to start over, or choose another --out")
+# What a transfer run writes into --out (warmup/finetune: the stages' names to come, issue 31).
+_TRANSFER_FILES = ("report.json", "converter", "stage1", "stage2", "warmup", "finetune", "scratch", "model",
+                   "zero_shot.json", "curves")
+
+
+def _check_out_here(out: Path, resume: bool, force: bool) -> Any:
+    """Claim `out` before anything else; refuse a previous transfer (unless --resume/--force) and foreign files."""
+    from ..claim import claim_dir
+
+    # Held until the process ends (the kernel drops it if the process dies): a second transfer into `out`, however
+    # close behind, is refused naming this one's pid.
+    claim = claim_dir(out)
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            if not any((out / name).exists() for name in _TRANSFER_FILES) and not force:
+                raise ConfigError(f"{out} is not empty and holds no transfer run",
+                                  "choose another --out, or pass --force to delete its contents")
+            if force:
+                shutil.rmtree(out)
+            elif not resume:
+                raise ConfigError(f"{out} already holds a transfer run",
+                                  "pass --resume to continue it, --force to start over, or choose another --out")
+    except BaseException:
+        claim.release()
+        raise
+    return claim
 
 
 def transfer(src: str, dst: str, data: str | None = None, out: str | Path = "runs/transfer", *,
