@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from test_bad_input import _one_line_error, _recipe, _train, data  # noqa: F401 - `data` is a fixture
 
 from vpgtrans.checkpoint import save_model
 from vpgtrans.cli import main
@@ -63,3 +64,31 @@ def test_bad_mixed_precision_override_is_one_line(tmp_path):
     errors = _errors(result.output)
     assert result.exit_code != 0 and len(errors) == 1 and "mixed_precision 'off' is unknown" in errors[0], \
         result.output
+
+
+# --- --resume -----------------------------------------------------------------------------------------------------
+
+def test_resume_from_a_directory_that_is_no_checkpoint_writes_nothing(data, tiny_paths, tmp_path):  # noqa: F811
+    root, rows = data
+    out = tmp_path / "run-resume-etc"
+    code, text = _train(_recipe(root, tiny_paths, rows, "resume-etc"), out, "--resume", "/etc")
+    _one_line_error(code, text, "/etc is not a training checkpoint")
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def test_resume_latest_without_a_checkpoint_is_refused_before_anything_is_written(data, tiny_paths,  # noqa: F811
+                                                                                    tmp_path):
+    import json
+    import shutil
+
+    root, rows = data
+    out = tmp_path / "run-no-ckpt"
+    recipe = _recipe(root, tiny_paths, rows, "no-ckpt")
+    code, text = _train(recipe, out)
+    assert code == 0, text
+    shutil.rmtree(out / "checkpoints")  # e.g. deleted to save space once the model was written
+    record = (out / "run.json").read_text()
+    code, text = _train(recipe, out, "--resume", "latest")
+    _one_line_error(code, text, "no checkpoint to resume")
+    assert "resumed from" not in text and "done:" not in text, text
+    assert (out / "run.json").read_text() == record and json.loads(record)["status"] == "finished"

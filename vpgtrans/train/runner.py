@@ -29,7 +29,7 @@ from ..registry import get as get_component
 from .config import count_steps
 from .objectives import EvalContext, lm_loss, make_eval_fn
 from .stage1 import Stage1Model, init_vpg_from_stage1, save_stage1, stage1_metrics
-from .state import clean_partial
+from .state import clean_partial, find_checkpoint
 from .trainer import Trainer, make_accelerator
 
 RUN_FILE = "run.json"
@@ -86,7 +86,7 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
                               "(its files are kept)")
         if resume == "latest":
             raise CheckpointError(f"nothing to resume in {out} (no run there)", "start without --resume")
-        return resume
+        return _resumable(out, resume)
     previous = _read_run(out)
     if _still_running(previous) and not force:
         raise ConfigError(f"{out} is being written by a run in progress (pid {previous['pid']})",
@@ -102,7 +102,7 @@ def check_out_dir(out: Path, fingerprint: str, *, resume: str | None, force: boo
         if previous and not same and not force:
             raise CheckpointError(f"{out} holds a run with different settings (recipe {previous.get('recipe_name')})",
                                   "resume with the same recipe and overrides, or pass --force to resume anyway")
-        return resume
+        return _resumable(out, resume)
     if force:
         _remove(out, present)
         return None
@@ -116,6 +116,15 @@ def _leftover(name: str) -> bool:
     from ..claim import SUFFIX
 
     return name.endswith(SUFFIX) or name.startswith((".run.json.", ".log.jsonl.", ".model.", ".stage1."))
+
+
+def _resumable(out: Path, resume: str | None) -> str | None:
+    """`resume` once it names a complete checkpoint; refused here, before run.json or anything else is written."""
+    # The trainer resolves it again after the model is built; finding out only then left a run.json in a fresh
+    # --out (`--resume /etc`) and rewrote a finished run's record as failed.
+    if resume:
+        find_checkpoint(out, resume)
+    return resume
 
 
 def _remove(out: Path, names: list[str]) -> None:
