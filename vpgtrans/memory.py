@@ -539,7 +539,8 @@ class CachePlan:
         """(what, fix) of the one-line error for a cache that does not fit."""
         return (f"the feature cache needs {_bytes(self.need)} ({self.size_line()})",
                 "stream instead: data.feature_cache=false encodes images on the fly on the training device (and "
-                "streams webdataset shards); or set data.cache_dir to a disk with room, or data.cache_dtype=float16")
+                "streams webdataset shards); or set data.cache_dir to a disk with room"
+                + (", or data.cache_dtype=float16 (half the disk)" if self.dtype == "float32" else ""))
 
 
 def _bytes(n: float) -> str:
