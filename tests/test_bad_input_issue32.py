@@ -92,3 +92,37 @@ def test_resume_latest_without_a_checkpoint_is_refused_before_anything_is_writte
     _one_line_error(code, text, "no checkpoint to resume")
     assert "resumed from" not in text and "done:" not in text, text
     assert (out / "run.json").read_text() == record and json.loads(record)["status"] == "finished"
+
+
+# --- dry runs: everything missing, named at once, whatever HF_HUB_OFFLINE says --------------------------------------
+
+@pytest.mark.parametrize("offline", ["1", None])
+def test_transfer_dry_run_names_every_missing_input_with_or_without_hf_offline(tmp_path, monkeypatch, offline):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VPGTRANS_OFFLINE"):
+        if offline is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, offline)
+    monkeypatch.chdir(tmp_path)  # the recipe's relative data path must not exist
+    result = CliRunner().invoke(main, ["transfer", "--src", "opt-2.7b", "--dst", "llama-7b", "--dry-run",
+                                       "--out", str(tmp_path / "o")])
+    missing = [line for line in result.output.splitlines() if line.startswith("MISSING")]
+    roles = ["source opt-2.7b", "destination LLM llama-7b", "source LLM opt-2.7b", "vision encoder eva-vit-g", "data"]
+    assert [next((r for r in roles if line.startswith(f"MISSING {r}")), line) for line in missing] == roles, \
+        result.output
+    assert "memory  estimated peak" in result.output  # the whole plan is printed before the refusal
+    errors = _errors(result.output)
+    assert result.exit_code != 0 and len(errors) == 1 and "4 missing weights" in errors[0], result.output
+    assert "hf download Salesforce/blip2-opt-2.7b" in errors[0] and not (tmp_path / "o").exists()
+
+
+def test_train_dry_run_names_hub_weights_missing_without_hf_offline(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VPGTRANS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--recipe", "minigpt4_stage2", "--dry-run", "--out",
+                                       str(tmp_path / "o")])
+    errors = _errors(result.output)
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert "annotation file not found" in errors[0] and "2 missing weights" in errors[0], result.output
+    assert "hf download Salesforce/blip2-opt-2.7b && hf download lmsys/vicuna-7b-v1.1" in errors[0]

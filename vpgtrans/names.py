@@ -236,17 +236,27 @@ def locate(name: str, aliases: dict[str, str]) -> tuple[str, str | None]:
     return target, None if isinstance(found, str) else f"not in the Hugging Face cache ({HF_HUB_CACHE})"
 
 
-def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, str, str]]:
+# Roles whose weights are read from the local cache only, never downloaded (transfer.sources._resolve).
+CACHE_ONLY_ROLES = frozenset({"source"})
+
+
+def missing_weights(wanted: Sequence[tuple[str, str, dict[str, str]]], *,
+                    dry_run: bool = False) -> list[tuple[str, str, str, str]]:
     """Of (role, name, aliases) triples, every one whose weights are absent: (role, name, target, why).
 
-    A hub model that is merely not cached counts as absent only when nothing may be downloaded (offline()).
+    A hub model that is merely not cached is absent when nothing will download it: offline(), a dry run
+    (which never downloads, so its answer is the same with or without HF_HUB_OFFLINE), or a cache-only role.
     """
     out = []
     for role, name, aliases in wanted:
         if not name:
             continue
         target, why = locate(str(name), aliases)
-        if why is not None and not (why.startswith("not in the Hugging Face cache") and not offline()):
+        if why is None:
+            continue
+        downloadable = why.startswith("not in the Hugging Face cache") and not (
+            dry_run or offline() or role in CACHE_ONLY_ROLES)
+        if not downloadable:
             out.append((role, str(name), target, why))
     return out
 

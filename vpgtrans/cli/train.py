@@ -59,7 +59,7 @@ def _dry_run(loaded: Any, out: Path, skip_bad: bool, echo: Callable[[str], None]
     from ..names import missing_error, missing_weights, recipe_weights
     from ..train.runner import run_recipe
 
-    missing = missing_weights(recipe_weights(loaded))
+    missing = missing_weights(recipe_weights(loaded), dry_run=True)
     try:
         run_recipe(loaded, out, dry_run=True, skip_bad=skip_bad, progress=False, echo=echo)
     except VpgtransError as exc:
