@@ -297,6 +297,8 @@ def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ, VPGTRANS_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # The blocks run against this checkout, whatever an older editable install of it resolves `vpgtrans` to.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 

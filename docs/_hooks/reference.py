@@ -18,7 +18,6 @@ from typing import Any, Iterator
 import click
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ("reference/cli.md", "reference/recipe-keys.md", "reference/components.md")
 
 
 # --- click's command tree ------------------------------------------------------------------------------
@@ -238,8 +237,34 @@ def components_page() -> str:
     return "\n".join(lines)
 
 
+def python_api_page() -> str:
+    """reference/python-api.md: every name `import vpgtrans` exports, with its signature and docstring."""
+    import vpgtrans
+
+    lines = ["# Python API", "",
+             "Generated from the package when the site is built: every name `import vpgtrans` exports. `import vpgtrans`",
+             "itself loads no torch; each name is imported on first use.", ""]
+    for name in getattr(vpgtrans, "__all__", []):
+        obj = getattr(vpgtrans, name)
+        target = getattr(obj, "__call__", None) if name == "transfer" else obj
+        sig = ""
+        for eval_str in (True, False):  # annotations are strings (PEP 563); some name TYPE_CHECKING-only types
+            try:
+                sig = str(inspect.signature(obj if inspect.isclass(obj) else target, eval_str=eval_str))
+                break
+            except (NameError, TypeError, ValueError):
+                continue
+        kind = "class" if inspect.isclass(obj) else "function"
+        doc = inspect.cleandoc(getattr(target, "__doc__", None) or "")
+        lines += [f"## `vpgtrans.{name}` {{#{name.lower()}}}", "", "```text", f"{kind} {name}{sig}", "```", "",
+                  doc.split("\n\n")[0] if doc else "", ""]
+        if dataclasses.is_dataclass(obj) and any(f.metadata.get("help") for f in dataclasses.fields(obj)):
+            lines += _fields_table(obj, "")
+    return "\n".join(lines)
+
+
 GENERATORS = {"reference/cli.md": cli_page, "reference/recipe-keys.md": recipe_keys_page,
-              "reference/components.md": components_page}
+              "reference/components.md": components_page, "reference/python-api.md": python_api_page}
 
 
 def on_files(files: Any, config: Any) -> Any:
