@@ -359,3 +359,46 @@ def test_demo_keeps_the_users_files(tmp_path):
                                        "--no-progress"])
     _refused(result, "is not empty and holds no demo run", "--force")
     _intact(out)
+
+
+# --- file outputs and the cc_sbu_align export ------------------------------------------------------------------------
+
+def test_export_cc_sbu_keeps_the_users_files_and_the_world(tmp_path):
+    world = tmp_path / "world"
+    (world / "data").mkdir(parents=True)
+    (world / "data" / "train.jsonl").write_text('{"image": "images/train/0.png", "caption": "x"}\n')
+    out = _user_dir(tmp_path / "mine")
+    base = ["world", "export-cc-sbu", "--world", str(world)]
+    _refused(CliRunner().invoke(main, [*base, "--out", str(out)]), "holds no cc_sbu_align export", "--force")
+    _intact(out)
+    _refused(CliRunner().invoke(main, [*base, "--out", str(world), "--force"]), "contains the world data being read")
+    assert (world / "data" / "train.jsonl").is_file()
+
+
+def test_file_outputs_never_overwrite_what_they_did_not_write(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"image": "a.png", "caption": "x"}\n')
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    images = tmp_path / "images"
+    images.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    cases = [
+        (["eval", "--model", str(model), "--data", str(data), "--out", str(data), "--force"],
+         "is the data file being read"),
+        (["eval", "--model", str(model), "--data", str(data), "--out", str(mine)],
+         "exists and is not a `vpgtrans eval` report"),
+        (["generate", "--model", str(model), "--images", str(images), "--out", str(mine)],
+         "exists and is not a `vpgtrans generate` caption file"),
+        (["plot", str(run), "--out", str(run / "log.jsonl"), "--force"], "is the log of"),
+        (["plot", str(run), "--out", str(mine)], "exists and is not a PNG"),
+    ]
+    for argv, expected in cases:
+        line = _refused(CliRunner().invoke(main, argv), expected)
+        assert "--force" in line or "being read" in line
+    assert mine.read_text() == '{"my": "notes"}' and data.read_text().startswith('{"image"')
+    assert (run / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'

@@ -295,3 +295,22 @@ def refuse_overlap(out: str | Path, inputs: dict[str, Any], option: str = "--out
             continue
         raise ConfigError(f"{option} {out} {how} the {what} being read ({source})",
                           f"choose an {option} outside {source} (replacing it would destroy what is being read)")
+
+
+def check_out_file(out: str | Path, reads: dict[str, Any], *, force: bool, ours: Callable[[Path], bool],
+                   what: str) -> None:
+    """Refuse an output file that is a file the command reads, or an existing file it did not write (unless --force)."""
+    target = Path(out).expanduser()
+    for name, path in reads.items():
+        if path and isinstance(path, (str, Path)) and Path(path).expanduser().is_file() and \
+                Path(path).expanduser().resolve() == target.resolve():
+            raise ConfigError(f"--out {out} is the {name} being read", "choose another --out")
+    if force or not target.is_file() or target.stat().st_size == 0:
+        return
+    try:
+        mine = ours(target)
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):  # unreadable or another shape: not ours
+        mine = False
+    if not mine:
+        raise ConfigError(f"--out {out} exists and is not {what}",
+                          "choose another --out, or pass --force to overwrite it")

@@ -26,13 +26,14 @@ import click
 @click.option("--prompt", default=None,
               help="Caption instruction (default none) or VQA format string (default 'Question: {} Answer:').")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Write metrics and every prediction to this JSON file.")
+              help="Write metrics and every prediction to this JSON file (an earlier report there is replaced).")
+@click.option("--force", is_flag=True, help="Overwrite an --out file that is not a `vpgtrans eval` report.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
 @click.option("--no-progress", is_flag=True, help="No progress lines.")
 def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, beams: int, max_new_tokens: int,
-                 stop: tuple[str, ...], batch_size: int, prompt: str | None, out_path: str | None, threads: int | None,
-                 no_progress: bool) -> None:
+                 stop: tuple[str, ...], batch_size: int, prompt: str | None, out_path: str | None, force: bool,
+                 threads: int | None, no_progress: bool) -> None:
     """Generate for every record and print the metrics."""
     from ..checkpoint import atomic_write_text, load_model
     from ..evaluation import load_eval_records, predict, score
@@ -42,6 +43,11 @@ def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, b
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams, stop=tuple(map(unescape, stop)))
     threads_line = apply_threads(threads)
     note = announce_before(threads_line, lambda text: click.echo(text, err=True))
+    if out_path:
+        from ..claim import check_out_file
+
+        check_out_file(out_path, {"data file": data_path}, force=force, what="a `vpgtrans eval` report",
+                       ours=lambda p: {"metrics", "predictions"} <= set(json.loads(p.read_text())))
     records = load_eval_records(data_path, task, limit)
     model = load_model(model_dir)
     start = time.perf_counter()

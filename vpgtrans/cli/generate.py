@@ -85,13 +85,15 @@ def caption_folder(model: Any, root: str | Path, out: str | Path, prompt: str, c
 @click.option("--images", "images_dir", type=click.Path(file_okay=False),
               help="Caption every image in this folder (recursively) into --out.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
-              help="JSONL file for --images: one {\"image\", \"text\"} object per line, written atomically.")
+              help="JSONL file for --images: one {\"image\", \"text\"} object per line, written atomically "
+                   "(an earlier one there is replaced).")
+@click.option("--force", is_flag=True, help="Overwrite an --out file that `vpgtrans generate` did not write.")
 @click.option("--prompt", default="", help="Instruction or question placed after the image (model template).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per batch (--images).")
 @click.option("--skip-bad-images", is_flag=True, help="With --images: skip unreadable files instead of stopping.")
 @generation_options
-def generate(model_dir: str, image_path: str | None, images_dir: str | None, out_path: str | None, prompt: str,
-             batch_size: int, skip_bad_images: bool, beams: int, max_new_tokens: int, device: str) -> None:
+def generate(model_dir: str, image_path: str | None, images_dir: str | None, out_path: str | None, force: bool,
+             prompt: str, batch_size: int, skip_bad_images: bool, beams: int, max_new_tokens: int, device: str) -> None:
     """Print the model's text for one image, or caption a folder of images into JSONL."""
     from ..images import open_image
     from ..interfaces import GenerationConfig
@@ -103,6 +105,11 @@ def generate(model_dir: str, image_path: str | None, images_dir: str | None, out
         raise ConfigError("--images needs --out FILE.jsonl", "add --out captions.jsonl")
     if images_dir is not None and not Path(images_dir).is_dir():
         raise DataError(f"image folder not found: {images_dir}", "check the path")
+    if images_dir is not None and out_path:
+        from ..claim import check_out_file
+
+        check_out_file(out_path, {}, force=force, what="a `vpgtrans generate` caption file",
+                       ours=lambda p: {"image", "text"} <= set(json.loads(p.read_text().splitlines()[0])))
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams)
     if image_path is not None:
         image = open_image(image_path)  # fail on a bad image before the (slow) model load

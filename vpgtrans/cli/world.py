@@ -80,14 +80,24 @@ def knobs() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: <world>/cc_sbu_align, where the MiniGPT-4 world recipes look].")
 @click.option("--limit", type=int, default=None, help="Export only the first N images.")
-def export_cc_sbu_command(world_path: Path | None, split: str, out: Path | None, limit: int | None) -> None:
+@click.option("--force", is_flag=True, help="Replace a non-empty --out that is not a cc_sbu_align export.")
+def export_cc_sbu_command(world_path: Path | None, split: str, out: Path | None, limit: int | None,
+                          force: bool) -> None:
     """Write the world's captions in MiniGPT-4's cc_sbu_align layout (filter_cap.json + image/{id}.jpg)."""
+    from ..claim import refuse_overlap
     from ..data.cc_sbu_export import export_cc_sbu
+    from ..errors import ConfigError
     from ..paths import world_dir
 
     root = world_path or world_dir()
     source = root / "data" / f"{split}.jsonl"
     if not source.is_file():
         raise WeightsNotFoundError(f"no world data at {source}", "run `vpgtrans world build` first")
-    summary = export_cc_sbu(source, out or root / "cc_sbu_align", limit=limit)
+    out = out or root / "cc_sbu_align"
+    # The export replaces --out in one rename: never over the world's data, nor over files it did not write.
+    refuse_overlap(out, {"world data": root / "data"})
+    if out.is_dir() and any(out.iterdir()) and not (out / "filter_cap.json").is_file() and not force:
+        raise ConfigError(f"--out {out} is not empty and holds no cc_sbu_align export",
+                          "choose another --out, or pass --force to replace it (everything in it is deleted)")
+    summary = export_cc_sbu(source, out, limit=limit)
     click.echo(f"exported {summary['images']} images to {summary['out']}")
