@@ -621,6 +621,11 @@ def data_plan_lines(recipe: Any, n_examples: int = 0) -> list[str]:
     images, known = _distinct_images(data, n_examples) if data.feature_cache else (n_examples, False)
     plan = cache_plan(data, images, tokens, width, params)
     count = "" if known else " (one per example: distinct images not counted)"
+    if not images:  # no data to count yet: the cost per image is all the plan can say
+        per = (f"{tokens} tokens × {width} × {data.cache_dtype} = {_bytes(plan.per_image)} per image, "
+               f"{_flops(2.0 * params * tokens)} to encode it")
+        state = "on" if data.feature_cache else "off (images encoded on the fly on the training device, " + augment + ")"
+        return [f"data    feature cache {state}; its size is not known until the data is there: {per}"]
     if not data.feature_cache:
         return [f"data    images encoded on the fly on the training device every step, {augment}; a feature "
                 f"cache would need {_bytes(plan.need)} on disk for {images:,} images{count} (data.feature_cache=true)"]
