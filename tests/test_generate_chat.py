@@ -168,3 +168,57 @@ def test_chat_through_stdin(model_dir, image_dir):
     switch = f"/image {image_dir / 'missing.png'}\n/image {image_dir / 'b.jpg'}\n"
     switched = CliRunner().invoke(main, args, input=switch)
     assert switched.exit_code == 0 and "image not found" in switched.stderr and "now talking about" in switched.stderr
+
+
+# --- chat with captioners (templates without turn markers: BLIP-2's `<ImageHere>{instruction}`) --------------------
+
+@pytest.fixture(scope="module")
+def caption_model_dir(tiny_paths, tmp_path_factory):
+    """A tiny model with the plain template the world's captioning models (the demo's) are trained with."""
+    torch.manual_seed(0)
+    return save_model(build_model(tiny_spec(tiny_paths, llm="opt")), tmp_path_factory.mktemp("cap") / "model")
+
+
+def test_chat_asks_a_captioner_questions_the_way_its_llm_saw_them(caption_model_dir):
+    model = load_for_inference(str(caption_model_dir), "cpu")
+    assert model.template.text == "<ImageHere>{instruction}" and not model.template.end
+    session = ChatSession(model, tiny_images(1)[0], GenerationConfig(max_new_tokens=3))
+    assert session.captions
+    assert session.sample("is there a red circle?").after == "Question: is there a red circle? Answer:"
+    session.history = [("is there a red circle?", "yes")]
+    assert session.sample("what colour is the square?").after == \
+        "Question: is there a red circle? Answer: yes. Question: what colour is the square? Answer:"
+    assert session.sample("") == model.template.sample("")  # a caption: the image alone, as in training
+
+
+def test_chat_answers_never_carry_the_template_markers(caption_model_dir, monkeypatch):
+    model = load_for_inference(str(caption_model_dir), "cpu")
+    session = ChatSession(model, tiny_images(1)[0], GenerationConfig(max_new_tokens=3))
+    replies = iter(["Answer:yes Question: is it blue? Answer: no", " a red circle on the left"])
+    monkeypatch.setattr(model.llm, "generate", lambda prompts, samples, config: [next(replies)])
+    assert session.ask("is there a red circle?") == "yes"
+    assert session.ask("") == "a red circle on the left"
+    assert session.history == [("is there a red circle?", "yes")]  # the caption is no turn
+
+
+@pytest.mark.parametrize("template, text, answer", [
+    ({"text": "<ImageHere>{instruction}"}, "Answer: no. Question: and now?", "no."),
+    (MINIGPT4, "Assistant: a cat on a mat###Human: more", "a cat on a mat"),
+    ({"text": "<ImageHere>Question: {instruction} Answer:"}, " yes Question: x", "yes"),
+])
+def test_clean_answer_cuts_the_templates_own_markers(template, text, answer):
+    from vpgtrans.conversation import clean_answer
+
+    assert clean_answer(Template(**template), text) == answer
+
+
+def test_chat_empty_line_asks_a_captioner_for_a_caption(caption_model_dir, image_dir):
+    from vpgtrans.images import open_image
+
+    model = load_for_inference(str(caption_model_dir), "cpu")
+    session = ChatSession(model, open_image(image_dir / "a.jpg"), GenerationConfig(max_new_tokens=4))
+    caption, answer = session.ask(""), session.ask("what is it?")
+    args = ["chat", "--model", str(caption_model_dir), "--image", str(image_dir / "a.jpg"), "--max-new-tokens", "4"]
+    result = CliRunner().invoke(main, args, input="\nwhat is it?\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{caption}\n{answer}\n" and "empty line asks for a caption" in result.stderr

@@ -4,6 +4,11 @@ Shared by `vpgtrans chat` and `vpgtrans serve`. The first turn is the template i
 ``###Human: <Img><ImageHere></Img> {instruction} ###Assistant: ``); later turns reuse the template's turn
 markers without the image: each answer is closed with the template's end symbol and the next question
 follows, e.g. ``{answer}###Human: {next} ###Assistant: ``.
+
+`chat_sample` is what `vpgtrans chat` asks: a template without turn markers of its own (BLIP-2's
+``<ImageHere>{instruction}``: captioners, VQA models) was trained on an empty instruction (a caption) or on
+``Question: {q} Answer:`` — so an empty line asks for a caption and a question is written that way, earlier
+turns as BLIP-2's demo writes them (``Question: {q} Answer: {a}.``).
 """
 
 from __future__ import annotations
@@ -50,3 +55,57 @@ def conversation_sample(template: Any, history: Sequence[tuple[str, str]], quest
     for (_, answer), follow_up in zip(history, questions[1:]):
         after += answer + template.end + head + follow_up + tail
     return TextSample(before=first.before, after=after)
+
+
+def is_plain(template: Any) -> bool:
+    """True for a template with no turn markers of its own (BLIP-2's `<ImageHere>{instruction}`)."""
+    head, tail = turn_markers(template)
+    return not head.strip() and not tail.strip() and not template.end
+
+
+def _qa_format() -> str:
+    from .evaluation import DEFAULT_VQA_PROMPT  # why: evaluation imports torch; the format is defined once there
+
+    return DEFAULT_VQA_PROMPT
+
+
+def chat_sample(template: Any, history: Sequence[tuple[str, str]], question: str) -> Any:
+    """The text for chat's next answer in the layout the model was trained on (see the module docstring).
+
+    An empty `question` asks for a caption of the image alone (a captioner's training prompt); `history` is
+    then not part of it.
+    """
+    if not question:
+        return template.sample("")
+    if not is_plain(template):
+        return conversation_sample(template, history, question)
+    qa = _qa_format()
+    turns = [f"{qa.format(q)} {a.rstrip('.')}." for q, a in history if q]
+    return template.sample(" ".join([*turns, qa.format(question)]))
+
+
+def chat_instruction(template: Any, question: str) -> str:
+    """What an instruction-aware VPG (InstructBLIP's Q-Former) reads for `question`: the text it was trained on."""
+    return _qa_format().format(question) if question and is_plain(template) else question
+
+
+def markers(template: Any) -> list[str]:
+    """The template's own turn markers as they could appear in generated text (`Question:`, `###Human:` …)."""
+    if is_plain(template):
+        return [part.strip() for part in _qa_format().split("{}") if part.strip()]
+    head, tail = turn_markers(template)
+    found = [m for m in (template.end, head.strip(), tail.strip()) if m]
+    # "###Assistant:" is also echoed without the end symbol that opens it
+    return found + [m[len(template.end):].strip() for m in found
+                    if template.end and m.startswith(template.end) and m != template.end]
+
+
+def clean_answer(template: Any, text: str) -> str:
+    """The answer alone: a marker the model echoed first is dropped, the text is cut at the next marker."""
+    found = markers(template)
+    text = text.strip()
+    for marker in found:  # e.g. a captioner asked "Question: … Answer:" that writes "Answer: yes"
+        if text.startswith(marker):
+            text = text[len(marker):].lstrip()
+    cut = min((i for i in (text.find(m) for m in found) if i >= 0), default=len(text))
+    return text[:cut].strip()

@@ -10,13 +10,14 @@ from typing import Any
 
 import click
 
-from ..conversation import conversation_sample, turn_markers
+from ..conversation import chat_instruction, chat_sample, clean_answer, is_plain, turn_markers
 from ..errors import DataError
 from .generate import generation_options, load_for_inference
 
 # why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 HELP = "commands: /reset starts over, /image PATH switches image (and resets), /quit or Ctrl-D leaves"
+CAPTION_HELP = "an empty line asks for a caption"
 
 
 class ChatSession:
@@ -39,23 +40,27 @@ class ChatSession:
         """Forget the conversation (the image stays)."""
         self.history = []
 
+    @property
+    def captions(self) -> bool:
+        """True when the model's template has no turn markers: it captions on an empty line (BLIP-2 style)."""
+        return is_plain(self.model.template)
+
     def sample(self, question: str) -> Any:
-        """The text around the soft prompts for the whole conversation up to `question`."""
-        return conversation_sample(self.model.template, self.history, question)
+        """The text around the soft prompts for the whole conversation up to `question` ('' = a caption)."""
+        return chat_sample(self.model.template, self.history, question)
 
     def ask(self, question: str) -> str:
-        """Generate the answer to `question` given the conversation so far, and remember both."""
+        """Generate the answer to `question` given the conversation so far, and remember both ('' = a caption)."""
         import torch
 
         model = self.model
-        instructions = [question] if model.vpg.uses_instruction else None
+        instructions = [chat_instruction(model.template, question)] if model.vpg.uses_instruction else None
         with torch.no_grad():
             text = model.llm.generate(model.prompts(self.features, instructions), [self.sample(question)],
                                       self.config)[0]
-        if model.template.end:
-            text = text.split(model.template.end)[0]
-        answer = text.strip()
-        self.history.append((question, answer))
+        answer = clean_answer(model.template, text)
+        if question:  # a caption is about the image, not a turn of the conversation
+            self.history.append((question, answer))
         return answer
 
 
@@ -87,7 +92,8 @@ def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, devic
     image = open_image(image_path)
     model = load_for_inference(model_dir, device)
     session = ChatSession(model, image, GenerationConfig(max_new_tokens=max_new_tokens, num_beams=beams))
-    click.echo(f"chatting about {image_path} — {HELP}", err=True)
+    help_text = f"{HELP}; {CAPTION_HELP}" if session.captions else HELP
+    click.echo(f"chatting about {image_path} — {help_text}", err=True)
     while True:
         line = read_line()
         if not line:  # EOF (Ctrl-D or end of piped input)
@@ -95,6 +101,8 @@ def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, devic
             break
         text = line.strip()
         if not text:
+            if session.captions:
+                click.echo(session.ask(""))
             continue
         if text in ("/quit", "/exit"):
             break
@@ -110,6 +118,6 @@ def chat(model_dir: str, image_path: str, beams: int, max_new_tokens: int, devic
                 continue
             click.echo(f"(now talking about {path}; conversation reset)", err=True)
         elif text.startswith("/"):
-            click.echo(HELP, err=True)
+            click.echo(help_text, err=True)
         else:
             click.echo(session.ask(text))
