@@ -176,8 +176,10 @@ def test_a_bad_image_is_skipped_without_shifting_the_stream(tmp_path):
     config = DataConfig(train=str(folder), feature_cache=False, shuffle_buffer=3)
     with pytest.raises(DataError, match="corrupt"):
         _take(BatchStream(_stream(config), 2), 0, 6)
-    skipping = BatchStream(_stream(config, BadSamples(skip=True)), 2)
+    bad = BadSamples(skip=True)
+    skipping = BatchStream(_stream(config, bad), 2)
     got = _take(skipping, 0, 6)
+    assert len(bad) == 1 and "corrupt" in bad.items[0]
     flat = [c for b in got for c in b]
     assert "c 4" not in flat and len(flat) == 11 and min(len(b) for b in got) == 1
     assert _take(skipping, 3, 3) == got[3:]
@@ -239,3 +241,16 @@ def test_shard_counts_are_remembered_until_the_shard_changes(tmp_path, shards, m
     write_shards(tmp_path / "again", [3], prefix="x")
     os.replace(sorted((tmp_path / "again").glob("*.tar"))[0], first)
     assert len(load_records(config)) == 39 - 7 + 3 and calls == [str(first.resolve())]
+
+
+def test_real_recipes_encode_on_the_fly_and_the_world_keeps_its_cache():
+    from vpgtrans.recipes import load_recipe
+
+    for name in ("vpgtrans_vl_llama", "vpgtrans_opt2.7b_to_6.7b", "blip2_stage2_opt2.7b", "blip2_stage2_flant5xl",
+                 "minigpt4_stage2", "minigpt4_lora", "vl_vicuna"):
+        data = load_recipe(name).data
+        assert (data.feature_cache, data.augment, data.flip, data.crop_scale) == (False, True, True, [0.5, 1.0]), name
+    llava = load_recipe("llava_pretrain").data
+    assert not llava.feature_cache and not llava.augment  # LLaVA's pre-training does not augment
+    for name in ("blip2_stage2_world", "vpgtrans_world", "easyvqa_smollm2"):
+        assert load_recipe(name).data.feature_cache and not load_recipe(name).data.augment, name

@@ -562,8 +562,9 @@ class StreamDataset(IterableDataset):
                                     "no caption (.txt) or usable .json", "fix the shard or pass --skip-bad-samples")
                 ext = _image_ext(payload)
                 image = decode_image(io.BytesIO(payload[ext]), rec["where"], "pass --skip-bad-samples")
-        except DataError:
+        except DataError as exc:
             if self.skip_bad:
+                self.spec.bad.add(exc)  # counted where it is read (a loader worker keeps its own count)
                 return None
             raise
         rng = random.Random(f"{self.seed}:{source.name}:{pass_no}:{number}")
