@@ -207,20 +207,25 @@ class ShardSource:
 
     def deal(self, pass_no: int, seed: int, slots: int) -> list[list[int]]:
         """Shard indices of each slot in this pass: a seeded shuffle, each shard to the lightest slot."""
+        import heapq
+
         order = list(range(len(self.shards)))
         random.Random(f"{seed}:{self.name}:deal:{pass_no % DEALS}").shuffle(order)
         dealt: list[list[int]] = [[] for _ in range(slots)]
-        load = [0] * slots
+        lightest = [(0, k) for k in range(slots)]  # (samples so far, slot): ties go to the lower slot
         for i in order:
-            s = min(range(slots), key=lambda k: (load[k], k))
-            dealt[s].append(i)
-            load[s] += self.counts[i]
+            load, k = heapq.heappop(lightest)
+            dealt[k].append(i)
+            heapq.heappush(lightest, (load + self.counts[i], k))
         return dealt
 
     def quota(self, seed: int, slots: int) -> int:
         """Samples every slot can emit in any pass: the smallest slot's total over the cycle of deals."""
-        return min(min(sum(self.counts[i] for i in part) for part in self.deal(p, seed, slots))
-                   for p in range(DEALS))
+        memo = self.__dict__.setdefault("_quotas", {})
+        if (seed, slots) not in memo:
+            memo[seed, slots] = min(min(sum(self.counts[i] for i in part) for part in self.deal(p, seed, slots))
+                                    for p in range(DEALS))
+        return memo[seed, slots]
 
     def samples(self, shard_ids: Sequence[int], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(number, raw sample) of the slot's shards in order, from sample number `start` on."""
