@@ -61,6 +61,7 @@ class DiagSettings:
     val_samples: int = 128  # val captions for val_loss
     eval_images: int = 64  # val images captioned (and questions answered) per evaluation
     stage1_steps: int = 1000
+    small_fraction: float = 0.107  # --protocol paper: Table 4's row trains VPGTrans on this share of the data
     stage1: str | None = None  # a stage-1 Q-Former dir to use instead of the world's / a trained one
     seed: int = 0
 
@@ -177,7 +178,7 @@ def epoch_curve(run_dirs: Sequence[Path], per_epoch: int) -> list[dict[str, Any]
         m = row.get("metrics") or {}
         if "val_loss" in m or "cider" in m:
             out.append({"epoch": round(row["step"] / per_epoch, 3), "step": row["step"],
-                        "wall_time": row["wall_time"],
+                        "samples": row["samples"], "wall_time": row["wall_time"],
                         **{k: round(float(v), 5) for k, v in m.items() if isinstance(v, (int, float))}})
     return out
 
@@ -293,6 +294,49 @@ def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, 
                               "seconds": round(time.perf_counter() - started, 1)})
 
 
+def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: float, work: Path,
+             name: str) -> dict[str, Any]:
+    """VPGTrans by the one transfer implementation: inherit → converter-merged projector → 1 warm-up epoch at
+    `linear_lr_scale` x (its epoch 1) → fine-tuning; `fraction` of the data, as many steps as TFS's `tfs_epochs`.
+
+    Evaluated after every epoch of the full data (and after the warm-up): `epoch` counts full-data epochs' worth
+    of samples, so on all the data it is the paper's epoch and on 10.7% a share of one."""
+    from vpgtrans.transfer.options import TransferOptions
+    from vpgtrans.transfer.race import transfer
+
+    _, full_epoch = per_epoch_steps(s)
+    key = {"world_id": world_id(s.world), "arm": name, "src": src, "dst": dst, "source": source_model,
+           "source_mtime": (Path(source_model) / "manifest.json").stat().st_mtime, **_run_key(s),
+           "epochs": s.tfs_epochs, "lr_scale": s.linear_lr_scale, "fraction": fraction}
+    out = work / name / f"{src}-to-{dst}-s{s.seed}"
+    done = _cached(out, key)
+    if done:
+        return done
+    started = time.perf_counter()
+    with _logged(out):
+        # The row's own data share: the transfer's data.fraction is that share of the diagnostic's training images.
+        overrides = [o for o in _common_overrides(s, work / "cache") if not o.startswith("data.fraction=")]
+        overrides += [f"train.lr={s.lr}", f"train.min_lr={s.min_lr}", f"train.eval_every={full_epoch}",
+                      f"train.log_every={full_epoch}"]
+        result = transfer(TransferOptions(
+            src=source_model, dst=str(s.llm_dir(dst)), out=str(out / "run"), recipe=TRANSFER_RECIPE,
+            overrides=tuple(overrides), data_fraction=round(fraction * s.data_fraction, 6), converter="linear-cosine",
+            converter_seed=s.seed, warmup_lr_scale=s.linear_lr_scale, warmup_epochs=1.0,
+            budget_steps=s.tfs_epochs * full_epoch, force=True), echo=_quiet)
+        dirs = [Path(result.stages[n].dir) for n in ("warmup", "finetune")]
+    curve = epoch_curve(dirs, full_epoch)
+    for p in curve:  # a full-data epoch's worth of samples: exact on all the data, shares of one on a fraction
+        p["epoch"] = round(p["samples"] / (full_epoch * s.batch_size), 3)
+    shutil.rmtree(out / "run" / "model", ignore_errors=True)
+    for d in dirs:
+        for sub in ("checkpoints", "model"):
+            shutil.rmtree(d / sub, ignore_errors=True)
+    return _save_result(out, {"key": key, "arm": name, "src": src, "dst": dst, "seed": s.seed, "fraction": fraction,
+                              "converter": result.converter, "curve": curve, "per_epoch": full_epoch,
+                              "warmup_steps": result.stages["warmup"].steps,
+                              "seconds": round(time.perf_counter() - started, 1)})
+
+
 # --- scheduling -----------------------------------------------------------------------------------------
 def _job(args: tuple) -> dict[str, Any]:
     """One run in a worker process (one torch thread each: the numbers were measured so)."""
@@ -301,7 +345,7 @@ def _job(args: tuple) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     _register_vqa(rest[0])  # a spawned worker has not run run()'s registration
-    return {"tfs": tfs, "linear": linear}[kind](*rest)
+    return {"tfs": tfs, "linear": linear, "vpgtrans": vpgtrans}[kind](*rest)
 
 
 def _run_all(jobs: list[tuple], workers: int, echo: Callable[[str], None], started: float) -> list[dict[str, Any]]:
@@ -588,8 +632,8 @@ def add_arguments(ap: Any) -> None:
                                          "HOME/world)")
 
 
-def main(args: Any, results: Path) -> int:
-    """`--diagnose`: check the inputs, run, print, write <results>/diagnose[_quick].json and .png."""
+def main(args: Any, results: Path, protocol: bool = False) -> int:
+    """`--diagnose` (or, with `protocol`, `--protocol paper`): check the inputs, run, print, write the JSON (+ PNG)."""
     import sys
 
     from vpgtrans.paths import home, world_dir
@@ -617,7 +661,7 @@ def main(args: Any, results: Path) -> int:
     s = settings_from(str(world), args.quick, llms=llms, src=args.src, dst=args.dst, stage1=args.stage1, **given)
     if s.src not in s.llms or s.dst not in s.llms:
         s = replace(s, llms=tuple(dict.fromkeys((*s.llms, s.src, s.dst))))
-    missing = [n for n in s.llms if not (world / n).is_dir()]
+    missing = [] if protocol else [n for n in s.llms if not (world / n).is_dir()]  # the protocol checks its pairs
     if missing:
         have = sorted(p.name for p in world.iterdir() if p.is_dir() and p.name not in ("data", "vit"))
         print(f"error: no world LLM {', '.join(missing)} in {world} — use --llms/--src/--dst with: {', '.join(have)}",
@@ -625,9 +669,9 @@ def main(args: Any, results: Path) -> int:
         return 2
     bad = [f"{k}={getattr(s, k)}" for k in ("tfs_epochs", "linear_epochs", "matrix_epochs", "table2_epochs",
                                               "batch_size", "eval_images", "val_samples", "stage1_steps")
-           if getattr(s, k) < 1] + ([f"data_fraction={s.data_fraction}"] if not 0 < s.data_fraction <= 1 else [])
+           if getattr(s, k) < 1] + [f"{k}={getattr(s, k)}" for k in ("data_fraction", "small_fraction") if not 0 < getattr(s, k) <= 1]
     if bad:
-        print(f"error: --set {', '.join(bad)}: epochs, sizes and steps must be >= 1, data_fraction in (0, 1]",
+        print(f"error: --set {', '.join(bad)}: epochs, sizes and steps must be >= 1, fractions in (0, 1]",
               file=sys.stderr)
         return 2
     used, _ = per_epoch_steps(s)
@@ -643,10 +687,32 @@ def main(args: Any, results: Path) -> int:
               "that `vpgtrans train --recipe blip2_stage1_world` writes", file=sys.stderr)
         return 2
     work = Path(args.work or home() / "bench" / "diagnose").expanduser()
-    result = run(s, work, workers=args.jobs, threads=args.threads)
-    for line in table_lines(result):
+    if protocol:
+        import _paper_protocol as paper
+
+        pairs = args.pairs.split(",") if args.pairs else (paper.EPOCH_PAIRS[:1] if args.quick else paper.EPOCH_PAIRS)
+        bad_pairs = [p for p in pairs if p.count(">") != 1 or not all((world / n).is_dir() for n in p.split(">"))]
+        if bad_pairs:
+            print(f"error: pair {', '.join(bad_pairs)} is not SRC>DST of world LLMs in {world} — e.g. --pairs "
+                  "opt-s>opt-m,opt-s>flant5", file=sys.stderr)
+            return 2
+        try:
+            seeds = ([int(x) for x in args.seed_list.split(",") if x.strip()] if args.seed_list
+                     else list(range(args.seeds or 3)))
+        except ValueError:
+            print(f"error: --seed-list {args.seed_list} is not a list of integers — e.g. --seed-list 0,1,2",
+                  file=sys.stderr)
+            return 2
+        result = paper.run_epochs(s, pairs, seeds, work, workers=args.jobs, threads=args.threads,
+                                  fractions=(1.0, s.small_fraction))
+        lines = paper.epoch_table_lines(result)
+        stem = "diagnose_paper_quick" if args.quick else "diagnose_paper"
+    else:
+        result = run(s, work, workers=args.jobs, threads=args.threads)
+        lines = table_lines(result)
+        stem = "diagnose_quick" if args.quick else "diagnose"
+    for line in lines:
         print(line)
-    stem = "diagnose_quick" if args.quick else "diagnose"
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -654,7 +720,7 @@ def main(args: Any, results: Path) -> int:
     tmp.replace(path)
     png = None
     try:
-        png = plot(result, results / f"{stem}.png")
+        png = None if protocol else plot(result, results / f"{stem}.png")
     except ImportError:  # matplotlib is an optional extra; the numbers are in the JSON
         pass
     print(f"\ndiagnose: {result['total_s']:.0f}s → {path}" + (f", {png}" if png else ""))

@@ -11,6 +11,9 @@ scratch's steps to its plateau. Evaluations every k steps on held-out captions, 
 from __future__ import annotations
 
 import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, Callable
 
 # What the paper reports (design notes §2; Tables 2-3 were not available offline, only these figures).
@@ -220,3 +223,170 @@ def echo_lines(lines: list[str], echo: Callable[[str], None] = print) -> None:
     """Print lines."""
     for line in lines:
         echo(line)
+
+
+# --- the paper's epoch protocol (issue 29 item 3; docs/design.md#paper) -------------------------------------------
+# arXiv 2305.01278 Table 3: speed-up = epochs TFS needs to reach its best ÷ epochs VPGTrans needs to surpass it
+# (warm-up = VPGTrans's epoch 1; None = "-", never surpassed). Columns: COCO caption CIDEr, NoCaps CIDEr, VQAv2,
+# GQA, OK-VQA accuracy.
+TABLE3 = {
+    "OPT125M→350M": (1.7, 3.0, 1.0, 5.0, 5.0), "OPT125M→1.3B": (9.0, 10.0, 9.0, None, 2.0),
+    "OPT350M→1.3B": (4.5, 5.0, 9.0, 2.0, 2.0), "OPT125M→2.7B": (10.0, 10.0, 2.0, 2.0, 3.0),
+    "OPT350M→2.7B": (10.0, 10.0, 2.0, None, 3.0), "OPT1.3B→2.7B": (3.3, 3.3, 2.0, None, 1.5),
+    "FlanT5base→XL": (1.0, 1.1, 3.0, 4.0, 2.0), "FlanT5XL→OPT2.7B": (5.0, 5.0, 2.0, 2.0, 3.0),
+    "OPT2.7B→FlanT5XL": (1.7, 2.0, None, 2.0, None)}
+TABLE3_COLUMNS = ("coco_cider", "nocaps_cider", "vqav2", "gqa", "okvqa")
+# Which paper row each world pair stands for (issue 29 item 4) and which of its columns each world metric is.
+ANALOGUE = {"opt-s>opt-m": ("OPT125M→350M", "small → small size pair"),
+            "opt-s>opt-l": ("OPT125M→2.7B", "small → much larger size pair"),
+            "opt-s>flant5": ("OPT2.7B→FlanT5XL", "type pair, decoder-only → encoder-decoder"),
+            "flant5>opt-s": ("FlanT5XL→OPT2.7B", "type pair, encoder-decoder → decoder-only"),
+            "opt-s>llama": (None, "type pair (Table 3 has no LLaMA row)")}
+METRIC_COLUMN = {"cider": "coco_cider", "vqa_accuracy": "vqav2", "attribute_accuracy": None, "val_loss": None}
+TARGETS_29 = {"caption_at_or_above_paper": True, "much_larger_caption_min": 5.0}  # issue 29 item 4
+EPOCH_PAIRS = ["opt-s>opt-m", "opt-s>flant5", "opt-s>llama"]
+
+
+def first_surpassing(curve: list[dict[str, Any]], metric: str, target: float, higher: bool) -> dict | None:
+    """The first point at least as good as `target` (a tie counts, as rep.first_reaching)."""
+    for p in curve:
+        if metric in p and (p[metric] >= target if higher else p[metric] <= target):
+            return p
+    return None
+
+
+def table3_speedups(tfs_curve: list[dict[str, Any]], ours: list[dict[str, Any]], metrics: list[str],
+                    higher: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per metric: TFS's best and its epoch, the epoch (and samples) VPGTrans first reached it, both ratios."""
+    out = {}
+    for m in metrics:
+        pts = [p for p in tfs_curve if m in p]
+        if not pts:
+            continue
+        up = m in higher
+        best_value = (max if up else min)(p[m] for p in pts)
+        tfs_at = next(p for p in pts if p[m] == best_value)
+        hit = first_surpassing(ours, m, best_value, up)
+        out[m] = {"tfs_best": best_value, "tfs_epoch": tfs_at["epoch"], "tfs_samples": tfs_at["samples"],
+                  "vpgtrans_epoch": hit["epoch"] if hit else None, "vpgtrans_samples": hit["samples"] if hit else None,
+                  "speedup_epochs": round(tfs_at["epoch"] / hit["epoch"], 3) if hit and hit["epoch"] else None,
+                  "speedup_samples": round(tfs_at["samples"] / hit["samples"], 3) if hit and hit["samples"] else None}
+    return out
+
+
+def epoch_rows_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pair, row and metric: speed-ups over seeds (mean, min, every seed; '-' seeds counted)."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        for m, v in r["speedups"].items():
+            cell = out.setdefault(r["pair"], {}).setdefault(r["row"], {}).setdefault(m, {"seeds": [], "epochs": [],
+                                                                                         "samples": []})
+            cell["seeds"].append(r["seed"])
+            cell["epochs"].append(v["speedup_epochs"])
+            cell["samples"].append(v["speedup_samples"])
+    for rows in out.values():
+        for metrics in rows.values():
+            for cell in metrics.values():
+                for key in ("epochs", "samples"):
+                    got = [x for x in cell[key] if x is not None]
+                    cell[f"{key}_mean"] = round(statistics.fmean(got), 3) if got else None
+                    cell[f"{key}_min_all_seeds"] = min(got) if got and len(got) == len(cell[key]) else None
+                    cell[f"{key}_reached"] = f"{len(got)}/{len(cell[key])}"
+    return out
+
+
+def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[str, Any]]:
+    """Table 3 in miniature: each world pair beside its analogous paper row, per metric, with the issue's targets."""
+    out = []
+    for pair, rows in summary.items():
+        paper_row, kind = ANALOGUE.get(pair, (None, "no analogous paper row"))
+        for m, cell in (rows.get(row) or {}).items():
+            col = METRIC_COLUMN.get(m)
+            paper = TABLE3[paper_row][TABLE3_COLUMNS.index(col)] if paper_row and col else None
+            entry = {"pair": pair, "kind": kind, "paper_row": paper_row, "metric": m, "paper_column": col,
+                     "paper": paper, "ours_by_seed": cell["epochs"], "ours_mean": cell["epochs_mean"],
+                     "reached": cell["epochs_reached"]}
+            if m == "cider" and paper_row:
+                every = cell["epochs_min_all_seeds"]
+                want = max(paper, TARGETS_29["much_larger_caption_min"]) if pair == "opt-s>opt-l" else paper
+                entry["target"] = f">= {want:g}x on every seed"
+                entry["target_met"] = every is not None and every >= want
+            out.append(entry)
+    return out
+
+
+def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: int = 1, threads: int = 1,
+               fractions: tuple[float, ...] = (1.0, 0.107), echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every arm from the stage-1 Q-Former: the source VPGs (seed 0), TFS per destination and seed, VPGTrans rows."""
+    import _diagnose as dg
+    from _common import machine_info
+
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    used, per_epoch = dg.per_epoch_steps(s)
+    echo(f"paper protocol (epochs): world {s.world}; pairs {', '.join(pairs)}; seeds {seeds}; {used} training images, "
+         f"{per_epoch} steps per epoch; TFS {s.tfs_epochs} epochs; VPGTrans rows on {', '.join(f'{f:.1%}' for f in fractions)}")
+    dg._register_vqa(s)
+    st1 = dg.stage1_qformer(s, work)
+    echo(f"  stage-1 Q-Former: {st1['path']} ({st1['origin']})")
+    src_of = {p: p.split(">")[0] for p in pairs}
+    dst_of = {p: p.split(">")[1] for p in pairs}
+    first = [("tfs", threads, replace(s, seed=seeds[0]), llm, st1["path"], work)
+             for llm in dict.fromkeys([*src_of.values(), *dst_of.values()])]
+    first += [("tfs", threads, replace(s, seed=seed), llm, st1["path"], work)
+              for seed in seeds[1:] for llm in dict.fromkeys(dst_of.values())]
+    tfs_runs = dg._run_all(first, workers, echo, started)
+    tfs = {(r["llm"], r["key"]["seed"]): r for r in tfs_runs}
+    # One source VPG per LLM (the paper's released BLIP-2 models): TFS on it, the first seed.
+    jobs = [("vpgtrans", threads, replace(s, seed=seed), src_of[p], dst_of[p], tfs[(src_of[p], seeds[0])]["model"], f,
+             work, "vpgtrans" if f == 1.0 else f"vpgtrans-{f:.1%}") for p in pairs for f in fractions for seed in seeds]
+    rows = dg._run_all(jobs, workers, echo, started)
+    metrics = dg._metrics(s)
+    metrics = [("vqa_accuracy" if m == dg.WORLD_VQA else m) for m in metrics] + ["attribute_accuracy"]
+    runs = []
+    for r in rows:
+        base = tfs[(r["dst"], r["seed"])]
+        runs.append({"pair": f"{r['src']}>{r['dst']}", "row": r["arm"], "seed": r["seed"], "fraction": r["fraction"],
+                     "curve": r["curve"], "tfs_curve": base["curve"], "warmup_steps": r["warmup_steps"],
+                     "converter_heldout_cosine": (r.get("converter") or {}).get("heldout_cosine"),
+                     "speedups": table3_speedups(base["curve"], r["curve"], metrics, dg.HIGHER),
+                     "seconds": r["seconds"], "tfs_seconds": base["seconds"]})
+    summary = epoch_rows_summary(runs)
+    return {"protocol": "paper-epochs", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(), "settings": {**asdict(s), "llms": list(s.llms)}, "pairs": pairs, "seeds": seeds,
+            "training_images": used, "steps_per_epoch": per_epoch, "world_id": dg.world_id(s.world), "stage1": st1,
+            "formula": "Table 3: epochs TFS needs to reach its best ÷ epochs VPGTrans needs to reach it (a tie counts); "
+                       "VPGTrans's warm-up is its epoch 1; '-' = never within its budget (TFS's epochs' worth of "
+                       "samples); beside it the same in samples (the step-level race)",
+            "runs": runs, "summary": summary, "table3": against_paper(summary),
+            "table4": [against_paper(summary, row=f"vpgtrans-{f:.1%}") for f in fractions if f < 1],
+            "total_s": round(time.perf_counter() - started, 1)}
+
+
+def _x(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def epoch_table_lines(result: dict[str, Any]) -> list[str]:
+    """Per pair, row and metric: each seed's Table-3 speed-up (epochs) and in samples, beside the paper's row."""
+    s = result["settings"]
+    lines = [f"\nthe paper's protocol in epochs: every arm from the stage-1 Q-Former ({result['stage1']['origin']}); "
+             f"TFS {s['tfs_epochs']} epochs on {result['training_images']} images (cosine {s['lr']:g} → {s['min_lr']:g}); "
+             f"VPGTrans: converter-merged projector, 1 warm-up epoch at {s['linear_lr_scale']:g}x (its epoch 1), "
+             f"fine-tuning; metrics on {s['eval_images']} val images after every epoch; seeds {result['seeds']}",
+             f"{'pair':<14}{'row':<16}{'metric':<20}{'paper':>7}  {'epochs, per seed':<30}{'samples, per seed':<30}"]
+    paper_of = {(e["pair"], e["metric"]): e for e in result["table3"]}
+    for pair, rows in result["summary"].items():
+        for row, metrics in rows.items():
+            for m, cell in metrics.items():
+                e = paper_of.get((pair, m)) if row == "vpgtrans" else None
+                paper = "" if not e or e["paper"] is None else f"{e['paper']:g}x"
+                lines.append(f"{pair:<14}{row:<16}{m:<20}{paper:>7}  {' '.join(_x(v) for v in cell['epochs']):<30}"
+                             f"{' '.join(_x(v) for v in cell['samples']):<30}")
+    lines.append("\nTable 3 in miniature (caption CIDEr; targets of issue 29 item 4)")
+    for e in result["table3"]:
+        if "target" in e:
+            lines.append(f"- {e['pair']} ({e['kind']}) vs {e['paper_row']} {e['paper']:g}x: ours "
+                         f"{' '.join(_x(v) for v in e['ours_by_seed'])} → target {e['target']}: "
+                         f"{'met' if e['target_met'] else 'MISSED'}")
+    return lines
