@@ -417,6 +417,27 @@ def omp_coefficients(targets: np.ndarray, atoms: np.ndarray, k: int) -> np.ndarr
     return out
 
 
+# ---------------------------------------------------------------------------------------------- identity
+class IdentityConverter(Converter):
+    """g(x) = x, for a source sharing the destination's vocabulary and embedding space (e.g. its surrogate)."""
+
+    def __init__(self, config: dict | None = None):
+        if config:
+            raise ConfigError(f"converter identity takes no settings, got {', '.join(config)}",
+                              "drop the converter settings")
+
+    def fit(self, src: torch.Tensor, dst: torch.Tensor, *, seed: int = 0) -> nn.Linear:
+        """The identity map at the embeddings' width; refuses widths that differ."""
+        if src.shape[-1] != dst.shape[-1]:
+            raise DataError(f"identity converter needs equal embedding widths, got {src.shape[-1]} and "
+                            f"{dst.shape[-1]}", "use a fitted converter (--converter linear-cosine)")
+        layer = nn.Linear(src.shape[-1], dst.shape[-1])
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(src.shape[-1]))
+            layer.bias.zero_()
+        return layer
+
+
 LINEAR_COSINE = Component(kind="converter", name="linear-cosine", factory=LinearCosineConverter,
                           config_class=LinearCosineConfig,
                           description="the paper's converter: linear map trained on 1 − cosine (SGD or Adam)")
@@ -436,3 +457,6 @@ ANCHOR_OMP = Component(kind="converter", name="anchor-omp", factory=AnchorOmpCon
                        config_class=AnchorOmpConfig,
                        description="ridge on the string pairs plus anchor-based pairs for unmatched tokens "
                                    "(each a sparse OMP combination of paired anchors, as tokenizer transplantation)")
+IDENTITY = Component(kind="converter", name="identity", factory=IdentityConverter,
+                     description="g(x) = x: for a source whose LLM shares the destination's vocabulary and widths "
+                                 "(its surrogate); `auto` picks it there")

@@ -1,8 +1,8 @@
 """The rows of the transfer-efficiency benchmark: which parts a run inherits, and how one run is trained.
 
-Every row is a combination of the public pipeline's pieces (`vpgtrans.transfer.pipeline`): inherit the
-source VPG or start a fresh one, a fresh or a converter-merged projector, a projector warm-up (stage 1) at
-some LR scale or none, then VPG + projector fine-tuning (stage 2) until the seed's scratch best is matched.
+Every row is one set of `TransferOptions` run by the race `vpgtrans transfer` runs (`vpgtrans.transfer.race`):
+inherit the source VPG or start a fresh one, a fresh or a converter-merged projector, a projector warm-up at
+some LR scale or none, then VPG + projector fine-tuning until the seed's scratch best is matched.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Row:
 
     @property
     def warmup(self) -> bool:
-        """True when the row has a stage-1 projector warm-up."""
+        """True when the row has a projector warm-up."""
         return self.warmup_scale is not None
 
 
@@ -59,7 +59,9 @@ def converter_rows() -> dict[str, Row]:
     """One full-VPGTrans row per registered converter other than the paper's (new converters show up here)."""
     from vpgtrans.registry import available
 
-    names = sorted(r.component.name for r in available("converter") if r.component.name != "linear-cosine")
+    # The identity needs one vocabulary on both ends: the control pair (opt-s>opt-s) is where it is measured.
+    names = sorted(r.component.name for r in available("converter")
+                   if r.component.name not in ("linear-cosine", "identity"))
     return {f"conv-{n}": Row(f"conv-{n}", f"VPGTrans with converter {n}", True, "converter", n, 5.0)
             for n in names}
 
@@ -210,33 +212,24 @@ def _train_source(s: Settings, llm: str, cache: Path, echo: Callable[[str], None
     return out / "model"
 
 
-def _plan(s: Settings, pair: Pair, row: Row, source: Path, seed: int, out: Path, target: float | None,
-          budget: int) -> tuple[Any, int]:
-    """The pipeline's plan for one row, and its warm-up length in steps; `budget` caps warm-up + fine-tuning."""
-    from vpgtrans.data import load_records
-    from vpgtrans.train.config import count_steps
-    from vpgtrans.transfer.pipeline import plan_transfer
+def _options(s: Settings, pair: Pair, row: Row, source: Path, seed: int, out: Path, target: float | None,
+             budget: int) -> Any:
+    """The transfer options of one row; `budget` caps warm-up + fine-tuning."""
+    from vpgtrans.transfer.options import TransferOptions
 
     frac = 1.0 if row.name == "scratch" else (row.fraction if row.fraction is not None else s.data_fraction)
     overrides = s.data_overrides() + [f"train.seed={seed}", f"train.lr={s.lr}", f"train.min_lr={s.min_lr}",
                                       f"train.eval_every={s.eval_every}", f"data.fraction={frac}",
                                       f"data.fraction_seed={seed}"]
-    plan = plan_transfer(str(source), s.llm(pair.dst), out=out, recipe=TRANSFER_RECIPE, overrides=overrides,
-                         converter=row.converter, warmup_lr_scale=row.warmup_scale or 1.0,
-                         warmup_epochs=s.warmup_epochs or 1.0,
-                         until=f"{METRIC}<={target!r}" if target is not None else None)
-    warm = 0
-    if row.warmup:
-        n = len(load_records(plan.stage1.data, "train"))
-        if s.warmup_epochs:  # the paper's warm-up: whole epochs of the row's (fraction of the) data
-            warm = count_steps(plan.stage1.train, n)[0]
-        else:  # pin stage 1 to exactly `warmup_steps` steps (count_steps floors)
-            warm = s.warmup_steps
-            plan.stage1.train.epochs = (warm + 0.5) / (n // s.batch_size)
-        plan.stage1.train.until = plan.stage2.train.until  # a row may match scratch already while warming up
-    # Fine-tuning has the recipe's schedule over what is left of the budget (at least one step).
-    plan.stage2.train.max_steps = max(1, budget - warm)
-    return plan, warm
+    # The paper's warm-up is whole epochs of the row's (fraction of the) data; else exactly `warmup_steps` steps.
+    return TransferOptions(src=str(source), dst=s.llm(pair.dst), out=str(out), recipe=TRANSFER_RECIPE,
+                           overrides=tuple(overrides), converter=row.converter, converter_seed=seed,
+                           inherit_vpg=row.inherit_vpg, fit_converter=row.projector == "converter",
+                           warmup=row.warmup, warmup_lr_scale=row.warmup_scale or 1.0,
+                           warmup_epochs=s.warmup_epochs or 1.0,
+                           warmup_steps=None if s.warmup_epochs else s.warmup_steps, budget_steps=budget,
+                           until=f"{METRIC}<={target!r}" if target is not None else None,
+                           until_in_warmup=True)  # a row may match scratch already while warming up
 
 
 def run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Path, *,
@@ -256,18 +249,16 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
              target: float | None, budget: int) -> dict[str, Any]:
     import shutil
 
-    from accelerate.utils import set_seed
-
-    from vpgtrans.model import build_model
-    from vpgtrans.transfer.pipeline import prepare, run_stage
+    from vpgtrans.transfer import race
+    from vpgtrans.transfer.plan import plan_transfer
 
     started = time.perf_counter()
-    plan, warm = _plan(s, pair, row, source, seed, out, target, budget)
+    plan = plan_transfer(_options(s, pair, row, source, seed, out, target, budget))
     info: dict[str, Any] = {"pair": pair.name, "row": row.name, "seed": seed, "config": asdict(row),
-                            "budget": budget, "data_fraction": plan.stage2.data.fraction}
+                            "budget": budget, "data_fraction": plan.base.data.fraction}
     fit_seconds = 0.0
     if row.inherit_vpg:
-        prepared = prepare(plan, fit=row.projector == "converter", seed=seed, echo=_quiet)
+        prepared = race.prepare(plan, fit=row.projector == "converter", echo=_quiet)
         model = prepared.model
         info["source_vpg_loaded"] = True
         if prepared.fit is not None:
@@ -277,19 +268,11 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
                                      else round(prepared.fit.heldout_cosine, 4),
                                      "n_pairs": prepared.pairs.n_pairs, "seconds": round(fit_seconds, 3)}
     else:
-        set_seed(seed)
-        model = build_model(plan.spec)
+        model = race.fresh_model(plan)
         info["source_vpg_loaded"] = False
     info["projector_norm_init"] = round(float(model.projector.weight.detach().norm()), 4)
     info["vpg_init_fingerprint"] = vpg_fingerprint(model.vpg.state_dict())
-    stages, matched = [], False
-    if row.warmup:
-        result = run_stage(plan, "stage1", model, echo=_quiet)
-        matched = bool(((result.get("results") or {}).get("until") or {}).get("reached"))
-        stages.append(out / "stage1")
-    if not matched and (warm < budget or not row.warmup):
-        run_stage(plan, "stage2", model, echo=_quiet)
-        stages.append(out / "stage2")
+    _, stages = race.train_stages(plan, lambda: model, echo=_quiet)
     rows = rep.joined_rows(stages)
     # Like `vpgtrans transfer`: warm-up steps and the converter's fitting time count against the transfer.
     curve = rep.transfer_curve(stages, METRIC, fit_seconds)
@@ -302,7 +285,7 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
         info["plateau_step"] = stop["step"] if stop else None
         end = stop or end
     info.update(curve=curve, steps=end["step"], samples=end["samples"], train_wall_s=round(end["wall_time"], 2),
-                warmup_steps=warm, best=min((p["value"] for p in curve), default=None),
+                warmup_steps=plan.warmup_steps or 0, best=min((p["value"] for p in curve), default=None),
                 total_s=round(time.perf_counter() - started, 2))
     for d in stages:  # weights are not needed afterwards: keep the logs, free the disk
         for sub in ("checkpoints", "model"):

@@ -301,7 +301,8 @@ def check_llm(results: dict, paths: dict[str, Path], cfg: dict, c: dict, dev: st
 
 def check_converter(keep: dict, names: list[str], dev: str) -> dict[str, Any]:
     """VPGTrans stage 1 on the device: linear-cosine fit between the two LLMs' input embeddings, then the merge."""
-    from vpgtrans.transfer.merge import fit_converter, merge_projector
+    from vpgtrans.transfer.converter import fit_converter
+    from vpgtrans.transfer.merge import merge_projector
 
     need(all(n in keep for n in names), "an LLM did not build")
     src, dst = keep[names[0]]["emb"].to(dev), keep[names[1]]["emb"].to(dev)

@@ -214,9 +214,11 @@ def _paper_recipe(how: tuple) -> Any:
         from vpgtrans.recipes import load_recipe
 
         return load_recipe(how[1], [])
-    from vpgtrans.transfer.pipeline import plan_transfer
+    from vpgtrans.transfer.options import TransferOptions
+    from vpgtrans.transfer.plan import plan_transfer
 
-    return plan_transfer(how[1], how[2], recipe=how[3], allow_missing=True).stage2
+    # A dry run's plan: the weights need not be present. Fine-tuning trains the most: the run's peak.
+    return plan_transfer(TransferOptions(src=how[1], dst=how[2], recipe=how[3], dry_run=True)).finetune
 
 
 def paper_plans(out_dir: Path) -> dict[str, Any]:

@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vpgtrans.model import build_model
     from vpgtrans.recipes import load_recipe
     from vpgtrans.train.runner import run_recipe
-    from vpgtrans.transfer.pipeline import transfer
+    from vpgtrans.transfer.options import TransferOptions
+    from vpgtrans.transfer.race import transfer
 
     size = dict(SIZES["quick" if args.quick else "default"])
     work = Path(args.work).expanduser().resolve()
@@ -270,10 +271,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warmup_epochs = size["warmup_steps"] * size["batch"] / n_train
     log(f"transfer to {args.dst} (compare_scratch): warm-up {size['warmup_steps']} steps, "
         f"fine-tune {size['stage2_steps']} steps")
-    report = transfer(src_run["model_dir"], args.dst, data=str(paths["train"]), out=work / "transfer", recipe=RECIPE,
-                      overrides=[*common, f"train.max_steps={size['stage2_steps']}"], warmup_epochs=warmup_epochs,
-                      compare_scratch=True, force=True, min_coverage=args.min_coverage, converter=args.converter,
-                      echo=log)
+    report = transfer(TransferOptions(
+        src=src_run["model_dir"], dst=args.dst, data=str(paths["train"]), out=work / "transfer", recipe=RECIPE,
+        overrides=(*common, f"train.max_steps={size['stage2_steps']}"), warmup_epochs=warmup_epochs,
+        compare_scratch=True, force=True, min_coverage=args.min_coverage, converter=args.converter), echo=log).to_json()
     conv = report["converter"]
     result["transfer"] = {
         "pairs": conv["pairs"], "n_pairs": conv["n_pairs"], "src_coverage": conv["src_coverage"],

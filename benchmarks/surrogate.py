@@ -98,12 +98,15 @@ def curve_of(run_dirs: list[Path], offset: dict[str, float] | None = None) -> li
 def graft(src_model: str, dst: str, train: Path, common: list[str], converter: str,
           log: Callable[[str], None]) -> Any:
     """The surrogate-trained VPG + projector on the full LLM through `converter`, before any training."""
-    from vpgtrans.transfer.pipeline import plan_transfer, prepare
+    from vpgtrans.transfer.options import TransferOptions
+    from vpgtrans.transfer.plan import plan_transfer
+    from vpgtrans.transfer.race import prepare
 
-    plan = plan_transfer(src_model, dst, data=str(train), recipe=RECIPE, overrides=common, converter=converter,
-                         out="/nonexistent-unused")
-    prepared = prepare(plan, min_coverage=0.0, echo=log)
-    return prepared.model, {"converter": plan.converter, "pairs": prepared.pairs.summary(),
+    plan = plan_transfer(TransferOptions(src=src_model, dst=dst, data=str(train), recipe=RECIPE,
+                                         overrides=tuple(common), converter=converter, out="/nonexistent-unused",
+                                         min_coverage=0.0))
+    prepared = prepare(plan, echo=log)
+    return prepared.model, {"converter": prepared.converter, "pairs": prepared.pairs.summary(),
                             "heldout_cosine": prepared.fit.heldout_cosine if prepared.fit else None}
 
 
@@ -148,7 +151,8 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     from vpgtrans.checkpoint import load_model
     from vpgtrans.recipes import load_recipe
     from vpgtrans.train.runner import run_recipe
-    from vpgtrans.transfer.pipeline import transfer
+    from vpgtrans.transfer.options import TransferOptions
+    from vpgtrans.transfer.race import transfer
 
     work, common, paths = ctx["work"], ctx["common"](seed), ctx["paths"]
     sur_dir, manifest = surrogate_for(k, args, size, ctx, log)
@@ -182,15 +186,16 @@ def run_depth(k: int, seed: int, args: argparse.Namespace, size: dict[str, Any],
     log(f"[K={k} seed={seed}] transfer to {args.dst}: warm-up {size['warmup_steps']} + {size['transfer_steps']} steps")
     n_train = len(ctx["train"])
     tdir = work / f"s{seed}" / f"transfer-{tag(k, args)}"
-    report = transfer(sur_run["model_dir"], args.dst, data=str(paths["train"]), out=tdir, recipe=RECIPE,
-                      overrides=[*common, f"train.max_steps={size['transfer_steps']}",
-                                 f"train.eval_every={size['transfer_eval_every']}"],
-                      warmup_epochs=size["warmup_steps"] * size["batch"] / n_train, force=True, min_coverage=0.0,
-                      echo=log, warmup_lr_scale=args.warmup_lr_scale)
+    report = transfer(TransferOptions(
+        src=sur_run["model_dir"], dst=args.dst, data=str(paths["train"]), out=tdir, recipe=RECIPE,
+        overrides=(*common, f"train.max_steps={size['transfer_steps']}",
+                   f"train.eval_every={size['transfer_eval_every']}"),
+        warmup_epochs=size["warmup_steps"] * size["batch"] / n_train, force=True, min_coverage=0.0,
+        warmup_lr_scale=args.warmup_lr_scale), echo=log).to_json()
     # The route pays for making the surrogate too: its healing (distillation) time counts, as the converter fit does.
     sur_wall = sur_res["wall_time"] + float((manifest.get("heal") or {}).get("seconds") or 0.0)
     zero = {"step": 0, "samples": 0, "wall_time": 0.0, "value": out["zero_shot"]["identity"]["val"]}
-    route = [{**zero, "wall_time": sur_wall}] + curve_of([tdir / "stage1", tdir / "stage2"],
+    route = [{**zero, "wall_time": sur_wall}] + curve_of([tdir / "warmup", tdir / "finetune"],
                                                        {"step": 0, "samples": 0, "wall_time": sur_wall})
     out["transfer"] = {"converter": report["converter"].get("converter"), "stages": report["stages"],
                        "seconds": report["seconds"], "route_curve": route}

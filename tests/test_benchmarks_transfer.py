@@ -98,7 +98,7 @@ def test_converter_and_warmup_rows_differ(result):
     norms = {n: runs[n]["projector_norm_init"] for n in ("inherit", "vpgtrans", "conv-lstsq")}
     assert len(set(norms.values())) == 3
     assert runs["vpgtrans"]["warmup_steps"] == runs["warmup-1x"]["warmup_steps"] == 2
-    warm = {n: json.loads((result["out"] / "work" / "runs" / "opt-s-to-llama" / f"{n}-s0" / "stage1" / "run.json")
+    warm = {n: json.loads((result["out"] / "work" / "runs" / "opt-s-to-llama" / f"{n}-s0" / "warmup" / "run.json")
                           .read_text())["recipe"]["train"]["lr"] for n in ("warmup-1x", "vpgtrans")}
     base = result["data"]["settings"]["lr"]
     assert warm == {"warmup-1x": pytest.approx(base), "vpgtrans": pytest.approx(5 * base)}
@@ -205,8 +205,8 @@ def test_paper_protocol_warmup_is_one_epoch_of_the_row_data_and_counts(paper_res
     assert runs["vpgtrans"]["warmup_steps"] == 6 and runs["vpgtrans-all-data"]["warmup_steps"] == 12
     assert runs["inherit"]["warmup_steps"] == runs["inherit+conv"]["warmup_steps"] == 0
     for name in ("vpgtrans", "vpgtrans-all-data"):
-        stage1 = read_log(work / f"{name}-s0" / "stage1" / "log.jsonl")
-        stage2 = read_log(work / f"{name}-s0" / "stage2" / "log.jsonl")
+        stage1 = read_log(work / f"{name}-s0" / "warmup" / "log.jsonl")
+        stage2 = read_log(work / f"{name}-s0" / "finetune" / "log.jsonl")
         assert len({r["lr"] for r in stage1}) == 1  # constant warm-up LR
         expected = [r["step"] for r in stage1 if "metrics" in r]
         expected += [stage1[-1]["step"] + r["step"] for r in stage2 if "metrics" in r]

@@ -8,7 +8,8 @@ from torch import nn
 
 from vpgtrans import registry
 from vpgtrans.errors import CheckpointError, ConfigError, DataError
-from vpgtrans.transfer.merge import fit_converter, merge_projector
+from vpgtrans.transfer.converter import fit_converter
+from vpgtrans.transfer.merge import merge_projector
 from vpgtrans.transfer.pairing import TokenPairs
 
 FAST_SGD = {"min_steps": 300}

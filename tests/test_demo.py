@@ -36,9 +36,9 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
         assert (where / "curves.png").stat().st_size > 0
         # The paper's protocol: scratch on all 48 scenes, VPGTrans on 70% of them with a one-epoch warm-up,
         # stopping at scratch's best (the best before scratch's plateau, when it plateaued).
-        runs = {n: json.loads((where / n / "run.json").read_text()) for n in ("scratch", "stage1")}
-        assert runs["scratch"]["data"]["train_examples"] == 48 and runs["stage1"]["data"]["train_examples"] == 34
-        assert race["stages"]["stage1"]["steps"] <= 1 and runs["stage1"]["results"]["until"]["target"] == \
+        runs = {n: json.loads((where / n / "run.json").read_text()) for n in ("scratch", "warmup")}
+        assert runs["scratch"]["data"]["train_examples"] == 48 and runs["warmup"]["data"]["train_examples"] == 34
+        assert race["stages"]["warmup"]["steps"] <= 1 and runs["warmup"]["results"]["until"]["target"] == \
             f"val_loss<={race['scratch']['best']:g}" == f"val_loss<={race['speedup']['scratch_best']:g}"
         assert f"scratch ({dst}, 100% of the data) reached its best at step" in first.output
         # The transferred model really sits on the destination LLM, with the source's VPG architecture.
@@ -48,7 +48,7 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
     again = CliRunner().invoke(main, ["demo", "--out", str(out), *ARGS])
     assert again.exit_code == 0, again.output
     assert "using the world at" in again.output and "source model already trained" in again.output
-    assert again.output.count("stage1: done earlier, skipped") == 2
+    assert again.output.count("warm-up: done earlier, skipped") == 2
     assert again.output.count("scratch: done earlier, skipped") == 2
 
 

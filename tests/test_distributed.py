@@ -178,8 +178,9 @@ def test_fsdp_transfer_matches_one_process(recipe, tiny_paths):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs[name] = load_file(str(recipe / name / "model" / "model.safetensors"))
-    assert json.loads((recipe / "tr-fsdp" / "stage2" / "run.json").read_text())["plan"]["sharding"].startswith("fsdp2")
-    for stage in ("stage1", "stage2"):
+    tuned = json.loads((recipe / "tr-fsdp" / "finetune" / "run.json").read_text())
+    assert tuned["plan"]["sharding"].startswith("fsdp2")
+    for stage in ("warmup", "finetune"):
         a, b = ([r["loss"] for r in read_log(recipe / n / stage / "log.jsonl")] for n in ("tr-one", "tr-fsdp"))
         assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-5), (stage, a, b)
     assert set(runs["tr-one"]) == set(runs["tr-fsdp"])

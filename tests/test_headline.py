@@ -159,8 +159,8 @@ def test_the_headline_command_runs_end_to_end(cache, tmp_path):
     assert result.exit_code == 0, result.output
     assert "recipe vpgtrans_vl_llama" in result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["stage1"]["lr"] == 5e-4 and report["stages"]["stage1"]["trainable"] == ["projector"]
-    assert report["stages"]["stage2"]["steps"] == 2 and report["stages"]["stage2"]["lr"] == 1e-4
+    assert report["stages"]["warmup"]["lr"] == 5e-4 and report["stages"]["warmup"]["trainable"] == ["projector"]
+    assert report["stages"]["finetune"]["steps"] == 2 and report["stages"]["finetune"]["lr"] == 1e-4
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["spec"]["llm"]["path"] == "llama-7b" and manifest["spec"]["vision"]["path"] == "eva-vit-g"
     assert manifest["spec"]["llm"]["dtype"] == "float16"  # the recipe's LLM dtype, as the paper ran its 7B LLMs

@@ -202,8 +202,8 @@ def test_two_transfers_at_once(tmp_path, tiny_paths, source_model):
         "train.save_every=0", "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4",
         f"data.val={tmp_path / 'data' / 'train.jsonl'}"])
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["stage2"]["steps"] == 2
-    for stage in ("stage1", "stage2"):
+    assert report["stages"]["finetune"]["steps"] == 2
+    for stage in ("warmup", "finetune"):
         assert json.loads((out / stage / "run.json").read_text())["pid"] == winner[0]
     _no_claims_left(tmp_path, out)
 

@@ -185,17 +185,18 @@ def test_transfer_fits_on_every_pair_when_the_text_pairs_cannot_determine_the_ma
     import json
     from types import SimpleNamespace
 
+    from vpgtrans.data import load_records
     from vpgtrans.data.dataset import DataConfig
-    from vpgtrans.transfer.pipeline import pair_for
+    from vpgtrans.transfer.pairing import converter_pairs
 
     bpe, sp = toks["bytelevel"], toks["sentencepiece"]
     (tmp_path / "x.png").write_bytes(b"")
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"image": "x.png", "caption": t}) + "\n" for t in _texts()))
-    plan = SimpleNamespace(stage1=SimpleNamespace(data=DataConfig(train=str(train))))
-    dst = SimpleNamespace(llm=SimpleNamespace(tokenizer=sp))
+    records = load_records(DataConfig(train=str(train)), "train")
+    dst = SimpleNamespace(tokenizer=sp)
     every = pair_tokens(bpe, sp)
-    narrow = pair_for(plan, SimpleNamespace(tokenizer=bpe, embed_dim=8), dst)
+    narrow = converter_pairs(SimpleNamespace(tokenizer=bpe, embed_dim=8), dst, records)
     assert 16 <= narrow.n_pairs < every.n_pairs  # a determined fit: the text's tokens only
-    wide = pair_for(plan, SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs), dst)
+    wide = converter_pairs(SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs), dst, records)
     assert wide.n_pairs == every.n_pairs and "all pairs kept" in wide.details["in_texts"]

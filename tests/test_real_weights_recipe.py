@@ -99,6 +99,6 @@ def test_benchmark_quick_path_writes_every_key(tmp_path, monkeypatch):
     t = saved["transfer"]
     assert t["n_pairs"] > 0 and 0 < t["dst_coverage"] <= 1 and "speedup" in t and t["scratch"]["steps"] == 3
     # --compare-scratch stops VPGTrans at scratch's best: stage 2 is cut short or skipped once it is matched.
-    s2, matched = t["stages"]["stage2"]["steps"] or 0, t["speedup"]["vpgtrans"]
-    assert t["stages"]["stage1"]["steps"] == 1 and (s2 == 2 if matched is None else matched["step"] == 1 + s2)
+    s2, matched = t["stages"]["finetune"]["steps"] or 0, t["speedup"]["vpgtrans"]
+    assert t["stages"]["warmup"]["steps"] == 1 and (s2 == 2 if matched is None else matched["step"] == 1 + s2)
     assert result["after"]["vpgtrans"]["vqa_accuracy"] == saved["after"]["vpgtrans"]["vqa_accuracy"]

@@ -14,7 +14,9 @@ from vpgtrans.cli import main
 from vpgtrans.model import build_model
 from vpgtrans.surrogate import final_norm, make_surrogate, read_surrogate
 from vpgtrans.testing import WORDS, tiny_spec, write_caption_set
-from vpgtrans.transfer import pipeline
+from vpgtrans.transfer import race
+from vpgtrans.transfer.options import TransferOptions
+from vpgtrans.transfer.plan import plan_lines, plan_transfer
 
 QUIET = {"echo": lambda _: None}
 
@@ -154,30 +156,30 @@ def surrogate_source(tmp_path_factory, tiny_paths):
 
 def test_graft_is_the_identity_for_a_surrogate_source(surrogate_source, tiny_paths):
     s = surrogate_source
-    plan = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["llama"]), data=s["data"], recipe="vpgtrans_world",
-                                  out=s["root"] / "unused")
-    dry = pipeline.prepare(plan, fit=False, **QUIET)  # --dry-run names the converter 'auto' will pick
-    stage0 = next(x for x in pipeline.plan_lines(plan, dry.model, dry.pairs, 4) if x.startswith("stage 0"))
+    def plan_to(dst, **kw):
+        return plan_transfer(TransferOptions(src=str(s["src"]), dst=str(dst), data=s["data"], recipe="vpgtrans_world",
+                                             out=s["root"] / "unused", **kw))
+
+    plan = plan_to(tiny_paths["llama"])
+    dry = race.prepare(plan, fit=False, **QUIET)  # --dry-run names the converter 'auto' will pick
+    stage0 = next(x for x in plan_lines(plan, dry.model, dry.pairs, 4) if x.startswith("stage 0"))
     assert "converter identity (auto: identical vocabularies and widths)" in stage0
-    prepared = pipeline.prepare(plan, **QUIET)
-    assert plan.converter == "identity"  # 'auto' with identical vocabularies
+    prepared = race.prepare(plan, **QUIET)
+    assert prepared.converter == "identity"  # 'auto' with identical vocabularies
     assert prepared.pairs.method == "identity" and prepared.pairs.dst_coverage == 1.0
     assert prepared.fit.heldout_cosine == pytest.approx(1.0, abs=1e-5)
     # Zero-shot graft: the surrogate's projector lands unchanged on the full LLM.
     for k, v in prepared.model.projector.state_dict().items():
         assert torch.allclose(v, s["projector"][k], atol=1e-6)
     # A different vocabulary still gets the fitted default.
-    other = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["opt"]), data=s["data"], recipe="vpgtrans_world",
-                                   out=s["root"] / "unused")
-    pipeline.prepare(other, min_coverage=0.0, **QUIET)
-    assert other.converter == "linear-cosine"
+    other = plan_to(tiny_paths["opt"], min_coverage=0.0)
+    assert race.prepare(other, **QUIET).converter == "linear-cosine"
     # The warm-up LR: 1x the recipe's for a surrogate of the destination (its projector already fits), else 5x.
-    assert plan.warmup_lr_scale == 1.0 and plan.stage1.train.lr == plan.stage2.train.lr
+    assert plan.warmup_lr_scale == 1.0 and plan.warmup.train.lr == plan.finetune.train.lr
     assert any("surrogate of the destination" in n for n in plan.notes)
-    assert other.warmup_lr_scale == 5.0 and other.stage1.train.lr == pytest.approx(5 * other.stage2.train.lr)
-    given = pipeline.plan_transfer(str(s["src"]), str(tiny_paths["llama"]), data=s["data"], recipe="vpgtrans_world",
-                                   out=s["root"] / "unused", warmup_lr_scale=5.0)
-    assert given.stage1.train.lr == pytest.approx(5 * given.stage2.train.lr)
+    assert other.warmup_lr_scale == 5.0 and other.warmup.train.lr == pytest.approx(5 * other.finetune.train.lr)
+    given = plan_to(tiny_paths["llama"], warmup_lr_scale=5.0)
+    assert given.warmup.train.lr == pytest.approx(5 * given.finetune.train.lr)
 
 
 def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp_path):
@@ -191,7 +193,7 @@ def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["converter"]["converter"] == "identity" and report["converter"]["dst_coverage"] == 1.0
-    assert report["source_llm"]["path"].endswith("sur") and report["stages"]["stage1"]["steps"] >= 1
+    assert report["source_llm"]["path"].endswith("sur") and report["stages"]["warmup"]["steps"] >= 1
     assert report["speedup"]["metric"] == "val_loss" and "ratio" in result.output
     # The zero-shot graft is scored before any training, with the recipe's metric.
     assert report["zero_shot"]["val_loss"] > 0 and "zero-shot graft (before training): val_loss" in result.output

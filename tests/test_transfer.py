@@ -14,7 +14,10 @@ from vpgtrans.cli import main
 from vpgtrans.model import build_model
 from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
-from vpgtrans.transfer import pipeline
+from vpgtrans.transfer import race
+from vpgtrans.transfer.merge import merged_equals
+from vpgtrans.transfer.options import TransferOptions
+from vpgtrans.transfer.plan import plan_transfer
 
 # Tiny OPT/LLaMA dirs would get the paper's real-scale recipe by default (transfer chooses it from the models).
 RECIPE = ["--recipe", "vpgtrans_world"]
@@ -41,18 +44,18 @@ def world(tmp_path_factory, tiny_paths):
 
 
 def _plan(world, dst="opt", src="opt", **kw):
-    return pipeline.plan_transfer(str(world["src"][src]), str(world["paths"][dst]), data=world["data"],
-                                  out=kw.pop("out", world["root"] / "unused"), overrides=world["overrides"],
-                                  converter=kw.pop("converter", "lstsq"), recipe="vpgtrans_world", **kw)
+    return plan_transfer(TransferOptions(src=str(world["src"][src]), dst=str(world["paths"][dst]), data=world["data"],
+                                         out=kw.pop("out", world["root"] / "unused"), overrides=world["overrides"],
+                                         converter=kw.pop("converter", "lstsq"), recipe="vpgtrans_world", **kw))
 
 
 def test_merged_projector_is_converter_times_source(world):
-    prepared = pipeline.prepare(_plan(world, dst="llama"), echo=lambda _: None)
+    prepared = race.prepare(_plan(world, dst="llama"), echo=lambda _: None)
     conv, src = prepared.fit.linear, prepared.source_projector
     proj = prepared.model.projector
     assert torch.allclose(proj.weight, conv.weight @ src.weight, atol=1e-5)
     assert torch.allclose(proj.bias, conv.weight @ src.bias + conv.bias, atol=1e-5)
-    assert pipeline.merged_equals(prepared)
+    assert merged_equals(proj, src, conv)
     assert proj.out_features == prepared.model.llm.embed_dim != 0 and prepared.pairs.n_pairs > 10
     # The VPG is the source's, tensor for tensor.
     saved = load_file(str(world["src"]["opt"] / "model.safetensors"))
@@ -60,31 +63,31 @@ def test_merged_projector_is_converter_times_source(world):
         assert torch.equal(v, saved[f"vpg.{k}"])
 
 
-def test_stage1_trains_only_the_projector_at_5x(world, tmp_path):
+def test_warmup_trains_only_the_projector_at_5x(world, tmp_path):
     plan = _plan(world, dst="opt-m", out=tmp_path / "t")
-    prepared = pipeline.prepare(plan, echo=lambda _: None)
+    prepared = race.prepare(plan, echo=lambda _: None)
     model = prepared.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pipeline.run_stage(plan, "stage1", model, echo=lambda _: None)
+    race.run_stage(plan, "warmup", model, echo=lambda _: None)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"projector.weight", "projector.bias"}
-    rows = read_log(tmp_path / "t" / "stage1" / "log.jsonl")
+    rows = read_log(tmp_path / "t" / "warmup" / "log.jsonl")
     assert len(rows) == 4  # one epoch of 8 examples at batch 2
     assert all(r["lr"] == 5.0 * 1e-4 for r in rows)  # exactly 5 × the recipe's base LR, constant, no warm-up
-    assert plan.stage2.train.lr == 1e-4 and plan.stage2.train.trainable == ["vpg", "projector"]
+    assert plan.finetune.train.lr == 1e-4 and plan.finetune.train.trainable == ["vpg", "projector"]
 
 
 @pytest.mark.parametrize("src, dst", [("opt", "llama"), ("opt", "t5"), ("llama", "opt"), ("opt", "opt-m")])
 def test_transfer_across_model_types(world, tmp_path, src, dst):
-    report = pipeline.transfer(str(world["src"][src]), str(world["paths"][dst]), world["data"], tmp_path / "o",
-                               converter="lstsq", warmup_epochs=0.5, overrides=world["overrides"],
-                               recipe="vpgtrans_world",
-                               echo=lambda _: None)
+    report = race.transfer(TransferOptions(src=str(world["src"][src]), dst=str(world["paths"][dst]),
+                                           data=world["data"], out=tmp_path / "o", converter="lstsq",
+                                           warmup_epochs=0.5, overrides=world["overrides"], recipe="vpgtrans_world"),
+                           echo=lambda _: None)
     out = tmp_path / "o"
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["spec"]["llm"]["path"] == str(world["paths"][dst])
-    assert report["stages"]["stage1"]["steps"] == 2 and report["stages"]["stage2"]["steps"] == 3
+    assert report.stages["warmup"].steps == 2 and report.stages["finetune"].steps == 3
     assert (out / "converter" / "converter.safetensors").exists()
     assert json.loads((out / "report.json").read_text())["converter"]["heldout_cosine"] is not None
 
@@ -98,14 +101,14 @@ def test_cli_transfer_compare_scratch_and_resume(world, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     sp = report["speedup"]
-    assert sp["metric"] == "val_loss" and report["scratch"]["steps"] == 5  # 2 warm-up + 3 stage-2 steps
+    assert sp["metric"] == "val_loss" and report["scratch"]["steps"] == 5  # 2 warm-up + 3 fine-tuning steps
     assert {"speedup", "speedup_samples", "speedup_wall_time", "scratch", "vpgtrans", "scratch_best"} <= set(sp)
     assert sp["scratch"]["step"] >= 1 and "ratio" in result.output
     # Running again without --resume is refused; with it, every finished stage is skipped.
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "--resume" in again.output
     resumed = CliRunner().invoke(main, args + ["--resume"])
-    assert resumed.exit_code == 0 and "stage1: done earlier" in resumed.output, resumed.output
+    assert resumed.exit_code == 0 and "warm-up: done earlier" in resumed.output, resumed.output
 
 
 def test_dry_run_trains_nothing(world, tmp_path):
@@ -159,16 +162,15 @@ def test_lavis_pth_source_needs_trust_pickle(world, tmp_path):
     assert refused.exit_code != 0 and "--trust-pickle" in refused.output
     ok = CliRunner().invoke(main, base + ["--trust-pickle"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "l" / "report.json").read_text())["stages"]["stage2"]["steps"] == 1
+    assert json.loads((tmp_path / "l" / "report.json").read_text())["stages"]["finetune"]["steps"] == 1
 
 
-def test_lora_trains_in_stage2_only(world, tmp_path):
-    pipeline.transfer(str(world["src"]["opt"]), str(world["paths"]["llama"]), world["data"], tmp_path / "lora",
-                      converter="lstsq", warmup_epochs=0.5, lora=True, overrides=world["overrides"],
-                      recipe="vpgtrans_world",
-                      echo=lambda _: None)
-    stage1 = load_file(str(tmp_path / "lora" / "stage1" / "model" / "model.safetensors"))
+def test_lora_trains_in_finetuning_only(world, tmp_path):
+    race.transfer(TransferOptions(src=str(world["src"]["opt"]), dst=str(world["paths"]["llama"]), data=world["data"],
+                                  out=tmp_path / "lora", converter="lstsq", warmup_epochs=0.5, lora=True,
+                                  overrides=world["overrides"], recipe="vpgtrans_world"), echo=lambda _: None)
+    warm = load_file(str(tmp_path / "lora" / "warmup" / "model" / "model.safetensors"))
     final = load_file(str(tmp_path / "lora" / "model" / "model.safetensors"))
     lora_keys = [k for k in final if "lora_B" in k]
-    assert lora_keys and all(not stage1[k].any() for k in lora_keys)  # LoRA B starts at zero, frozen in stage 1
+    assert lora_keys and all(not warm[k].any() for k in lora_keys)  # LoRA B starts at zero, frozen in the warm-up
     assert any(final[k].any() for k in lora_keys)

@@ -13,7 +13,9 @@ from vpgtrans.checkpoint import load_model, save_model
 from vpgtrans.model import build_model
 from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
-from vpgtrans.transfer import pipeline
+from vpgtrans.transfer import race
+from vpgtrans.transfer.options import TransferOptions
+from vpgtrans.transfer.plan import plan_transfer
 from vpgtrans.transfer import report as rep
 
 FAST = ["train.batch_size=2", "train.max_steps=3", "train.eval_every=0", "train.save_every=0",
@@ -99,21 +101,21 @@ def world(tmp_path_factory, tiny_paths):
 
 
 def _transfer(world, out, src="opt", dst="llama", **kw):
-    return pipeline.transfer(str(world["src"][src]), str(world["paths"][dst]), world["data"], out,
-                             recipe="vpgtrans_world", overrides=world["overrides"] + kw.pop("extra", []),
-                             echo=lambda _: None, **kw)
+    options = TransferOptions(src=str(world["src"][src]), dst=str(world["paths"][dst]), data=world["data"], out=out,
+                              recipe="vpgtrans_world", overrides=world["overrides"] + kw.pop("extra", []), **kw)
+    return race.transfer(options, echo=lambda _: None).to_json()
 
 
 @pytest.mark.parametrize("src, dst", [("opt", "llama"), ("llama", "opt")])
 def test_converter_is_fitted_on_input_embeddings(world, src, dst):
     from transformers import AutoModelForCausalLM
 
-    from vpgtrans.transfer.merge import fit_converter
+    from vpgtrans.transfer.converter import fit_converter
 
-    plan = pipeline.plan_transfer(str(world["src"][src]), str(world["paths"][dst]), data=world["data"],
-                                  out=world["root"] / "unused", overrides=world["overrides"], converter="lstsq",
-                                  recipe="vpgtrans_world")
-    prepared = pipeline.prepare(plan, echo=lambda _: None)
+    plan = plan_transfer(TransferOptions(src=str(world["src"][src]), dst=str(world["paths"][dst]), data=world["data"],
+                                         out=world["root"] / "unused", overrides=world["overrides"],
+                                         converter="lstsq", recipe="vpgtrans_world"))
+    prepared = race.prepare(plan, echo=lambda _: None)
     hf = {k: AutoModelForCausalLM.from_pretrained(world["paths"][k]) for k in (src, dst)}
     llama = hf["llama"]
     # The premise: the LLaMA test model's input and output embeddings differ (untied).
@@ -129,11 +131,11 @@ def test_converter_is_fitted_on_input_embeddings(world, src, dst):
 
 
 def test_merged_projector_is_what_the_warmup_starts_from(world, tmp_path):
-    # A warm-up LR of ~0 leaves the projector where stage 1 found it: it must be W_c·W_src, not a fresh one.
+    # A warm-up LR of ~0 leaves the projector where the warm-up found it: it must be W_c·W_src, not a fresh one.
     _transfer(world, tmp_path / "t", converter="lstsq", warmup_lr_scale=1e-9, warmup_epochs=0.5)
     conv = load_file(str(tmp_path / "t" / "converter" / "converter.safetensors"))
     src = load_file(str(world["src"]["opt"] / "model.safetensors"))
-    warm = load_file(str(tmp_path / "t" / "stage1" / "model" / "model.safetensors"))
+    warm = load_file(str(tmp_path / "t" / "warmup" / "model" / "model.safetensors"))
     w = conv["weight"].double() @ src["projector.weight"].double()
     b = conv["weight"].double() @ src["projector.bias"].double() + conv["bias"].double()
     assert torch.allclose(warm["projector.weight"].double(), w, atol=1e-5)
@@ -144,13 +146,13 @@ def test_warmup_is_projector_only_at_constant_5x_then_eval_mode_validation(world
     out = tmp_path / "t"
     _transfer(world, out, src="opt-dropout", converter="lstsq", warmup_epochs=1.0)
     src = load_file(str(world["src"]["opt-dropout"] / "model.safetensors"))
-    warm = load_file(str(out / "stage1" / "model" / "model.safetensors"))
+    warm = load_file(str(out / "warmup" / "model" / "model.safetensors"))
     final = load_file(str(out / "model" / "model.safetensors"))
     vpg = [k for k in src if k.startswith("vpg.")]
     assert vpg and all(torch.equal(warm[k], src[k]) for k in vpg)  # the warm-up leaves the VPG alone
     assert any(not torch.equal(final[k], src[k]) for k in vpg)  # fine-tuning trains it
-    stage1 = read_log(out / "stage1" / "log.jsonl")
-    base = json.loads((out / "stage2" / "run.json").read_text())["recipe"]["train"]["lr"]
+    stage1 = read_log(out / "warmup" / "log.jsonl")
+    base = json.loads((out / "finetune" / "run.json").read_text())["recipe"]["train"]["lr"]
     assert len(stage1) == 4 and [r["lr"] for r in stage1] == [pytest.approx(5 * base)] * 4
 
     # The logged validation loss is the model's loss in eval mode (dropout 0.5 in the VPG is off).
@@ -158,10 +160,10 @@ def test_warmup_is_projector_only_at_constant_5x_then_eval_mode_validation(world
     from vpgtrans.recipes import build_recipe
     from vpgtrans.train.objectives import EvalContext, val_loss
 
-    run = json.loads((out / "stage2" / "run.json").read_text())
+    run = json.loads((out / "finetune" / "run.json").read_text())
     logged = run["results"]["metrics"]["val_loss"]
     recipe = build_recipe(run["recipe"], name="check")
-    model = load_model(out / "stage2" / "model")
+    model = load_model(out / "finetune" / "model")
     records = load_records(recipe.data, "val")
     dataset, _ = build_dataset(records, model, recipe.data, seed=0, progress=False)
     ctx = EvalContext(records, dataset, recipe.eval, max_text_len=recipe.train.max_text_len)
@@ -176,23 +178,23 @@ def test_compare_scratch_follows_the_paper_order(world, tmp_path):
     report = _transfer(world, out, converter="lstsq", compare_scratch=True,
                        extra=["data.fraction=0.5", "train.eval_every=1"])
     scratch = json.loads((out / "scratch" / "run.json").read_text())
-    stage1 = json.loads((out / "stage1" / "run.json").read_text())
+    stage1 = json.loads((out / "warmup" / "run.json").read_text())
     # Scratch sees all 8 examples; VPGTrans 4 of them: its one warm-up epoch is 2 steps at batch 2.
     assert scratch["recipe"]["data"]["fraction"] == 1.0 and scratch["data"]["train_examples"] == 8
-    assert stage1["data"]["train_examples"] == 4 and report["stages"]["stage1"]["steps"] <= 2
+    assert stage1["data"]["train_examples"] == 4 and report["stages"]["warmup"]["steps"] <= 2
     # Scratch ran first; both VPGTrans stages stop at the first evaluation reaching its best (up to its plateau).
     best = report["scratch"]["best"]
     curve = rep.transfer_curve([out / "scratch"], "val_loss")
     kept, stop = rep.until_plateau(curve, "val_loss")
     assert best == min(p["value"] for p in kept) and report["scratch"]["plateau_step"] == (stop and stop["step"])
     targets = {json.loads((out / n / "run.json").read_text())["results"]["until"]["target"]
-               for n in ("stage1", "stage2") if (out / n / "run.json").exists()}  # no stage 2 if warm-up matched
+               for n in ("warmup", "finetune") if (out / n / "run.json").exists()}  # none if the warm-up matched
     assert targets == {f"val_loss<={best:g}"}
     sp = report["speedup"]
     assert sp["scratch_best"] == best
-    ours = rep.transfer_curve([out / "stage1", out / "stage2"], "val_loss", report["converter"]["seconds"])
+    ours = rep.transfer_curve([out / "warmup", out / "finetune"], "val_loss", report["converter"]["seconds"])
     assert sp["vpgtrans"] == rep.first_reaching(ours, best, lower=True)
     if sp["vpgtrans"] is not None:  # matched: training stopped right there
         assert ours[-1] == sp["vpgtrans"]
     else:  # never matched: the whole budget ran
-        assert report["stages"]["stage2"]["steps"] == 3
+        assert report["stages"]["finetune"]["steps"] == 3

@@ -15,10 +15,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import help_field
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .transfer.race import TransferResult
 
 STEPS = ("world", "source", "transfer", "captions")
 # Size first (the paper's headline, OPT-2.7B → 6.7B), then type: the benchmark's size pair matches scratch on 1 seed
@@ -98,14 +101,18 @@ def train_source(cfg: DemoConfig, out: Path, progress: bool, echo: Callable[[str
 
 
 def run_transfer(cfg: DemoConfig, dst: str, source: Path, out: Path, progress: bool,
-                 echo: Callable[[str], None]) -> dict:
+                 echo: Callable[[str], None]) -> TransferResult:
     """Scratch to its plateau on all the data, then VPGTrans source → dst on `data_fraction` until it matches."""
-    from .transfer.pipeline import transfer
+    from .transfer.options import TransferOptions
+    from .transfer.race import TransferResult, transfer
 
-    overrides = [f"train.max_steps={cfg.steps}", f"train.save_every={cfg.steps}", f"data.fraction={cfg.data_fraction}",
-                 *_eval_overrides(cfg)]
-    return transfer(str(source), dst, out=out, compare_scratch=True, overrides=overrides,
-                    recipe="vpgtrans_world", resume=out.exists(), progress=progress, echo=echo)
+    overrides = (f"train.max_steps={cfg.steps}", f"train.save_every={cfg.steps}", f"data.fraction={cfg.data_fraction}",
+                 *_eval_overrides(cfg))
+    result = transfer(TransferOptions(src=str(source), dst=dst, out=str(out), compare_scratch=True,
+                                      overrides=overrides, recipe="vpgtrans_world", resume=out.exists(),
+                                      progress=progress), echo=echo)
+    assert isinstance(result, TransferResult)  # not a dry run
+    return result
 
 
 def compare_captions(models: dict[str, Path], world: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -145,7 +152,7 @@ def caption_lines(result: dict[str, Any]) -> list[str]:
 
 
 def transfer_dir(out: Path, dst: str) -> Path:
-    """Where the race on `dst` writes (stage1/, stage2/, scratch/, model/, report.json, curves.png)."""
+    """Where the race on `dst` writes (warmup/, finetune/, scratch/, model/, report.json, curves.png)."""
     return out / "transfer" / _slug(dst)
 
 
@@ -191,8 +198,6 @@ def _check_out(out: Path, force: bool) -> None:
         shutil.rmtree(out)
 
 
-
-
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *, force: bool = False,
              progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """World → source VPG → VPGTrans vs scratch on each destination → tables, captions, PNGs; writes demo.json."""
@@ -225,7 +230,7 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
                             f"val_loss plateaus, then VPGTrans from {cfg.src} on {cfg.data_fraction:.1%} of the data "
                             "until it matches scratch's best")
         where = transfer_dir(out, dst)
-        report = run_transfer(cfg, dst, source, where, progress, echo)
+        report = run_transfer(cfg, dst, source, where, progress, echo).to_json()
         timings[f"transfer {dst}"] = time.perf_counter() - t
         races[dst] = {"speedup": report.get("speedup"), "scratch": report.get("scratch"),
                       "stages": report.get("stages"), "catch_up": report.get("catch_up"),
@@ -280,7 +285,7 @@ def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
 def _story(cfg: dict[str, Any], dst: str, race: dict[str, Any]) -> list[str]:
     """The speed-up in words: what scratch needed, what VPGTrans needed, warm-up and converter fit included."""
     speed, scratch = race["speedup"], race.get("scratch") or {}
-    warm = ((race.get("stages") or {}).get("stage1") or {}).get("steps")
+    warm = ((race.get("stages") or {}).get("warmup") or {}).get("steps")
     plateau = scratch.get("plateau_step")
     lines = [f"scratch ({dst}, 100% of the data) reached its best at step {speed['scratch']['step']}"
              + (f" and plateaued at step {plateau}" if plateau else

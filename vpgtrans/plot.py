@@ -97,11 +97,35 @@ def _threshold(run: Path) -> dict[str, Any]:
     return {"metric": sp["metric"], "value": sp["scratch_best"]} if "scratch_best" in sp else {}
 
 
-def _transfer_series(run: Path, label: str) -> list[Series]:
-    from .transfer.report import joined_rows  # why local: plot is core; transfer/ imports it, not the reverse
+def joined_rows(stage_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Log rows of consecutive stages as one run: later stages continue the step/sample/time axes."""
+    rows: list[dict[str, Any]] = []
+    off = {"step": 0, "samples": 0, "wall_time": 0.0}
+    for i, d in enumerate(stage_dirs):
+        stage = read_rows(d) if (Path(d) / LOG_FILE).exists() else []  # a stage that never ran adds nothing
+        for row in stage:
+            rows.append({**row, "step": row["step"] + off["step"], "samples": row["samples"] + off["samples"],
+                         "wall_time": round(row["wall_time"] + off["wall_time"], 3), "stage": i + 1})
+        if stage:
+            off = {k: rows[-1][k] for k in off}
+    return rows
 
-    stages = [run / s for s in ("stage1", "stage2") if (run / s / LOG_FILE).exists()]
-    warm = len(read_rows(stages[0])) if stages and stages[0].name == "stage1" else 0
+
+# A transfer's stage folders, warm-up first; runs made before the stages were named used stage1/ and stage2/.
+TRANSFER_STAGES = (("warmup", "finetune"), ("stage1", "stage2"))
+
+
+def _transfer_stages(run: Path) -> list[Path]:
+    for names in TRANSFER_STAGES:
+        found = [run / s for s in names if (run / s / LOG_FILE).exists()]
+        if found:
+            return found
+    return []
+
+
+def _transfer_series(run: Path, label: str) -> list[Series]:
+    stages = _transfer_stages(run)
+    warm = len(read_rows(stages[0])) if stages and stages[0].name in ("warmup", "stage1") else 0
     out = [Series(f"{label} VPGTrans".strip(), joined_rows(stages), warm, _threshold(run))]
     if (run / "scratch" / LOG_FILE).exists():
         out.append(Series(f"{label} scratch".strip(), read_rows(run / "scratch")))
@@ -116,7 +140,7 @@ def expand(path: str | Path, label: str | None = None) -> list[Series]:
         rows = read_rows(path)
         warm = sum(1 for r in rows if r.get("stage") == 1)  # a joined transfer log tags its stages
         return [Series(name, rows, warm if warm < len(rows) else 0)]
-    if (path / "stage1" / LOG_FILE).exists() or (path / "stage2" / LOG_FILE).exists():
+    if _transfer_stages(path):
         return _transfer_series(path, label or "")
     if not path.is_dir():
         raise DataError(f"no training log at {path}", "pass a run directory written by `vpgtrans train`/`transfer`")

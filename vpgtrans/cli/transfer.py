@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..errors import ConfigError
@@ -28,11 +30,11 @@ from ..errors import ConfigError
                    "identity; `vpgtrans components` lists all); auto: identity when the vocabularies are identical "
                    "(a surrogate source), else linear-cosine.")
 @click.option("--warmup-lr-scale", type=float, default=None,
-              help="Stage-1 LR = this × the recipe's LR. Default: 5 (the paper's); 1 when the source was trained on "
+              help="Warm-up LR = this × the recipe's LR. Default: 5 (the paper's); 1 when the source was trained on "
                    "a surrogate of DST (`vpgtrans surrogate`), whose projector already fits DST's embeddings.")
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of stage 1 in epochs.")
-@click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM in stage 2.")
-@click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop stage 2 once a metric reaches a target.")
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of the warm-up in epochs.")
+@click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM while fine-tuning.")
+@click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop fine-tuning once a metric reaches a target.")
 @click.option("--compare-scratch", is_flag=True, help="Also train from scratch and report the speed-up.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without training.")
 @click.option("--resume", is_flag=True, help="Continue a transfer in --out (finished stages are skipped).")
@@ -49,25 +51,19 @@ from ..errors import ConfigError
                    "cc_sbu_align folder, into OUT/vl_vicuna.")
 @click.option("--then", "then_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override of the next stage's recipe (repeat), e.g. --then train.max_steps=400.")
-def transfer(src: str, dst: str, overrides: tuple[str, ...], data: str | None, data_fraction: float | None,
-             out_dir: str, recipe: str | None,
-             converter: str, warmup_lr_scale: float | None, warmup_epochs: float, lora: bool, until: str | None,
-             compare_scratch: bool, dry_run: bool, resume: bool, force: bool, trust_pickle: bool,
-             src_llm: str | None, min_coverage: float, no_progress: bool, threads: int | None,
-             then_data: str | None, then_overrides: tuple[str, ...]) -> None:
+def transfer(overrides: tuple[str, ...], out_dir: str, no_progress: bool, threads: int | None,
+             then_data: str | None, then_overrides: tuple[str, ...], **options: Any) -> None:
     """Transfer the VPG of SRC to the LLM DST; overrides are recipe key=value (e.g. train.max_steps=500)."""
     from ..threads import announce_before, apply_threads
-    from ..transfer.pipeline import transfer as run
+    from ..transfer.options import TransferOptions
+    from ..transfer.race import transfer as run
 
     echo = announce_before(apply_threads(threads), click.echo)
-    followup = _followup(src, dst, src_llm, recipe, then_data, then_overrides)
-    if data_fraction is not None:
-        overrides = (*overrides, f"data.fraction={data_fraction}")
-    run(src, dst, data, out_dir, converter=converter, warmup_lr_scale=warmup_lr_scale, warmup_epochs=warmup_epochs,
-        lora=lora, until=until, compare_scratch=compare_scratch, dry_run=dry_run, resume=resume, force=force,
-        recipe=recipe, overrides=overrides, trust_pickle=trust_pickle, src_llm=src_llm, min_coverage=min_coverage,
-        progress=not no_progress, echo=echo)
-    if followup and then_data and not dry_run:
+    # Every other option is a TransferOptions field of the same name.
+    opts = TransferOptions(overrides=overrides, out=out_dir, progress=not no_progress, **options)
+    followup = _followup(opts.src, opts.dst, opts.src_llm, opts.recipe, then_data, then_overrides)
+    run(opts, echo=echo)
+    if followup and then_data and not opts.dry_run:
         from ..transfer.followup import run_followup
 
         run_followup(out_dir, followup, then_data, then_overrides, progress=not no_progress, echo=echo)

@@ -1,115 +1,11 @@
-"""Fit an embedding converter on paired tokens and fold it into the source projector (VPGTrans stage 1)."""
+"""VPGTrans's merge: the fitted converter folded into the source projector, W_dst = W_c·W_src."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vpgtrans.errors import CheckpointError, DataError
-from vpgtrans.registry import build
-
-from .pairing import TokenPairs
-
-
-@dataclass
-class ConverterFit:
-    """A fitted converter and how well it maps pairs it was and was not fitted on."""
-
-    linear: nn.Linear
-    train_cosine: float
-    heldout_cosine: float | None
-    n_fit: int
-    n_heldout: int
-    seconds: float
-
-    def summary(self) -> str:
-        """One line for logs and reports."""
-        held = f"{self.heldout_cosine:.4f} on {self.n_heldout} held-out pairs" if self.heldout_cosine is not None \
-            else "no held-out pairs"
-        return (f"converter {self.linear.in_features}→{self.linear.out_features}: mean cosine "
-                f"{self.train_cosine:.4f} on {self.n_fit} fitted pairs, {held} ({self.seconds:.1f}s)")
-
-
-IDENTITY = "identity"
-AUTO = "auto"
-
-
-class IdentityConverter:
-    """g(x) = x, for a source sharing the destination's vocabulary and embedding space (e.g. its surrogate)."""
-
-    def fit(self, src: torch.Tensor, dst: torch.Tensor, *, seed: int = 0) -> nn.Linear:
-        """The identity map at the embeddings' width; refuses widths that differ."""
-        if src.shape[-1] != dst.shape[-1]:
-            raise DataError(f"identity converter needs equal embedding widths, got {src.shape[-1]} and "
-                            f"{dst.shape[-1]}", "use a fitted converter (--converter linear-cosine)")
-        layer = nn.Linear(src.shape[-1], dst.shape[-1])
-        with torch.no_grad():
-            layer.weight.copy_(torch.eye(src.shape[-1]))
-            layer.bias.zero_()
-        return layer
-
-
-def choose_converter(name: str, pairs: TokenPairs, src_width: int, dst_width: int) -> str:
-    """Resolve 'auto': the identity for identical vocabularies of equal width (measured best), else linear-cosine."""
-    if name != AUTO:
-        return name
-    same = pairs.method == "identity" and src_width == dst_width
-    return IDENTITY if same else "linear-cosine"
-
-
-@torch.no_grad()
-def mean_cosine(linear: nn.Linear, src: torch.Tensor, dst: torch.Tensor) -> float:
-    """Mean cosine similarity between linear(src) and dst, row by row."""
-    return float(F.cosine_similarity(linear(src.float()), dst.float(), dim=-1).mean())
-
-
-def fit_converter(converter: Any, src_emb: torch.Tensor, dst_emb: torch.Tensor,
-                  pairs: TokenPairs | tuple[torch.Tensor, torch.Tensor], *, heldout: float = 0.1,
-                  seed: int = 0) -> ConverterFit:
-    """Fit `converter` (a Converter or a registered converter name) on a seeded split of the token pairs."""
-    if converter == IDENTITY:
-        converter = IdentityConverter()
-    if isinstance(converter, str):
-        converter = build("converter", converter)
-    src_ids, dst_ids = (pairs.src_ids, pairs.dst_ids) if isinstance(pairs, TokenPairs) else pairs
-    src_ids, dst_ids = torch.as_tensor(src_ids, dtype=torch.long), torch.as_tensor(dst_ids, dtype=torch.long)
-    for name, ids, emb in (("source", src_ids, src_emb), ("destination", dst_ids, dst_emb)):
-        if ids.numel() and int(ids.max()) >= emb.shape[0]:
-            raise DataError(f"{name} token id {int(ids.max())} is outside the {name} embedding matrix "
-                            f"({emb.shape[0]} rows)", "pair tokens with the tokenizer that belongs to that LLM")
-    if not 0.0 <= heldout < 1.0:
-        raise DataError(f"held-out fraction {heldout} is not in [0, 1)", "use e.g. 0.1")
-    n = src_ids.numel()
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_held = int(round(n * heldout))
-    if n - n_held < 2:
-        raise DataError(f"only {n} token pairs: too few to fit a converter", "pair more tokens (see --pairing)")
-    fit_idx, held_idx = order[n_held:], order[:n_held]
-    src = src_emb.detach()[src_ids.to(src_emb.device)].float()
-    dst = dst_emb.detach()[dst_ids.to(dst_emb.device)].float().to(src.device)
-    fit_idx, held_idx = fit_idx.to(src.device), held_idx.to(src.device)
-    extra: dict[str, torch.Tensor] = {}
-    if getattr(converter, "uses_unpaired", False):
-        # Anchor-based converters also map tokens without a partner; the held-out pairs count as such
-        # (their embeddings are known, their pairing is hidden from the fit).
-        lone = (pairs.src_unpaired, pairs.dst_unpaired) if isinstance(pairs, TokenPairs) else (None, None)
-        for key, ids, emb, rows in (("unpaired_src", lone[0], src_emb, src), ("unpaired_dst", lone[1], dst_emb, dst)):
-            parts = [rows[held_idx]]
-            if ids is not None and ids.numel():
-                parts.append(emb.detach()[ids.to(emb.device)].float().to(src.device))
-            extra[key] = torch.cat(parts)
-    start = time.perf_counter()
-    linear = converter.fit(src[fit_idx], dst[fit_idx], seed=seed, **extra)
-    seconds = time.perf_counter() - start
-    return ConverterFit(linear=linear, train_cosine=mean_cosine(linear, src[fit_idx], dst[fit_idx]),
-                        heldout_cosine=mean_cosine(linear, src[held_idx], dst[held_idx]) if n_held else None,
-                        n_fit=n - n_held, n_heldout=n_held, seconds=seconds)
-
+from vpgtrans.errors import CheckpointError
 
 @torch.no_grad()
 def merge_projector(src_proj: nn.Linear, conv: nn.Linear) -> nn.Linear:
@@ -128,3 +24,12 @@ def merge_projector(src_proj: nn.Linear, conv: nn.Linear) -> nn.Linear:
     merged.weight.copy_(w_c @ w_src)
     merged.bias.copy_(w_c @ b_src + b_c)
     return merged
+
+
+def merged_equals(projector: nn.Linear, source_projector: nn.Linear, conv: nn.Linear, atol: float = 1e-5) -> bool:
+    """True when `projector` is W_c·W_src, W_c·b_src + b_c (a check for tests and --debug)."""
+    with torch.no_grad():
+        w = conv.weight.double() @ source_projector.weight.double()
+        b = conv.weight.double() @ source_projector.bias.double() + conv.bias.double()
+        return bool(torch.allclose(projector.weight.double(), w, atol=atol)
+                    and torch.allclose(projector.bias.double(), b, atol=atol))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checkpoint import atomic_write_text
-from ..train.runlog import read_log
+from ..plot import joined_rows  # noqa: F401 - the stages' logs on one axis, part of the report's API
 
 # Metrics where smaller is better; every other metric (cider, accuracy, ...) is better when larger.
 LOWER_IS_BETTER = ("val_loss", "loss", "perplexity")
@@ -29,20 +29,6 @@ def eval_curve(rows: Sequence[dict[str, Any]], metric: str, offset: Point | None
             out.append({"step": row["step"] + off["step"], "samples": row["samples"] + off["samples"],
                         "wall_time": round(row["wall_time"] + off["wall_time"], 3), "value": float(value)})
     return out
-
-
-def joined_rows(stage_dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    """Log rows of consecutive stages as one run: later stages continue the step/sample/time axes."""
-    rows: list[dict[str, Any]] = []
-    off = {"step": 0, "samples": 0, "wall_time": 0.0}
-    for i, d in enumerate(stage_dirs):
-        stage = read_log(Path(d) / "log.jsonl")
-        for row in stage:
-            rows.append({**row, "step": row["step"] + off["step"], "samples": row["samples"] + off["samples"],
-                         "wall_time": round(row["wall_time"] + off["wall_time"], 3), "stage": i + 1})
-        if stage:
-            off = {k: rows[-1][k] for k in off}
-    return rows
 
 
 def transfer_curve(stage_dirs: Sequence[Path], metric: str, fit_seconds: float = 0.0) -> list[Point]:
