@@ -254,6 +254,12 @@ def _run_key(s: DiagSettings) -> dict[str, Any]:
     return {k: getattr(s, k) for k in keep}
 
 
+def _inherit_key(s: DiagSettings, name: str, src: str, dst: str, source_model: str, **extra: Any) -> dict[str, Any]:
+    """Cache key of an arm that inherits `source_model`'s VPG: a retrained source invalidates it."""
+    return {"world_id": world_id(s.world), "arm": name, "src": src, "dst": dst, "source": source_model,
+            "source_mtime": (Path(source_model) / "manifest.json").stat().st_mtime, **_run_key(s), **extra}
+
+
 def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, lr_scale: float,
            converter: bool, work: Path, name: str) -> dict[str, Any]:
     """The inherited VPG frozen, the projector alone trained on `dst` (fresh, or converter-merged), per epoch."""
@@ -262,9 +268,7 @@ def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, 
     from vpgtrans.transfer.race import prepare, run_stage
 
     _, per_epoch = per_epoch_steps(s)
-    key = {"world_id": world_id(s.world), "arm": name, "src": src, "dst": dst, "source": source_model,
-           "source_mtime": (Path(source_model) / "manifest.json").stat().st_mtime, **_run_key(s),
-           "epochs": epochs, "lr_scale": lr_scale, "converter": converter}
+    key = _inherit_key(s, name, src, dst, source_model, epochs=epochs, lr_scale=lr_scale, converter=converter)
     out = work / name / f"{src}-to-{dst}"
     done = _cached(out, key)
     if done:
@@ -305,9 +309,8 @@ def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: f
     from vpgtrans.transfer.race import transfer
 
     _, full_epoch = per_epoch_steps(s)
-    key = {"world_id": world_id(s.world), "arm": name, "src": src, "dst": dst, "source": source_model,
-           "source_mtime": (Path(source_model) / "manifest.json").stat().st_mtime, **_run_key(s),
-           "epochs": s.tfs_epochs, "lr_scale": s.linear_lr_scale, "fraction": fraction}
+    key = _inherit_key(s, name, src, dst, source_model, epochs=s.tfs_epochs, lr_scale=s.linear_lr_scale,
+                       fraction=fraction)
     out = work / name / f"{src}-to-{dst}-s{s.seed}"
     done = _cached(out, key)
     if done:
