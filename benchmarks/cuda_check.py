@@ -86,17 +86,12 @@ def free_memory() -> None:
 def use_repo_components() -> str:
     """Import and register the built-in components without `pip install -e .` (repo root on sys.path only)."""
     import importlib.metadata
-    import importlib.util
     import tomllib
 
     from vpgtrans.registry import register
 
-    # The built-ins live in adapters/ but are imported as `vpgtrans_adapters` (only the install maps the name).
-    if importlib.util.find_spec("vpgtrans_adapters") is None:
-        spec = importlib.util.spec_from_file_location("vpgtrans_adapters", ROOT / "adapters" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "adapters")])
-        sys.modules["vpgtrans_adapters"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["vpgtrans_adapters"])
+    if str(ROOT) not in sys.path:  # the built-ins' folder is their import name: the repo root finds them
+        sys.path.insert(0, str(ROOT))
     importlib.import_module("vpgtrans_adapters")
     if any(True for _ in importlib.metadata.entry_points(group="vpgtrans.llm")):
         return "entry points of an installed vpgtrans"
@@ -313,7 +308,7 @@ def check_converter(keep: dict, names: list[str], dev: str) -> dict[str, Any]:
     sync(dev)
     fit = fit_converter("linear-cosine", src, dst, (pairs, pairs), seed=0)
     sync(dev)
-    # The fit seeds its own init; the caller's CUDA RNG must come out as it went in (adapters/converters.py).
+    # The fit seeds its own init; the caller's CUDA RNG must come out as it went in (vpgtrans_adapters/converters.py).
     rng_kept = None if rng is None else bool(torch.equal(rng, torch.cuda.get_rng_state()))
     lin = fit.linear
     need(lin.weight.device.type == dev and bool(torch.isfinite(lin.weight).all()), "converter not on device/finite")

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"vpgtrans": ROOT / "vpgtrans", "vpgtrans_adapters": ROOT / "adapters"}
+PACKAGES = {"vpgtrans": ROOT / "vpgtrans", "vpgtrans_adapters": ROOT / "vpgtrans_adapters"}
 
 
 def _module_name(path: Path) -> str:

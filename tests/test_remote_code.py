@@ -111,7 +111,7 @@ def test_every_from_pretrained_call_decides_trust_remote_code_explicitly():
     root = Path(__file__).resolve().parent.parent
     offenders = []
     # vpgtrans/world/ reads back only the checkpoints its own build just wrote: not untrusted input.
-    files = [p for p in [*(root / "vpgtrans").rglob("*.py"), *(root / "adapters").rglob("*.py")]
+    files = [p for p in [*(root / "vpgtrans").rglob("*.py"), *(root / "vpgtrans_adapters").rglob("*.py")]
              if "world" not in p.relative_to(root).parts]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -1,7 +1,7 @@
 """The world's tiny LLMs (OPT small/larger, LLaMA, FlanT5): configs, pretraining data, training, checks.
 
 Pretraining text always carries a *context* the model must read (the scene's attribute words),
-placed exactly where a VPG's soft prompts go later (see ``adapters/llm.py``), with every text
+placed exactly where a VPG's soft prompts go later (see ``vpgtrans_adapters/llm.py``), with every text
 segment tokenized on its own, as the backends do:
 
 - decoder-only, ``before`` empty:  ``ctx [BOS] after target [EOS]``
