@@ -170,7 +170,7 @@ def test_control_pair_runs_its_own_rows_and_gets_a_verdict(bench):
 @pytest.fixture(scope="module")
 def paper_result(bench, tiny_world, result):
     out = result["out"]  # the same work dir: the short run's source VPG is reused (same source settings)
-    args = ["--protocol", "paper", "--quick", "--world", str(tiny_world), "--work", str(out / "work"),
+    args = ["--protocol", "steps", "--quick", "--world", str(tiny_world), "--work", str(out / "work"),
             "--results", str(out / "results"), "--seeds", "1"]
     sets = [kv for kv in TINY if kv.split("=")[0] in ("val_samples", "source_steps", "batch_size", "max_text_len")]
     sets += ["steps=12", "eval_every=2", "data_fraction=0.5"]
