@@ -157,6 +157,15 @@ def test_claim_refuses_inside_or_around_a_live_run(tmp_path):
         pass
 
 
+def test_claims_left_held_inside_a_run_end_with_it(tmp_path):
+    outer = claim.claim_dir(tmp_path / "demo")
+    claim.claim_dir(tmp_path / "demo" / "transfer" / "x")  # as a transfer leaves its own: held until the process ends
+    assert claim.lock_path(tmp_path / "demo" / "transfer" / "x").exists()
+    outer.release()
+    assert not (tmp_path / "demo").exists()  # both locks gone, and the folders the claims made for them
+    _no_claims_left(tmp_path)
+
+
 # --- two runs started at the same moment, for every kind of run ---------------------------------------------------
 
 @pytest.mark.slow
@@ -394,7 +403,7 @@ def test_file_outputs_never_overwrite_what_they_did_not_write(tmp_path):
          "exists and is not a `vpgtrans eval` report"),
         (["generate", "--model", str(model), "--images", str(images), "--out", str(mine)],
          "exists and is not a `vpgtrans generate` caption file"),
-        (["plot", str(run), "--out", str(run / "log.jsonl"), "--force"], "is the log of"),
+        (["plot", str(run), "--out", str(run / "log.jsonl"), "--force"], "is the training log of"),
         (["plot", str(run), "--out", str(mine)], "exists and is not a PNG"),
     ]
     for argv, expected in cases:

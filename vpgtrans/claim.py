@@ -75,6 +75,12 @@ class Claim:
             if self._depth > 0:
                 return
             _held.pop(self.out, None)
+            # Claims this thread took inside `out` and left held (a transfer holds its --out until the process ends)
+            # end with the run that contains them: the demo's races end with the demo.
+            inner = [c for path, c in _held.items() if self.out in path.parents and c._thread == self._thread]
+        for claim in inner:
+            claim._depth = 1
+            claim.release()
         # Unlink while still holding the lock: a process that opened the old file finds it gone and tries again.
         try:
             lock_path(self.out).unlink()
@@ -160,7 +166,7 @@ def _refusal(out: Path, owner: dict[str, Any], where: Path | None = None) -> Con
     if where is None:
         return ConfigError(f"{out} is being written by a run in progress ({_who(owner)})",
                            "wait for it, stop it, or choose another --out")
-    inside = where in out.parents
+    inside = where in out.resolve().parents
     return ConfigError(f"{out} is {'inside' if inside else 'the parent of'} {where}, which a run in progress is "
                        f"writing ({_who(owner)})", "wait for it, stop it, or choose another --out")
 
@@ -197,7 +203,8 @@ def claim_dir(out: str | Path, *, echo: Callable[[str], None] | None = None) -> 
     Also refused: a directory inside, or holding, one that a live run writes. In a launched multi-process run
     only rank 0 claims (the others follow its decisions). Re-claiming what this thread holds nests.
     """
-    out = Path(out).expanduser().resolve()
+    shown = Path(out).expanduser()  # messages name the path as the user wrote it
+    out = shown.resolve()
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return Claim(None)
     with _held_lock:
@@ -205,15 +212,15 @@ def claim_dir(out: str | Path, *, echo: Callable[[str], None] | None = None) -> 
         if mine is not None and mine._thread == threading.get_ident():
             mine._depth += 1
             return mine
-    check_writable(out)
+    check_writable(shown)
     for parent in out.parents:
         owner = _held_by_other(lock_path(parent))
         if owner is not None:
-            raise _refusal(out, owner, parent)
+            raise _refusal(shown, owner, parent)
     existed = out.exists()
     made = _make_parents(out.parent)
     try:
-        claim = _take(out, existed, made, echo)
+        claim = _take(out, shown, existed, made, echo)
     except BaseException:
         for folder in reversed(made):
             _rmdir(folder)
@@ -223,11 +230,11 @@ def claim_dir(out: str | Path, *, echo: Callable[[str], None] | None = None) -> 
             owner = _held_by_other(lock)
             if owner is not None:
                 claim.release()
-                raise _refusal(out, owner, lock.parent / lock.name[1:-len(SUFFIX)])
+                raise _refusal(shown, owner, lock.parent / lock.name[1:-len(SUFFIX)])
     return claim
 
 
-def _take(out: Path, existed: bool, made: list[Path], echo: Callable[[str], None] | None) -> Claim:
+def _take(out: Path, shown: Path, existed: bool, made: list[Path], echo: Callable[[str], None] | None) -> Claim:
     import fcntl
 
     lock = lock_path(out)
@@ -236,21 +243,21 @@ def _take(out: Path, existed: bool, made: list[Path], echo: Callable[[str], None
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"cannot claim {out}: cannot create {lock} ({exc.strerror or exc})",
+            raise ConfigError(f"cannot claim {shown}: cannot create {lock} ({exc.strerror or exc})",
                               "choose an --out whose parent folder you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConfigError(f"cannot claim {out}: cannot lock {lock} ({exc.strerror or exc})",
+                raise ConfigError(f"cannot claim {shown}: cannot lock {lock} ({exc.strerror or exc})",
                                   "choose an --out on a file system that supports file locks") from None
             owner = _owner(lock)
             # A holder has just taken the lock and not yet written its pid (or a prober holds it for an instant).
             if (not owner or not _alive(owner)) and time.monotonic() < deadline:
                 time.sleep(0.02)
                 continue
-            raise _refusal(out, owner)
+            raise _refusal(shown, owner)
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -261,7 +268,7 @@ def _take(out: Path, existed: bool, made: list[Path], echo: Callable[[str], None
         break
     stale = _owner(lock)
     if stale and stale.get("pid") != os.getpid() and echo:
-        echo(f"note: {out} was claimed by {_who(stale)}, which has ended; taking it over")
+        echo(f"note: {shown} was claimed by {_who(stale)}, which has ended; taking it over")
     record = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.ftruncate(fd, 0)

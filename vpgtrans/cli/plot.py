@@ -25,7 +25,7 @@ def plot(run_dirs: tuple[str, ...], out_path: str | None, force: bool, x_axis: s
     if out_path:
         from ..claim import check_out_file
 
-        logs = {f"log of {d}": Path(d) / "log.jsonl" if Path(d).is_dir() else Path(d) for d in run_dirs}
+        logs = {f"training log of {d}": Path(d) / "log.jsonl" if Path(d).is_dir() else Path(d) for d in run_dirs}
         check_out_file(out_path, logs, force=force, what="a PNG",
                        ours=lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
     target = plot_runs(run_dirs, out_path, x=x_axis, labels=labels or None, title=title)
