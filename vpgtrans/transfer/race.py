@@ -254,7 +254,7 @@ def _check_out_here(out: Path, resume: bool, force: bool) -> Any:
     """Claim `out` before anything else; refuse a previous transfer (unless --resume/--force) and foreign files."""
     from ..claim import claim_dir
 
-    # Held until the process ends (the kernel drops it if the process dies): a second transfer into `out`, however
+    # Held until transfer() returns (the kernel drops it if the process dies): a second transfer into `out`, however
     # close behind, is refused naming this one's pid.
     claim = claim_dir(out)
     try:
