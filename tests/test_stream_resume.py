@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -118,3 +119,30 @@ def test_two_gloo_processes_see_each_sample_at_most_once_per_epoch(tmp_path):
         assert len(epoch) >= 80 - 12 * 2 * max(1, workers)  # at most a shard per reader left over in a pass
         for r in ranks:
             assert r["resumed"] == r["batches"][4:]  # each rank resumes its own stream exactly
+
+
+@pytest.mark.slow
+def test_vpgtrans_train_streams_under_two_gloo_processes(tmp_path, tiny_paths):
+    """The real trainer on streamed shards under `accelerate launch` with 2 CPU processes: both ranks take every
+    step (equal shares per epoch), and the run finishes with its model."""
+    import shutil
+
+    shards = write_shards(tmp_path / "shards", [6, 5, 7, 6])
+    recipe = {"name": "tiny_streamed_ddp", "model": tiny_spec(tiny_paths),
+              "data": {"train": str(shards), "feature_cache": False, "augment": True, "shuffle_buffer": 4},
+              "train": {"batch_size": 2, "lr": 1e-3, "max_steps": 7, "seed": 3, "max_text_len": 16},
+              "eval": {"metrics": []}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_DISABLE_RICH": "1", "MASTER_ADDR": "127.0.0.1"}
+    cli = shutil.which("vpgtrans", path=os.path.dirname(sys.executable)) or shutil.which("vpgtrans")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2", "--multi_gpu",
+                           "--main_process_port", "0", cli, "train", "--recipe", str(tmp_path / "tiny.yaml"),
+                           "--out", str(tmp_path / "run"), "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "finished" and run["plan"]["processes"] == 2 and run["results"]["steps"] == 7
+    # 4 shards over 2 readers: every reader emits the smallest share in whole batches, an epoch spans both ranks.
+    assert run["plan"]["micro_batches_per_epoch"] * 2 * 2 == run["data"]["train_examples"] <= 24
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
