@@ -30,6 +30,17 @@ def source(tmp_path_factory, tiny_paths):
     return {"root": root, "model": model, "data": str(root / "train.jsonl"), "paths": tiny_paths}
 
 
+def test_refused_transfer_leaves_no_out(source, tmp_path):
+    out = tmp_path / "refused"
+    result = CliRunner().invoke(main, ["transfer", "--src", str(source["model"]), "--dst",
+                                       str(source["paths"]["llama"]), "--data", source["data"], "--out", str(out),
+                                       "--min-coverage", "0.99", "--no-progress", "--recipe", "vpgtrans_world",
+                                       *FAST, f"data.val={source['data']}"])
+    errors = _errors(result.output)
+    assert result.exit_code != 0 and len(errors) == 1 and "below the minimum" in errors[0], result.output
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
 # --- overrides and recipes: YAML 1.2 booleans ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["no", "fp16", "bf16"])
