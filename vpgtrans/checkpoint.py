@@ -232,7 +232,7 @@ def _first_line(exc: BaseException) -> str:
 def manifest_spec(manifest: dict[str, Any]) -> Any:
     """The ModelSpec of a validated manifest, each component's config checked (cheap: nothing is loaded)."""
     from .model import ModelSpec
-    from .recipes import check_components
+    from .registry import check_components
 
     spec = ModelSpec(**manifest["spec"])
     check_components(spec)
@@ -241,9 +241,11 @@ def manifest_spec(manifest: dict[str, Any]) -> Any:
 
 def load_model(model_dir: str | Path, *, device: str | torch.device | None = None,
                overrides: dict[str, dict[str, Any]] | None = None) -> Any:
-    """Rebuild the components named in the manifest and load the trained weights."""
+    """Rebuild the components named in the manifest and load the trained weights (device "auto": CUDA if any)."""
     from .model import build_model
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = read_manifest(model_dir)
     spec_dict = manifest["spec"]
     for kind, values in (overrides or {}).items():

@@ -39,9 +39,9 @@ class VpgtransLMM(_LMMS):  # type: ignore[misc, valid-type]
 
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 16, **_: Any) -> None:
         super().__init__()
-        from .cli.generate import load_for_inference
+        from .checkpoint import load_model
 
-        self.model = load_for_inference(str(pretrained), str(device))
+        self.model = load_model(str(pretrained), device=str(device))  # in eval mode
         self.batch_size_per_gpu = int(batch_size)
 
     # --- helpers ---------------------------------------------------------------------------------

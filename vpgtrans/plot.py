@@ -84,7 +84,7 @@ class Series:
 
     label: str
     rows: list[dict[str, Any]]
-    warmup_rows: int = 0  # the first N rows are the projector warm-up (transfer stage 1)
+    warmup_rows: int = 0  # the first N rows are the projector warm-up of a transfer
     threshold: dict[str, Any] = field(default_factory=dict)  # {"metric": ..., "value": ...}
 
 

@@ -20,7 +20,7 @@ from .config import core_schema, from_dict, parse_override, set_dotted
 from .data.dataset import DataConfig
 from .errors import ConfigError
 from .model import ModelSpec
-from .registry import get as get_component
+from .registry import check_components
 from .train.config import TrainConfig
 from .train.objectives import EvalConfig
 
@@ -188,18 +188,6 @@ def build_recipe(data: dict[str, Any], overrides: Sequence[str] = (), *, name: s
     raw.setdefault("name", top.name or name)
     return Recipe(name=top.name or name, description=top.description, model=model, source=source, raw=raw,
                   stage=top.stage, **sections)
-
-
-def check_components(model: ModelSpec) -> None:
-    """Validate each named component's config now (cheap dataclasses), not after minutes of loading."""
-    for kind in ("vision", "vpg", "llm"):
-        entry = getattr(model, kind)
-        if entry.get("name") is not None and not isinstance(entry["name"], str):
-            raise ConfigError(f"model.{kind}.name should be a component name, got {entry['name']!r}",
-                              "see `vpgtrans components` for the names")
-        if entry.get("name"):
-            config = {k: v for k, v in entry.items() if k != "name"}
-            get_component(kind, entry["name"]).component.make_config(config)
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:

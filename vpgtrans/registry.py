@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import from_dict
-from .errors import RegistryError
+from .errors import ConfigError, RegistryError
 
 KINDS: tuple[str, ...] = ("vision", "vpg", "llm", "converter")
 ENTRY_POINT_GROUPS: dict[str, str] = {kind: f"vpgtrans.{kind}" for kind in KINDS}
@@ -110,13 +110,6 @@ class Registry:
                 self._aliases[(component.kind, alias)] = component.name
         return component
 
-    def unregister(self, kind: str, name: str) -> None:
-        """Remove a component (used by tests and by packages replacing their own entry)."""
-        with self._lock:
-            self._items.pop((kind, name), None)
-            for key in [k for k, v in self._aliases.items() if k[0] == kind and v == name]:
-                del self._aliases[key]
-
     def _ensure_discovered(self) -> None:
         if not self._discover or self._discovered:
             return
@@ -197,6 +190,18 @@ def build(kind: str, name: str, config: dict[str, Any] | Any | None = None) -> A
 def available(kind: str | None = None) -> list[Registered]:
     """List registered components."""
     return REGISTRY.available(kind)
+
+
+def check_components(model: Any) -> None:
+    """Validate the config of each component a model spec names now (cheap dataclasses), not after loading."""
+    for kind in ("vision", "vpg", "llm"):
+        entry = getattr(model, kind)
+        if entry.get("name") is not None and not isinstance(entry["name"], str):
+            raise ConfigError(f"model.{kind}.name should be a component name, got {entry['name']!r}",
+                              "see `vpgtrans components` for the names")
+        if entry.get("name"):
+            config = {k: v for k, v in entry.items() if k != "name"}
+            get(kind, entry["name"]).component.make_config(config)
 
 
 def describe(reg: Registered) -> dict[str, Any]:

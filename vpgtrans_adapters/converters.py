@@ -264,7 +264,7 @@ class RidgeConverter(Converter):
         """Whiten, choose λ by k-fold held-out cosine, refit on every pair, fold the whitening back in."""
         _check_pairs(src, dst)
         xc, yc, mx, my = _centred(src, dst)
-        a_in, a_in_inv = _whitener(xc, self.config.whiten, self.config.shrink)
+        a_in, _ = _whitener(xc, self.config.whiten, self.config.shrink)
         a_out, a_out_inv = _whitener(yc, self.config.whiten, self.config.shrink)
         xw, yw = xc @ a_in, yc @ a_out
         self.chosen = self._choose(xw, yw, yc, a_out_inv, seed)

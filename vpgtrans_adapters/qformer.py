@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -156,11 +156,3 @@ QFORMER = Component(kind="vpg", name="qformer", factory=QFormerVPG, config_class
                     description="BLIP-2 Q-Former: learned queries + transformers Blip2QFormerModel, "
                                 "optional BERT initialisation",
                     aliases=("blip2-qformer",))
-
-
-def qformer_param_count(config: dict[str, Any] | None = None) -> int:
-    """Parameters of a Q-Former at the given (default: BLIP-2) size, without loading any weights."""
-    cfg = QFormerConfig(**(config or {}))
-    if cfg.vision_width <= 0:
-        cfg.vision_width = 1408  # EVA ViT-g
-    return sum(p.numel() for p in QFormerVPG(cfg).parameters())

@@ -6,11 +6,9 @@ loads offline. Records follow the reader convention of `vpgtrans.data.readers`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .photos import write_jsonl
 
 # BLIP-2's VQA prompt; `DataConfig.question_template` uses the same wording.
 VQA_PROMPT = "Question: {} Answer:"
@@ -53,9 +51,3 @@ def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[dict[s
         records.append({"image": paths[image_id], "question": question, "answer": answer,
                         "prompt": vqa_prompt(question), "image_id": int(image_id), "where": f"easy-vqa {split} #{i}"})
     return records
-
-
-def export_easy_vqa(out_dir: str | Path, limit: int | None = None) -> dict[str, Path]:
-    """Write train.jsonl and test.jsonl (absolute image paths) for recipes (`data.train`, `data.val`)."""
-    out = Path(out_dir).expanduser()
-    return {split: write_jsonl(read_easy_vqa(split, limit), out / f"{split}.jsonl") for split in SPLITS}

@@ -250,10 +250,10 @@ def app_for_model_dir(model_dir: str, *, device: str = "auto", model_id: str | N
     """(ASGI app, engine, model id) for a vpgtrans model directory, loaded onto `device`."""
     from pathlib import Path
 
-    from ..cli.generate import load_for_inference
+    from ..checkpoint import load_model
 
     info = describe(model_dir)
-    model = load_for_inference(model_dir, device)
+    model = load_model(model_dir, device=device)  # in eval mode
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, default_max_tokens=max_tokens, context=context)
     model_id = model_id or Path(model_dir).resolve().name
     app = create_app(engine, model_id, info, max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels)

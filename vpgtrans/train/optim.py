@@ -82,8 +82,3 @@ class Schedule:
         """Everything that decides the LR curve (checked on resume)."""
         return {"kind": self.kind, "lr": self.lr, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr,
                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the curve (total_steps may have been extended by a new --max-steps)."""
-        for key in ("kind", "lr", "min_lr", "warmup_lr", "warmup_steps"):
-            setattr(self, key, state[key])
