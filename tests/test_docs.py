@@ -274,6 +274,12 @@ def test_every_recipe_key_and_component_field_has_help():
     assert not bare, f"fields without help (use vpgtrans.config.help_field): {bare}"
 
 
+def test_readme_stays_a_short_user_guide():
+    """Reference, results and history live on the docs site and in CHANGELOG.md, not in the README."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail to docs/ (at most 300)"
+
+
 def test_readme_links_resolve():
     """The README is read on the repository page, outside the site: its relative links must name files."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
