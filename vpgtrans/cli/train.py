@@ -21,7 +21,8 @@ from ..errors import VpgtransError
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Override train.max_steps.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and data, print the plan, and exit.")
 @click.option("--skip-bad-samples", is_flag=True, help="Skip unreadable rows/images (with a count) instead of failing.")
-@click.option("--force", is_flag=True, help="Overwrite a previous run in --out.")
+@click.option("--force", is_flag=True, help="Start over: delete a previous run in --out (its run files only; "
+              "other files there are kept). Never overrides a run in progress.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")

@@ -38,7 +38,8 @@ from ..errors import ConfigError
 @click.option("--compare-scratch", is_flag=True, help="Also train from scratch and report the speed-up.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without training.")
 @click.option("--resume", is_flag=True, help="Continue a transfer in --out (finished stages are skipped).")
-@click.option("--force", is_flag=True, help="Delete a previous run in --out first.")
+@click.option("--force", is_flag=True, help="Delete everything in --out first (a previous run, or other files). "
+              "Never overrides a run in progress.")
 @click.option("--trust-pickle", is_flag=True, help="Allow a .pth source (loaded with weights_only=True).")
 @click.option("--src-llm", default=None, help="LLM the source was trained with, when the source does not say.")
 @click.option("--min-coverage", type=float, default=0.05, show_default=True,
