@@ -515,6 +515,12 @@ def regime(s: DiagSettings, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _recall(stage1: dict[str, Any]) -> str:
+    """How much the stage-1 Q-Former learnt (image→text recall@1 on val), when it was trained here."""
+    r1 = (stage1.get("metrics") or {}).get("i2t_r1")
+    return "" if r1 is None else f", val image→text R@1 {r1:.3f}"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
@@ -529,7 +535,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"\nworld {s['world']} (id {result['world_id']}); {result['training_images']} training images "
              f"({s['data_fraction']:.0%} of the world's), epoch = {result['steps_per_epoch']} steps of batch "
              f"{s['batch_size']}; zero-shot metrics on {s['eval_images']} val images, val_loss on {s['val_samples']} "
-             f"val captions; seed {s['seed']}; stage-1 Q-Former: {result['stage1']['origin']}"]
+             f"val captions; seed {s['seed']}; stage-1 Q-Former: {result['stage1']['origin']}"
+             + _recall(result["stage1"])]
     f3 = result["fig3"]
     ms = f3["metrics"]
     lines += [f"\nFig. 3 — TFS on {s['dst']} (stage-2 recipe from the stage-1 Q-Former, cosine {s['lr']:g} → "

@@ -331,10 +331,12 @@ def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: 
     echo(f"  stage-1 Q-Former: {st1['path']} ({st1['origin']})")
     src_of = {p: p.split(">")[0] for p in pairs}
     dst_of = {p: p.split(">")[1] for p in pairs}
-    first = [("tfs", threads, replace(s, seed=seeds[0]), llm, st1["path"], work)
-             for llm in dict.fromkeys([*src_of.values(), *dst_of.values()])]
-    first += [("tfs", threads, replace(s, seed=seed), llm, st1["path"], work)
-              for seed in seeds[1:] for llm in dict.fromkeys(dst_of.values())]
+    # The first seed's TFS runs are the diagnostic's (same settings, same cache): listed last, so a protocol started
+    # beside a running --diagnose trains the other seeds first and then finds those cached.
+    first = [("tfs", threads, replace(s, seed=seed), llm, st1["path"], work)
+             for seed in seeds[1:] for llm in dict.fromkeys(dst_of.values())]
+    first += [("tfs", threads, replace(s, seed=seeds[0]), llm, st1["path"], work)
+              for llm in dict.fromkeys([*src_of.values(), *dst_of.values()])]
     tfs_runs = dg._run_all(first, workers, echo, started)
     tfs = {(r["llm"], r["key"]["seed"]): r for r in tfs_runs}
     # One source VPG per LLM (the paper's released BLIP-2 models): TFS on it, the first seed.
@@ -370,7 +372,10 @@ def _x(v: Any) -> str:
 def epoch_table_lines(result: dict[str, Any]) -> list[str]:
     """Per pair, row and metric: each seed's Table-3 speed-up (epochs) and in samples, beside the paper's row."""
     s = result["settings"]
-    lines = [f"\nthe paper's protocol in epochs: every arm from the stage-1 Q-Former ({result['stage1']['origin']}); "
+    import _diagnose as dg
+
+    lines = [f"\nthe paper's protocol in epochs: every arm from the stage-1 Q-Former ({result['stage1']['origin']}"
+             f"{dg._recall(result['stage1'])}); "
              f"TFS {s['tfs_epochs']} epochs on {result['training_images']} images (cosine {s['lr']:g} → {s['min_lr']:g}); "
              f"VPGTrans: converter-merged projector, 1 warm-up epoch at {s['linear_lr_scale']:g}x (its epoch 1), "
              f"fine-tuning; metrics on {s['eval_images']} val images after every epoch; seeds {result['seeds']}",
