@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from test_headline import TINY, _run, cache, standins  # noqa: F401 - the stand-in hub's fixtures
 from test_stream import write_shards
 from vpgtrans.cli import main
 from vpgtrans.testing import tiny_spec
@@ -146,3 +147,21 @@ def test_vpgtrans_train_streams_under_two_gloo_processes(tmp_path, tiny_paths):
     # 4 shards over 2 readers: every reader emits the smallest share in whole batches, an epoch spans both ranks.
     assert run["plan"]["micro_batches_per_epoch"] * 2 * 2 == run["data"]["train_examples"] <= 24
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_the_headline_transfer_streams_webdataset_shards(cache, tmp_path):
+    """`vpgtrans transfer --src opt-2.7b --dst llama-7b --data SHARDS`: the default recipe streams the shards (the
+    cache off, the train transform on), fits its token pairs on their captions, and runs both stages."""
+    shards = write_shards(tmp_path / "shards", [5, 4, 5])
+    out = tmp_path / "o"
+    dry = _run("--data", str(shards), "--out", str(out), f"data.val={cache['data']}", "--dry-run", *TINY)
+    assert dry.exit_code == 0, dry.output
+    assert "data    streamed from webdataset shards (shuffle buffer 1000)" in dry.output
+    assert "the official train transform (random resized crop 0.5-1, bicubic, flip)" in dry.output
+    result = _run("--data", str(shards), "--out", str(out), "--no-progress", "--converter", "lstsq",
+                  f"data.val={cache['data']}", *TINY)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["warmup"]["trainable"] == ["projector"] and report["stages"]["finetune"]["steps"] == 2
+    run = json.loads((out / "finetune" / "run.json").read_text())
+    assert run["recipe"]["data"]["feature_cache"] is False and run["data"]["features"] is None
