@@ -276,9 +276,9 @@ def test_cache_states_its_disk_and_pre_pass_before_encoding(tmp_path, images, vi
 
 
 def test_a_cache_that_does_not_fit_the_disk_is_refused_before_writing(tmp_path, images, vision, monkeypatch):
-    import vpgtrans.memory as memory
+    import vpgtrans.resources as resources
 
-    monkeypatch.setattr(memory, "free_disk", lambda path: 1000)
+    monkeypatch.setattr(resources, "free_disk", lambda path: 1000)
     recs = _caption_records(tmp_path, images, n=6)
     cache = FeatureCache(tmp_path / "cache", vision.cache_id())
     with pytest.raises(DataError) as err:

@@ -1,4 +1,5 @@
-"""The package's module-level import graph has no cycles (function-local imports are not edges)."""
+"""The package's imports: no module-level cycle, and no import, module-level or inside a function, that points up
+the layers docs/design.md#dependencies states (the CLI alone may import everything)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _resolve(current: str, is_pkg: bool, level: int, module: str | None) -> str:
     return ".".join([*base, module] if module else base)
 
 
-def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Module → project modules it imports at module level (top-level statements, incl. if/try blocks)."""
+def _edges(modules: dict[str, Path], *, local: bool = False) -> dict[str, set[str]]:
+    """Module → project modules it imports at module level (top-level statements, incl. if/try blocks); with
+    `local`, inside functions and classes too."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -35,7 +37,7 @@ def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
         stack = list(tree.body)
         while stack:
             node = stack.pop()
-            if isinstance(node, (ast.If, ast.Try)):
+            if isinstance(node, (ast.If, ast.Try)) or (local and not isinstance(node, (ast.Import, ast.ImportFrom))):
                 stack.extend(ast.iter_child_nodes(node))
                 continue
             targets: list[str] = []
@@ -87,3 +89,76 @@ def test_module_level_imports_have_no_cycle():
 def test_cycle_finder_detects_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The layers of docs/design.md#dependencies: what each folder may import (the core is vpgtrans/*.py).
+FOLDERS: dict[str, set[str]] = {
+    "vpgtrans_adapters": {"core"},
+    "data": {"core"},
+    "train": {"core", "data"},
+    "transfer": {"core", "data", "train"},
+    "formats": {"core", "vpgtrans_adapters"},  # never transfer/: what both read lives in hf_dirs
+    "world": {"core", "transfer"},  # transfer's token pairing scores the world's tokenizers
+    "serve": {"core", "vpgtrans_adapters"},
+}
+# The core modules that sit above folders, and which; every other core module imports no folder and none of these.
+CORE_ABOVE: dict[str, set[str]] = {
+    "vpgtrans": {"transfer"},  # the public API, each name loaded on first use
+    "vpgtrans.recipes": {"data", "train"},
+    "vpgtrans.evaluation": {"data"},
+    "vpgtrans.memory": {"data", "train"},
+    "vpgtrans.surrogate": {"data", "train"},
+    "vpgtrans.lmms_eval_plugin": {"data", "vpgtrans_adapters"},
+    "vpgtrans.demo": {"world", "train", "transfer", "formats"},
+}
+
+
+def _group(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "vpgtrans_adapters":
+        return "vpgtrans_adapters"
+    if len(parts) > 1 and (ROOT / "vpgtrans" / parts[1]).is_dir():
+        return parts[1]
+    return "core"
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up the layers (the CLI is exempt: its commands import what they run)."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        group = _group(module)
+        if group == "cli":
+            continue
+        for target in sorted(targets):
+            to = _group(target)
+            if to == "cli":
+                ok = False
+            elif group == "core":
+                ok = to == "core" and (target not in CORE_ABOVE or module in CORE_ABOVE) \
+                    or to in CORE_ABOVE.get(module, set())
+            else:
+                ok = to in (group, *FOLDERS[group]) and (to != "core" or target not in CORE_ABOVE
+                                                         or CORE_ABOVE[target] <= FOLDERS[group] | {group})
+            if not ok:
+                bad.append(f"{module} ({group}) imports {target} ({to})")
+    return bad
+
+
+def test_no_import_points_up_the_layers_not_even_inside_a_function():
+    modules = {_module_name(p): p for base in PACKAGES.values() for p in base.rglob("*.py")}
+    assert set(FOLDERS) | {"core", "cli"} == {_group(m) for m in modules}, "a folder is missing from FOLDERS"
+    graph = _edges(modules, local=True)
+    assert sum(len(v) for v in graph.values()) > sum(len(v) for v in _edges(modules).values()), \
+        "function-local imports were not found: the scanner is broken"
+    assert _upward(graph) == []
+
+
+def test_the_layer_check_catches_what_issue_31_found():
+    found = _upward({"vpgtrans.serve.app": {"vpgtrans.cli.generate"}, "vpgtrans.plot": {"vpgtrans.transfer.report"},
+                     "vpgtrans.checkpoint": {"vpgtrans.recipes"}, "vpgtrans.data.cache": {"vpgtrans.memory"},
+                     "vpgtrans.transfer.race": {"vpgtrans.plot", "vpgtrans.recipes"},
+                     "vpgtrans.cli.x": {"vpgtrans.demo"}})
+    assert found == ["vpgtrans.checkpoint (core) imports vpgtrans.recipes (core)",
+                     "vpgtrans.data.cache (data) imports vpgtrans.memory (core)",
+                     "vpgtrans.plot (core) imports vpgtrans.transfer.report (transfer)",
+                     "vpgtrans.serve.app (serve) imports vpgtrans.cli.generate (cli)"]

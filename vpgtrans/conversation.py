@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 from .errors import ConfigError
 
+# BLIP-2's question format, shared with evaluation (which imports it from here: this module stays torch-free).
+DEFAULT_VQA_PROMPT = "Question: {} Answer:"
+
 # Tag-like tokens glued to the image slot (<Img>…</Img>) belong to the image, not to a turn.
 _TAGS_BEFORE = re.compile(r"(<[^<>\s]*>)*$")
 _TAGS_AFTER = re.compile(r"^(<[^<>\s]*>)*\s*")
@@ -64,8 +67,6 @@ def is_plain(template: Any) -> bool:
 
 
 def _qa_format() -> str:
-    from .evaluation import DEFAULT_VQA_PROMPT  # why: evaluation imports torch; the format is defined once there
-
     return DEFAULT_VQA_PROMPT
 
 

@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .conversation import DEFAULT_VQA_PROMPT
 from .data import ImageReader, read_records
 from .errors import ConfigError, DataError
 from .interfaces import GenerationConfig
 
-DEFAULT_VQA_PROMPT = "Question: {} Answer:"
 ATTRIBUTE_KEYS = ("color", "shape", "size", "position")
 ATTRIBUTE_FIELDS = ("attributes", "scene", "objects")  # record keys that may hold the true attributes
 _ADJECTIVES = ("color", "size")  # bound to the nearest shape word in multi-object scenes

@@ -9,8 +9,8 @@ import torch
 
 from vpgtrans.config import help_field
 from vpgtrans.interfaces import GenerationConfig, LLMBackend, TextSample
-from vpgtrans.memory import available_memory as _available_memory
-from vpgtrans.memory import dtype_bytes
+from vpgtrans.resources import available_memory as _available_memory
+from vpgtrans.resources import dtype_bytes
 from vpgtrans.names import LLM_ALIASES, load_pretrained, resolve
 from vpgtrans.registry import Component
 

@@ -181,7 +181,7 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
 def _check_disk(images: int, vision: Any, cache: FeatureCache, dtype: torch.dtype | None,
                 echo: Callable[[str], None] | None) -> None:
     """Refuse features that do not fit the cache's disk; else say their size and the pre-pass's time."""
-    from ..memory import CachePlan, free_disk
+    from ..resources import CachePlan, free_disk
 
     tokens, width = getattr(vision, "num_tokens", None), getattr(vision, "hidden_size", None)
     if not tokens or not width:
