@@ -137,3 +137,16 @@ def test_train_dry_run_names_hub_weights_missing_without_hf_offline(tmp_path, mo
     assert result.exit_code != 0 and len(errors) == 1, result.output
     assert "annotation file not found" in errors[0] and "2 missing weights" in errors[0], result.output
     assert "hf download Salesforce/blip2-opt-2.7b && hf download lmsys/vicuna-7b-v1.1" in errors[0]
+
+
+# --- exports: the demo says which of its models export to which format -------------------------------------------
+
+def test_demo_summary_says_which_models_export_to_which_format(tmp_path):
+    from vpgtrans.demo import _summary_lines
+
+    summary = {"config": {"src": "world-opt-s"}, "transfers": {}, "timings_s": {"total": 1.0},
+               "captions": {"exports": {"source (world-opt-s)": ["hf-blip2"], "VPGTrans (world-opt-m)": []}}}
+    lines = _summary_lines(summary, tmp_path)
+    start = next(i for i, line in enumerate(lines) if line.startswith("export formats"))
+    assert lines[start + 1].split() == ["source", "(world-opt-s)", "hf-blip2"]
+    assert lines[start + 2].split() == ["VPGTrans", "(world-opt-m)", "none"]

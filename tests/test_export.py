@@ -230,6 +230,29 @@ def test_formats_that_cannot_represent_a_model_refuse_in_one_line(tiny_paths, tm
     assert not (tmp_path / "x").exists()
 
 
+def test_every_refusal_names_a_format_that_accepts_the_model_or_none(tiny_paths, tmp_path):
+    from vpgtrans.formats import accepting_formats
+
+    qformer = build_model(tiny_spec(tiny_paths, "opt"))
+    clip_mlp = build_model(tiny_spec(tiny_paths, "opt", vision="clip-vit", vpg="mlp", hidden_size=32))
+    clip_qformer = build_model(tiny_spec(tiny_paths, "opt", vision="clip-vit"))
+    ln_vision = build_model(tiny_spec(tiny_paths, "opt", vision_layernorm=True))
+    assert accepting_formats(qformer) == ["hf-blip2"] and accepting_formats(clip_mlp) == ["hf-llava"]
+    assert accepting_formats(clip_qformer) == accepting_formats(ln_vision) == []
+    for model, fmt, fix in [(qformer, "hf-llava", "--format hf-blip2"),
+                            (qformer, "hf-instructblip", "--format hf-blip2"),
+                            (clip_mlp, "hf-blip2", "--format hf-llava"),
+                            (clip_mlp, "hf-instructblip", "--format hf-llava"),
+                            (clip_qformer, "hf-blip2", "no export format holds this model"),
+                            (clip_qformer, "hf-llava", "no export format holds this model"),
+                            (ln_vision, "hf-llava", "no export format holds this model")]:
+        with pytest.raises(ExportRefused) as info:
+            export_model(model, tmp_path / "x", fmt)
+        refusal = str(info.value)
+        assert fix in refusal and "instructblip" not in refusal.split(" — ")[1], refusal
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_export_then_import(tiny_paths, tmp_path):
     model = _model(tiny_paths, "opt")
     save_model(model, tmp_path / "model")

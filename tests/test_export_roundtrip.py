@@ -174,10 +174,13 @@ def test_models_no_stock_class_holds_are_refused_in_one_line(tiny_paths, tmp_pat
     owl = build_model(tiny_spec(tiny_paths, "llama", vision="clip-vit", vpg="abstractor", num_query_tokens=4,
                                 hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
     for model, fmt, words in [(proj, "hf-blip2", "project_in"), (owl, "hf-blip2", "no stock transformers class"),
-                              (owl, "hf-llava", "no stock transformers class")]:
+                              (owl, "hf-llava", "no stock transformers class"), (proj, "hf-llava", "mlp"),
+                              (proj, "hf-instructblip", "no instruction-aware")]:
         with pytest.raises(ExportRefused, match=words) as info:
             export_model(model, tmp_path / "x", fmt)
         assert "\n" not in str(info.value) and " — " in str(info.value)
+        # The demo's OPT-s → OPT-m model: no format holds it, and no refusal sends the user to another that fails.
+        assert "no export format holds this model" in str(info.value) and "--format" not in str(info.value)
     assert not (tmp_path / "x").exists()
 
 

@@ -125,8 +125,12 @@ def compare_captions(models: dict[str, Path], world: Path, cfg: DemoConfig) -> d
     gen = GenerationConfig(max_new_tokens=30, num_beams=1)
     out: dict[str, Any] = {"n": len(records), "scores": {}, "samples": []}
     predictions = {}
+    from .formats import accepting_formats
+
+    out["exports"] = {}
     for name, path in models.items():
         model = load_model(path).eval()
+        out["exports"][name] = accepting_formats(model)  # said before a user tries `vpgtrans export` on it
         predictions[name] = predict(model, records, gen_config=gen)
         metrics = score("caption", predictions[name], records)
         out["scores"][name] = {k: round(metrics[k], 4) for k in ("cider", "attribute_accuracy") if k in metrics}
@@ -276,6 +280,12 @@ def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
             lines.append(f"no speed-up figure: {speed.get('error', 'no evaluations logged')}")
         if race.get("plot"):
             lines.append(f"curves: {race['plot']}")
+    exports = (summary.get("captions") or {}).get("exports") or {}
+    if exports:
+        width = max(len(name) for name in exports)
+        lines.append("export formats (`vpgtrans export --model DIR --format F`; none: no stock transformers class "
+                     "holds the model, keep using its directory):")
+        lines += [f"  {name:<{width}}  {', '.join(formats) or 'none'}" for name, formats in exports.items()]
     t = summary["timings_s"]
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
     lines.append(f"everything: {out / 'demo.json'}")

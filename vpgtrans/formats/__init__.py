@@ -22,8 +22,8 @@ from ..errors import ConfigError
 from . import blip2, llava
 from ._common import IGNORE, LORA_MODES, ExportRefused, ExportResult
 
-__all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "export_model", "import_model",
-           "stock_inputs"]
+__all__ = ["FORMATS", "LORA_MODES", "ExportRefused", "ExportResult", "accepting_formats", "export_model",
+           "import_model", "stock_inputs"]
 
 
 def _export_blip2(model: Any, out: Path, lora: str | None, card: dict[str, Any] | None) -> ExportResult:
@@ -59,6 +59,40 @@ FORMATS: dict[str, tuple[Callable[..., ExportResult], Callable[..., Path], str]]
 }
 
 
+# name → the check that raises ExportRefused when the format cannot hold a model (nothing built or written)
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "hf-blip2": lambda model: blip2.check(model, blip2.BLIP2),
+    "hf-instructblip": lambda model: blip2.check(model, blip2.INSTRUCTBLIP),
+    "hf-llava": lambda model: llava.check(model),
+}
+NO_FORMAT = ("no export format holds this model; keep using its vpgtrans model directory (vpgtrans generate / chat / "
+             "eval / serve, lmms-eval --model vpgtrans)")
+
+
+def accepting_formats(model: Any) -> list[str]:
+    """The export formats that can hold `model`, in FORMATS order (each format's checks only; nothing written)."""
+    accepted = []
+    for fmt, check in _CHECKS.items():
+        try:
+            check(model)
+        except ExportRefused:
+            continue
+        accepted.append(fmt)
+    return accepted
+
+
+def _refusal(exc: ExportRefused, model: Any, fmt: str) -> ExportRefused:
+    """The refusal with a fix that names a format that accepts the model, or says none does."""
+    others = [f for f in accepting_formats(model) if f != fmt]
+    # The checks' own hints guess at another format; only the checks of every format can tell which one holds it.
+    own = exc.fix if exc.fix and "--format" not in exc.fix and "no stock" not in exc.fix else None
+    if others:
+        fix = f"export it with --format {' or --format '.join(others)}"
+    else:
+        fix = "; ".join(f for f in (own, NO_FORMAT) if f)
+    return ExportRefused(exc.what, fix)
+
+
 def _format(fmt: str) -> tuple[Callable[..., ExportResult], Callable[..., Path], str]:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
@@ -73,7 +107,12 @@ def export_model(model: Any, out: str | Path, fmt: str = "hf-blip2", *, lora: st
     """
     if lora is not None and lora not in LORA_MODES:
         raise ConfigError(f"unknown --lora mode '{lora}'", f"use one of {', '.join(LORA_MODES)}")
-    return _format(fmt)[0](model, Path(out), lora, card)
+    export = _format(fmt)[0]
+    try:
+        _CHECKS[fmt](model)
+    except ExportRefused as exc:
+        raise _refusal(exc, model, fmt) from None
+    return export(model, Path(out), lora, card)
 
 
 def import_model(src: str | Path, out: str | Path, fmt: str = "hf-blip2") -> Path:

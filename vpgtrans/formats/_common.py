@@ -53,6 +53,17 @@ def refuse_abstractor(model: Any, fmt: str) -> None:
                             "eval / lmms-eval --model vpgtrans)")
 
 
+def refuse_project_in(model: Any, fmt: str) -> None:
+    """Stock classes splice soft prompts as wide as the LLM's hidden size: OPT-350m's project_in layout is refused."""
+    config = model.llm.model.config
+    proj_dim = getattr(config, "word_embed_proj_dim", None)
+    if proj_dim is not None and proj_dim != config.hidden_size:
+        raise ExportRefused(f"{fmt} splices soft prompts of the LLM's hidden size ({config.hidden_size}) but this "
+                            f"OPT reads {proj_dim}-wide input embeddings (project_in, the OPT-350m layout)",
+                            "keep this model in the vpgtrans format (vpgtrans generate / eval); no stock "
+                            "transformers class holds it")
+
+
 def _lora_layers(lm: nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer  # why: importing peft costs a second; only LoRA models get here
 
@@ -225,12 +236,7 @@ def llm_part(model: Any, lora: str | None, fmt: str, add_bos: bool = True) -> LL
     """Prepare the LLM for a stock checkpoint: image token (growing the vocabulary if needed), LoRA handled."""
 
     lm = model.llm.model
-    proj_dim = getattr(lm.config, "word_embed_proj_dim", None)
-    if proj_dim is not None and proj_dim != lm.config.hidden_size:
-        raise ExportRefused(f"{fmt} splices soft prompts of the LLM's hidden size ({lm.config.hidden_size}) but this "
-                            f"OPT reads {proj_dim}-wide input embeddings (project_in, the OPT-350m layout)",
-                            "keep this model in the vpgtrans format (vpgtrans generate / eval); no stock "
-                            "transformers class holds it")
+    refuse_project_in(model, fmt)
     lora = (lora or "merge") if is_applied(model) else None
     tok, image_id, notes = image_token_tokenizer(model.llm.tokenizer, not lm.config.is_encoder_decoder, add_bos)
     state = llm_state(model, lora or "merge")

@@ -23,8 +23,8 @@ from ..hf_dirs import preprocessor_settings, qformer_vpg_spec, read_blip2_vpg, r
 from ..model import IMAGE_SLOT, detect_llm_component
 from ..names import load_pretrained
 from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
-                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
-                      write_export)
+                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, refuse_project_in,
+                      restore_llm, write_export)
 from .usage import Usage, chat_template
 
 QFORMER_TOKENIZER = "qformer_tokenizer"
@@ -89,11 +89,15 @@ def _vision_state(model: Any) -> dict[str, torch.Tensor]:
     to the epsilons: with a constant first scale c it is γ2·c/√(c²+ε2)·(x−μ)/√(var + ε1·ε2/(c²+ε2))
     + β2, whose epsilon differs from ε1, and the ViT config has one epsilon for all its LayerNorms.
     """
+    _refuse_ln_vision(model)
+    return {k: v.detach() for k, v in model.vision.model.state_dict().items()}
+
+
+def _refuse_ln_vision(model: Any) -> None:
     if isinstance(model.vpg.ln_vision, torch.nn.LayerNorm):
         raise ExportRefused("this model applies its own LayerNorm (vision_layernorm, LAVIS ln_vision) after the "
                             "ViT's final LayerNorm; two LayerNorms in a row have no exact Blip2VisionModel form",
                             "export a model trained with vision_layernorm=false (imported BLIP-2 models are)")
-    return {k: v.detach() for k, v in model.vision.model.state_dict().items()}
 
 
 def _qformer_state(vpg: Any, instruct: bool) -> dict[str, torch.Tensor]:
@@ -124,11 +128,19 @@ def _layout(model: Any, family: Family, n_query: int) -> tuple[str, int | None]:
     return IMAGE_TOKEN * n_query, None
 
 
+def check(model: Any, family: Family) -> None:
+    """Every reason `family` cannot hold `model`, raised as ExportRefused before anything is built or written."""
+    refuse_abstractor(model, family.fmt)
+    _check(model, family)
+    _refuse_ln_vision(model)
+    _layout(model, family, model.vpg.config.num_query_tokens)
+    refuse_project_in(model, family.fmt)
+
+
 def export(model: Any, out: str | Path, lora: str | None, family: Family,
            card: dict[str, Any] | None = None) -> ExportResult:
     """Write `model` as a stock (InstructBlip|Blip2)ForConditionalGeneration directory (+ processor)."""
-    refuse_abstractor(model, family.fmt)
-    _check(model, family)
+    check(model, family)
     n_query = model.vpg.config.num_query_tokens
     slot, processor_queries = _layout(model, family, n_query)
     part = llm_part(model, lora, family.fmt)

@@ -21,8 +21,8 @@ from ..hf_dirs import preprocessor_settings, read_hf_config, save_frozen_parts
 from ..model import IMAGE_SLOT, detect_llm_component
 from ..names import load_pretrained
 from ._common import (IMAGE_TOKEN, ExportRefused, ExportResult, assemble, build_imported, dtype_name, finish_import,
-                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, restore_llm,
-                      write_export)
+                      image_processor, llm_part, prefixed, read_export_info, refuse_abstractor, refuse_project_in,
+                      restore_llm, write_export)
 from .usage import Usage, chat_template
 
 FMT = "hf-llava"
@@ -58,6 +58,14 @@ def _check(model: Any) -> tuple[bool, str]:
     return drop_vision or drop_vpg, "linear"
 
 
+def check(model: Any) -> tuple[bool, str]:
+    """Every reason LLaVA cannot hold `model`, raised as ExportRefused; else (drop CLS?, projector activation)."""
+    refuse_abstractor(model, FMT)
+    layout = _check(model)
+    refuse_project_in(model, FMT)
+    return layout
+
+
 def _projector_state(model: Any, act: str) -> dict[str, torch.Tensor]:
     proj = {k: v.detach() for k, v in model.projector.state_dict().items()}
     if act == "gelu":
@@ -83,8 +91,7 @@ def export(model: Any, out: str | Path, lora: str | None, card: dict[str, Any] |
     """Write `model` as a stock LlavaForConditionalGeneration directory (+ LlavaProcessor)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # why: as above
 
-    refuse_abstractor(model, FMT)
-    drop_cls, act = _check(model)
+    drop_cls, act = check(model)
     lm = model.llm.model
     # vpgtrans feeds `[image][BOS] text` for image-first templates; the tokenizer can only put BOS first, so
     # there the chat template writes BOS after the image and the tokenizer adds none.
