@@ -65,8 +65,3 @@ class TransferOptions:
     def replace(self, **changes: Any) -> TransferOptions:
         """A copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
-
-
-def option_help(name: str) -> str:
-    """The help text of one option (the CLI shows the same words)."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(TransferOptions) if f.name == name)
