@@ -226,7 +226,8 @@ def tfs(s: DiagSettings, llm: str, stage1: str, work: Path) -> dict[str, Any]:
     _, per_epoch = per_epoch_steps(s)
     key = {"world_id": world_id(s.world), "arm": "tfs", "llm": llm, "stage1": stage1, **_run_key(s),
            "epochs": s.tfs_epochs, "lr_warmup_steps": s.lr_warmup_steps}
-    out = work / "tfs" / llm
+    # Per seed (the protocol trains several); the first seed keeps the plain name the diagnostic has always used.
+    out = work / "tfs" / (llm if s.seed == 0 else f"{llm}-s{s.seed}")
     done = _cached(out, key)
     if done and (out / "run" / "model" / "manifest.json").exists():
         return done
