@@ -97,30 +97,6 @@ def test_init_from_says_what_it_skipped_and_refuses_when_nothing_that_trains_fit
         init_from_model_dir(projector_only, src)
 
 
-def test_thread_default_is_one_on_a_busy_machine_and_overridable(monkeypatch):
-    from vpgtrans import threads
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(threads, "physical_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
-    monkeypatch.setattr(threads, "running_others", lambda: 2)
-    n, why = threads.choose_threads()
-    assert n == 1 and "load 6.0 on 4 cores" in why
-    # The load average still counts a phase that just ended (nothing else runs now): all cores again.
-    monkeypatch.setattr(threads, "running_others", lambda: 0)
-    assert threads.choose_threads()[0] == 4
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    monkeypatch.setattr(threads, "running_others", lambda: 1)
-    assert threads.choose_threads()[0] == 4
-    # A job that started seconds ago is not in the 1-minute load average yet: the run queue says it is there.
-    monkeypatch.setattr(threads, "running_others", lambda: 4)
-    n, why = threads.choose_threads()
-    assert n == 1 and "4 other processes running on 4 cores" in why
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert threads.choose_threads() == (3, "OMP_NUM_THREADS")
-    assert threads.choose_threads(2) == (2, "--threads")
-
-
 def test_running_others_counts_busy_processes():
     import multiprocessing
 
@@ -152,7 +128,7 @@ def test_threads_are_stated_before_the_plan_but_not_before_a_one_line_error(tmp_
     data = _jsonl(tmp_path)
     ok = CliRunner().invoke(main, ["train", "--recipe", "blip2_stage2_world", "--dry-run", "--threads", "1",
                                    f"data.train={data}", "data.val=null", "eval.metrics=[]"])
-    assert ok.output.splitlines()[0] == "threads 1 (--threads)", ok.output
+    assert ok.output.splitlines()[0].startswith("threads 1 (--threads); CPU kernels "), ok.output
     bad = CliRunner().invoke(main, ["train", "--recipe", "blip2_stage2_world", "--threads", "1", "train.lr=-1"])
     assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1, bad.output
 

@@ -9,6 +9,11 @@ import traceback
 import click
 
 from ..errors import VpgtransError, translate
+from ..threads import pin_cpu_numerics
+
+# Before anything loads torch (its CPU kernels and OpenMP read these once): the same figures on every AVX2 CPU,
+# and threads that sleep rather than spin when another job takes a core.
+pin_cpu_numerics()
 
 
 class _UsageLine(click.ClickException):

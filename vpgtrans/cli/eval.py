@@ -7,6 +7,8 @@ import json
 import time
 
 import click
+
+from ..threads import THREADS_HELP
 # why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 
@@ -29,7 +31,7 @@ import click
               help="Write metrics and every prediction to this JSON file (an earlier report there is replaced).")
 @click.option("--force", is_flag=True, help="Overwrite an --out file that is not a `vpgtrans eval` report.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
+              help=THREADS_HELP)
 @click.option("--no-progress", is_flag=True, help="No progress lines.")
 def eval_command(model_dir: str, data_path: str, task: str, limit: int | None, beams: int, max_new_tokens: int,
                  stop: tuple[str, ...], batch_size: int, prompt: str | None, out_path: str | None, force: bool,

@@ -45,10 +45,9 @@ def list_images(root: str | Path) -> list[Path]:
 def caption_folder(model: Any, root: str | Path, out: str | Path, prompt: str, config: Any, *,
                    batch_size: int = 8, skip_bad: bool = False, progress: bool = True) -> tuple[int, int]:
     """Caption every image under `root` into `out` (JSONL, written atomically); returns (written, skipped)."""
-    from tqdm import tqdm
-
     from ..checkpoint import atomic_write_text
     from ..images import open_image
+    from ..progress import progress_bar
 
     root = Path(root)
     files = list_images(root)
@@ -57,7 +56,7 @@ def caption_folder(model: Any, root: str | Path, out: str | Path, prompt: str, c
                         "point --images at a folder of image files")
     lines: list[str] = []
     skipped = 0
-    with tqdm(total=len(files), unit="img", desc="captioning", disable=not progress) as bar:
+    with progress_bar(len(files), "captioning", "img", disable=not progress) as bar:
         for start in range(0, len(files), batch_size):
             names, images = [], []
             for path in files[start:start + batch_size]:

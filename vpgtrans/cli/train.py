@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import VpgtransError
+from ..threads import THREADS_HELP
 # why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 
@@ -25,7 +26,7 @@ from ..errors import VpgtransError
               "other files there are kept). Never overrides a run in progress.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
+              help=THREADS_HELP)
 def train(recipe: str, overrides: tuple[str, ...], out_dir: str | None, resume: str | None, until: str | None,
           max_steps: int | None, dry_run: bool, skip_bad_samples: bool, force: bool, no_progress: bool,
           threads: int | None) -> None:

@@ -132,7 +132,7 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
     """
     import time
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     bad = bad if bad is not None else BadSamples()
     reader = reader or ImageReader()
@@ -150,8 +150,7 @@ def prepare_features(records: Sequence[dict[str, Any]], vision: Any, cache: Feat
         _check_disk(len(todo), vision, cache, dtype, echo)
     failed: set[str] = set()
     items = list(todo.items())
-    bar = tqdm(total=len(items), desc="vision features", unit="img", disable=not progress or not items,
-               dynamic_ncols=True, leave=False)
+    bar = progress_bar(len(items), "vision features", "img", disable=not progress or not items, leave=False)
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         images, ok = [], []

@@ -254,8 +254,9 @@ class Trainer:
                                            "value": seen[self.until.metric]}
         if done or reached or step % cfg.log_every == 0:
             log.write(row)
-        bar.update(1)
+        # The values first: a log-file bar prints its line during update().
         bar.set_postfix(loss=f"{state['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+        bar.update(1)
         if done or reached or (cfg.save_every and step % cfg.save_every == 0):
             result.checkpoint = str(self._save(state))
         if reached:
@@ -279,10 +280,10 @@ class Trainer:
             from accelerate.utils import set_seed
 
             set_seed(cfg.seed + acc.process_index)
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc="train", unit="step",
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        bar = progress_bar(self.total_steps, "train", "step", initial=state["step"],
+                           disable=not (self.progress and acc.is_main_process))
         batches = self.stream.batches(state["position"])
         if "_rng" in state:
             set_rng_state(state.pop("_rng"))  # last: nothing between here and the first step may draw numbers

@@ -212,7 +212,7 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
     """Tokenizers here, then the four LMs in parallel worker processes, then the converter report."""
     from collections import Counter
 
-    from .fidelity import converter_report, report_lines
+    from .fidelity import pair_report, report_lines
     from .lms import lm_specs, text_samples
     from .tokenizers import check_whole_words, llama_tokenizer, opt_tokenizer, t5_tokenizer, training_corpus
 
@@ -257,9 +257,13 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
     progress("[world] converters: held-out cosine for every ordered pair of LMs (5-fold over the seen token pairs)")
     # The tiny world only has to show that the report is there: fewer folds and SGD steps.
     quick = {"folds": 3, "configs": {"linear-cosine": {"min_steps": 50}}} if cfg.lm_scale == "tiny" else {}
-    report["converters"] = converter_report(spaces, **quick)
-    for line in report_lines(report["converters"]):
-        progress(f"    {line}")
+    # Each pair's line as soon as it is scored (the same report as fidelity.converter_report): the phase takes
+    # minutes (466 s on a busy 2-core machine) and printed nothing until all twelve pairs were done.
+    pairs = [(a, b) for a in spaces for b in spaces if a != b]
+    report["converters"] = {}
+    for i, (a, b) in enumerate(pairs, 1):
+        row = report["converters"][f"{a}>{b}"] = pair_report(spaces[a], spaces[b], **quick)
+        progress(f"    [{i}/{len(pairs)}, {time.time() - t:.0f}s] {report_lines({f'{a}>{b}': row})[0]}")
     timings["converters"] = round(time.time() - t, 1)
     return report
 
