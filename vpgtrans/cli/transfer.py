@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..threads import THREADS_HELP
 # why project modules are imported inside the commands: `vpgtrans --help` must not import torch or transformers
 
 
@@ -46,7 +47,7 @@ from ..errors import ConfigError
               help="Refuse token pairings covering less of the destination vocabulary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Torch threads (default: physical cores, 1 on a busy machine; OMP_NUM_THREADS also works).")
+              help=THREADS_HELP)
 @click.option("--then-data", default=None,
               help="Into Vicuna (VL-Vicuna): also run the paper's next stage (recipe vl_vicuna) on this "
                    "cc_sbu_align folder, into OUT/vl_vicuna.")
