@@ -250,3 +250,28 @@ def test_imported_blip2_stops_where_the_stock_model_stops(tiny_paths, tmp_path):
     (tmp_path / "hf" / "vpgtrans_export.json").unlink()
     back = load_model(import_model(tmp_path / "hf", tmp_path / "imported", "hf-blip2")).eval()
     assert stop_token_ids(back.llm)[0] == newline
+
+
+def test_instructblip_export_cuts_long_instructions_as_the_model_does(tiny_paths, tmp_path):
+    """max_instruction_len, on the same side: a long instruction gives the Q-Former the same ids and the same text."""
+    from transformers import AutoProcessor
+
+    model = _model(tiny_paths, "opt", "blip2-vit", {"vpg": "instruct-qformer", "max_instruction_len": 6}, {})
+    export_model(model, tmp_path / "hf", "hf-instructblip")
+    long = "please look closely and tell me what you see here: " * 3 + "what is in the picture?"
+    ours_ids, _ = model.vpg.tokenize([long], torch.device("cpu"))
+    assert ours_ids.shape[1] == 6  # the instruction is longer than the model reads
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": long}]}],
+        add_generation_prompt=True, tokenize=False)
+    image = tiny_images(1, size=48, seed=2)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    assert torch.equal(inputs["qformer_input_ids"], ours_ids)
+    gen = dict(max_new_tokens=8, min_new_tokens=3)
+    theirs = stock_generate(tmp_path / "hf", STOCK["hf-instructblip"], image, [long], **gen)
+    assert [t.strip() for t in theirs] == model.generate(image, [long], config=GenerationConfig(**gen))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    # The card's Notes advise one prompt per call for a decoder-only LLM: its snippet does so.
+    assert "one prompt per call" in card and "for image, prompt in zip(images, prompts)" in card
+    assert "padding=True" not in card.split("```python")[1].split("```")[0]

@@ -155,9 +155,9 @@ def export(model: Any, out: str | Path, lora: str | None, family: Family,
              **prefixed("language_projection", model.projector), **prefixed("language_model", part.state)}
     stock = assemble(_cls(family.model_cls), config, state)
     improc = image_processor(model.vision)
-    extra = {"qformer_tokenizer": model.vpg.tokenizer} if family.instruct else {}
+    extra = {"qformer_tokenizer": _truncating_tokenizers(model, part)} if family.instruct else {}
     usage = Usage(family.model_cls, chat_template(model, slot), not part.config.is_encoder_decoder,
-                  model.template.end)
+                  model.template.end, one_per_call=family.instruct and not part.config.is_encoder_decoder)
     if family.instruct and usage.decoder_only:
         part.notes.append("InstructBlipProcessor pads the Q-Former's instruction on the LLM tokenizer's side (left); "
                           "the Q-Former was trained with right padding: pass one prompt per call, or prompts of "
@@ -165,6 +165,29 @@ def export(model: Any, out: str | Path, lora: str | None, family: Family,
     return write_export(Path(out), stock, part, model, lambda template: _cls(family.processor_cls)(
         image_processor=improc, tokenizer=part.tokenizer, num_query_tokens=processor_queries, chat_template=template,
         **extra), improc, usage, card)
+
+
+def _truncating_tokenizers(model: Any, part: Any) -> Any:
+    """The Q-Former's tokenizer as shipped: it cuts instructions where and as the model does (left, at
+    min(max_instruction_len, max_position_embeddings)); the LLM tokenizer is made to ask for that cut.
+
+    InstructBlipProcessor calls both tokenizers with the same text arguments, so truncation has to be on for
+    both: `truncation` in the LLM tokenizer's saved arguments turns it on for every processor call, and the LLM
+    tokenizer keeps an honest limit (its context length) so that it cuts nothing vpgtrans would have read.
+    """
+    import copy
+
+    cfg = model.vpg.config
+    qtok = copy.deepcopy(model.vpg.tokenizer)
+    qtok.model_max_length = qtok.init_kwargs["model_max_length"] = min(cfg.max_instruction_len,
+                                                                       cfg.max_position_embeddings)
+    qtok.truncation_side = qtok.init_kwargs["truncation_side"] = model.vpg.tokenizer.truncation_side
+    tok, lm_config = part.tokenizer, part.config
+    context = getattr(lm_config, "max_position_embeddings", None) or getattr(lm_config, "n_positions", None)
+    if tok.model_max_length > 10 ** 9:  # "no limit" would make every truncating call warn and cut nothing
+        tok.model_max_length = tok.init_kwargs["model_max_length"] = context or 10 ** 9
+    tok.init_kwargs["truncation"] = True
+    return qtok
 
 
 def _instruct_vpg(stock: Any, info: dict[str, Any], tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

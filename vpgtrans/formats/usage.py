@@ -25,6 +25,7 @@ class Usage:
     chat_template: str
     decoder_only: bool
     end: str = ""
+    one_per_call: bool = False  # batched prompts of different lengths would not give vpgtrans's text (see Notes)
 
 
 def _literal(text: str) -> str:
@@ -86,11 +87,23 @@ questions = ["{EXAMPLE_INSTRUCTION}", ""]  # "" = plain caption
 prompts = [processor.tokenizer.apply_chat_template(
     [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": q}}]}}],
     add_generation_prompt=True, tokenize=False) for q in questions]
-inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+{_generate(usage, new)}print([t{cut}.strip() for t in texts])
+'''
+
+
+def _generate(usage: Usage, new: str) -> str:
+    if usage.one_per_call:
+        return f'''texts = []
+for image, prompt in zip(images, prompts):  # one prompt per call (see Notes)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=30)  # greedy; num_beams=5 for beam search
+    texts += processor.batch_decode({new}, skip_special_tokens=True)
+'''
+    return f'''inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
 with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=30)  # greedy; num_beams=5 for beam search
 texts = processor.batch_decode({new}, skip_special_tokens=True)
-print([t{cut}.strip() for t in texts])
 '''
 
 
@@ -128,8 +141,10 @@ def model_card(model: Any, usage: Usage, fmt: str, manifest: dict[str, Any] | No
     lines += ["## Use", "", "With stock transformers only (the chat template writes the prompt layout the model "
               "was trained on; do not hand-write it):", "", "```python", snippet(usage, "<this directory>"), "```",
               "", "The same text as `vpgtrans generate --model <vpgtrans model> --image photo.jpg --prompt "
-              f"\"{EXAMPLE_INSTRUCTION}\"`, greedy or with beams, batched prompts included (the tokenizer pads "
-              "on the " + ("left" if usage.decoder_only else "right") + ").", ""]
+              f"\"{EXAMPLE_INSTRUCTION}\"`, greedy or with beams, "
+              + ("one prompt per call (see Notes)." if usage.one_per_call else
+                 "batched prompts included (the tokenizer pads on the " + ("left" if usage.decoder_only else "right")
+                 + ")."), ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
