@@ -275,3 +275,50 @@ def test_cli_export_then_import(tiny_paths, tmp_path):
     res = runner.invoke(main, ["import", "--format", "hf-llava", "--src", str(tmp_path / "hf"),
                                "--out", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "blip-2" in res.output and "--format" in res.output
+
+
+LLAVA15_CHAT = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %} ASSISTANT:{% endfor %}")
+BOS_FIRST_CHAT = ("{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                  "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+
+
+def _stock_llava(tiny_paths, tmp_path, chat):
+    """A LLaVA directory as published (no vpgtrans marker) whose processor ships `chat` (None: no chat template)."""
+    model = build_model(tiny_spec(tiny_paths, "llama", vision="clip-vit", vpg="mlp", hidden_size=32)).eval()
+    export_model(model, tmp_path / "src", "hf-llava")
+    (tmp_path / "src" / "vpgtrans_export.json").unlink()
+    if chat == "exported":  # the chat template the export wrote: vpgtrans's own `[image][BOS] text`
+        return tmp_path / "src"
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / "src" / name).unlink(missing_ok=True)
+    if chat is not None:
+        (tmp_path / "src" / "chat_template.jinja").write_text(chat)
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("chat, text", [(LLAVA15_CHAT, "USER: <ImageHere>\n{instruction} ASSISTANT:"),
+                                        (BOS_FIRST_CHAT, "<s><ImageHere>{instruction}"),
+                                        ("exported", "<ImageHere>{instruction}")])
+def test_llava_import_takes_the_prompt_layout_from_the_chat_template(tiny_paths, tmp_path, chat, text):
+    src = _stock_llava(tiny_paths, tmp_path, chat)
+    back = load_model(import_model(src, tmp_path / "imported", "hf-llava")).eval()
+    assert back.spec.template == {"text": text}
+    llm = back.llm
+    ids, soft, _, _ = llm._sequences(back.vpg.num_prompts(back.vision.num_tokens), [back.template.sample("hi")], 0,
+                                     False, False)
+    bos = llm.tokenizer.bos_token_id
+    assert ids[0].tolist().count(bos) == 1  # BOS once, wherever the layout puts it
+    if chat == "exported":  # the soft prompts first, then BOS
+        assert soft[0, 0] and ids[0, int(soft[0].sum())].item() == bos
+    else:  # BOS first: before the image too
+        assert ids[0, 0].item() == bos and not soft[0, 0]
+
+
+def test_llava_import_without_a_chat_template_warns(tiny_paths, tmp_path, capsys):
+    src = _stock_llava(tiny_paths, tmp_path, None)
+    capsys.readouterr()
+    back = load_model(import_model(src, tmp_path / "imported", "hf-llava"))
+    assert back.spec.template == {}
+    err = capsys.readouterr().err
+    assert "warning:" in err and "ships no chat template" in err and "spec.template.text" in err

@@ -181,7 +181,8 @@ class CausalLMBackend(_Backend):
             target = (self._ids(s.target) + eos) if with_target else []
             target = target[:max_text_len]
             if before:
-                head = bos + before
+                # A template that writes BOS itself (`<s><ImageHere>…`: BOS before the image) gets it once.
+                head = (bos if before[:len(bos)] != bos else []) + before
                 seq = head + [pad] * n_soft + after + target
                 is_soft = [0] * len(head) + [1] * n_soft + [0] * (len(after) + len(target))
             else:

@@ -10,6 +10,7 @@ output) is the same tensor. Dropping CLS (on the vision component or the VPG) is
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,55 @@ def _vpg_from_projector(stock: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
                           "only gelu (mlp VPG) and linear (linear VPG) projectors import")
 
 
+_INSTRUCTION = "\ue000instruction\ue000"  # a private-use sentinel no chat template writes by itself
+
+
+def _source_chat_template(src: Path, tokenizer: Any) -> str | None:
+    """The chat template a LLaVA directory ships (processor's chat_template.json/.jinja, else the tokenizer's)."""
+    import json
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = src / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return getattr(tokenizer, "chat_template", None) or None
+
+
+def template_from_source(src: Path, tokenizer: Any, image_token: str) -> tuple[dict[str, str], str | None]:
+    """(vpgtrans template, a warning) read from the source's chat template: the prompt layout it was trained on.
+
+    The template is rendered for one user turn (an image, then a sentinel instruction) with the generation prompt;
+    the image token becomes the soft-prompt slot. The stock processor tokenizes that text with the tokenizer's
+    special tokens, so a BOS the tokenizer adds leads it: with no text before the image, the template writes BOS
+    itself (`<s><ImageHere>…`, BOS before the image); with text before it, vpgtrans puts BOS first anyway.
+    """
+    chat = _source_chat_template(src, tokenizer)
+    plain = f"the imported model uses vpgtrans's plain layout '{IMAGE_SLOT}{{instruction}}'"
+    if not chat:
+        return {}, (f"{src} ships no chat template, so its prompt layout is unknown: {plain}; if it was trained on "
+                    "another, set the template in the imported manifest.json (spec.template.text)")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _INSTRUCTION}]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - any template that cannot render one turn is reported, not fatal
+        return {}, f"{src}'s chat template cannot render one user turn ({type(exc).__name__}: {exc}): {plain}"
+    if text.count(image_token) != 1 or text.count(_INSTRUCTION) != 1:
+        return {}, (f"{src}'s chat template does not write one {image_token} and one instruction for a user turn: "
+                    f"{plain}")
+    bos = tokenizer.bos_token or ""
+    adds_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    if bos and text.startswith(bos):
+        text, adds_bos = text[len(bos):], True
+    before, after = text.split(image_token)
+    if not before and bos and after.startswith(bos):  # `[image][BOS] text`: vpgtrans's own image-first layout
+        after, adds_bos = after[len(bos):], False
+    if adds_bos and not before:
+        before = bos
+    return {"text": before + IMAGE_SLOT + after.replace(_INSTRUCTION, "{instruction}")}, None
+
+
 def import_(src: str | Path, out: str | Path) -> Path:
     """Turn a stock LlavaForConditionalGeneration directory into a vpgtrans model directory."""
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration  # why: as above
@@ -179,12 +229,18 @@ def import_(src: str | Path, out: str | Path) -> Path:
         vision_spec["drop_cls"] = drop_cls  # keep the CLS choice where the original model made it
     else:
         vpg_spec["drop_cls"] = drop_cls
+    template = old.get("template")
+    if template is None:  # not a vpgtrans export: the layout comes from the source itself
+        image_token = tokenizer.convert_ids_to_tokens(int(cfg.image_token_index))
+        template, warning = template_from_source(src, tokenizer, image_token or IMAGE_TOKEN)
+        if warning:  # on stderr, not as a Python warning: the CLI hides those unless --debug
+            print(f"warning: {warning}", file=sys.stderr)
     with atomic_dir(out) as tmp:
         save_frozen_parts(tmp, tower, lm, tokenizer, preprocessor_settings(src))
         spec = {"vision": {**vision_spec, "path": str(tmp / "vision")}, "vpg": vpg_spec,
                 "llm": {"name": detect_llm_component(str(tmp / "llm")), "path": str(tmp / "llm"),
                         "dtype": dtype_name(lm)},
-                "template": old.get("template") or {}}
+                "template": template}
         del stock, lm, tower
         model = build_imported(spec, src)
         model.vpg.load_state_dict(vpg_state, strict=True)
