@@ -2,8 +2,9 @@
 
 BLIP-2, VPGTrans and MiniGPT-4 train on `RandomResizedCrop(size, scale=(0.5, 1.0), bicubic)` then
 `RandomHorizontalFlip()`, and evaluate on a plain bicubic resize. torchvision cannot be imported beside the
-CPU torch wheel these machines carry, so the crop is torchvision's algorithm re-implemented on PIL: the same
-draws (ten tries at a random area and log-uniform aspect ratio, else a centre crop), then PIL's bicubic resize.
+CPU torch wheel these machines carry, so the crop is torchvision's procedure re-implemented on PIL (ten tries at a
+random area and a log-uniform aspect ratio, else a centre crop), then PIL's bicubic resize — drawn from Python's
+`random`, so the same distribution as torchvision's, not the same numbers.
 Each image's draws come from its own `random.Random`, seeded by the caller from (seed, epoch, sample), so a
 resumed run crops every image as the uninterrupted one did and no global RNG moves.
 """
