@@ -257,19 +257,14 @@ def _run_row(s: Settings, pair: Pair, row: Row, seed: int, source: Path, out: Pa
     info: dict[str, Any] = {"pair": pair.name, "row": row.name, "seed": seed, "config": asdict(row),
                             "budget": budget, "data_fraction": plan.base.data.fraction}
     fit_seconds = 0.0
-    if row.inherit_vpg:
-        prepared = race.prepare(plan, fit=row.projector == "converter", echo=_quiet)
-        model = prepared.model
-        info["source_vpg_loaded"] = True
-        if prepared.fit is not None:
-            fit_seconds = prepared.fit.seconds
-            info["converter_fit"] = {"converter": row.converter, "train_cosine": round(prepared.fit.train_cosine, 4),
-                                     "heldout_cosine": None if prepared.fit.heldout_cosine is None
-                                     else round(prepared.fit.heldout_cosine, 4),
-                                     "n_pairs": prepared.pairs.n_pairs, "seconds": round(fit_seconds, 3)}
-    else:
-        model = race.fresh_model(plan)
-        info["source_vpg_loaded"] = False
+    model, prepared = race.start_model(plan, echo=_quiet)
+    info["source_vpg_loaded"] = prepared is not None
+    if prepared is not None and prepared.fit is not None:
+        fit_seconds = prepared.fit.seconds
+        info["converter_fit"] = {"converter": row.converter, "train_cosine": round(prepared.fit.train_cosine, 4),
+                                 "heldout_cosine": None if prepared.fit.heldout_cosine is None
+                                 else round(prepared.fit.heldout_cosine, 4),
+                                 "n_pairs": prepared.pairs.n_pairs, "seconds": round(fit_seconds, 3)}
     info["projector_norm_init"] = round(float(model.projector.weight.detach().norm()), 4)
     info["vpg_init_fingerprint"] = vpg_fingerprint(model.vpg.state_dict())
     _, stages = race.train_stages(plan, lambda: model, echo=_quiet)

@@ -174,3 +174,18 @@ def test_lora_trains_in_finetuning_only(world, tmp_path):
     lora_keys = [k for k in final if "lora_B" in k]
     assert lora_keys and all(not warm[k].any() for k in lora_keys)  # LoRA B starts at zero, frozen in the warm-up
     assert any(final[k].any() for k in lora_keys)
+
+
+def test_the_ablation_options_are_honoured_by_the_python_api(world, tmp_path):
+    """A fresh VPG (not the source's) and a step budget, run through the same transfer as the CLI's."""
+    out = tmp_path / "fresh"
+    options = TransferOptions(src=str(world["src"]["opt"]), dst=str(world["paths"]["llama"]), data=world["data"],
+                              out=out, converter="lstsq", inherit_vpg=False, warmup_epochs=0.5, budget_steps=3,
+                              overrides=world["overrides"], recipe="vpgtrans_world")
+    result = race.transfer(options, echo=lambda _: None)
+    # The warm-up trains the projector alone: an inherited VPG would still be the source's after it.
+    saved = load_file(str(world["src"]["opt"] / "model.safetensors"))
+    warm = load_file(str(out / "warmup" / "model" / "model.safetensors"))
+    assert all(not torch.equal(warm[k], saved[k]) for k in saved if k.startswith("vpg.") and saved[k].numel() > 1)
+    assert not (out / "converter").exists() and result.converter == {"converter": None}
+    assert result.stages["warmup"].steps == 2 and result.stages["finetune"].steps == 1  # 3 steps in all

@@ -178,6 +178,14 @@ def fresh_model(plan: TransferPlan) -> nn.Module:
     return build_model(plan.spec)
 
 
+def start_model(plan: TransferPlan, *, echo: Echo = print) -> tuple[nn.Module, Prepared | None]:
+    """The model the first stage trains, as the options ask: the source's VPG (and the merged converter), or fresh."""
+    if not plan.options.inherit_vpg:
+        return fresh_model(plan), None
+    prepared = prepare(plan, fit=plan.options.fit_converter, echo=echo)
+    return prepared.model, prepared
+
+
 def run_stage(plan: TransferPlan, stage: str, model: nn.Module, *, echo: Echo = print) -> dict[str, Any]:
     """Train one stage (warmup / finetune / scratch) of `model` in place, resuming from its checkpoints."""
     recipe = plan.stage_recipe(stage)
@@ -302,19 +310,20 @@ def _transfer(plan: TransferPlan, echo: Echo) -> TransferResult:
         plan = plan.with_target(scratch.target)
 
     def start() -> nn.Module:
-        prepared = prepare(plan, echo=echo)
-        assert prepared.fit is not None
-        save_converter(prepared.fit, prepared.pairs, prepared.converter, plan.out)
+        model, prepared = start_model(plan, echo=echo)
+        if prepared is not None and prepared.fit is not None:
+            save_converter(prepared.fit, prepared.pairs, prepared.converter, plan.out)
         if options.compare_scratch:  # the zero-shot graft: the destination model before any transfer training
-            zero = zero_shot_metrics(plan.base, prepared.model)
+            zero = zero_shot_metrics(plan.base, model)
             rep.write_json(plan.out / "zero_shot.json", zero)
             echo("zero-shot graft (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in zero.items()))
-        return prepared.model
+        return model
 
     model, stage_dirs = train_stages(plan, start, echo=echo)
     if model is None:
         model = load_model(stage_dirs[-1] / "model")
-    converter = json.loads((plan.out / "converter" / "converter.json").read_text())
+    saved = plan.out / "converter" / "converter.json"
+    converter = json.loads(saved.read_text()) if saved.exists() else {"converter": None}  # none fitted: an ablation
     save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": options.dst,
                                                               "converter": converter["converter"],
                                                               "warmup_lr_scale": plan.warmup_lr_scale}})
