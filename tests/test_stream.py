@@ -205,7 +205,8 @@ def test_train_transform_is_seeded_and_its_flip_can_be_switched_off():
     outs = [on(image, random.Random(i)) for i in range(40)]
     assert all(o.size == (8, 8) for o in outs)
     assert on(image, random.Random(5)).tobytes() == outs[5].tobytes()
-    flipped = [o.getpixel((0, 4))[0] < 128 for o in outs]  # a black left edge: flipped (crops keep x=0 red ...)
+    # Every crop starts inside the red half (it is at least 21 pixels wide), so a dark left edge means a flip.
+    flipped = [o.getpixel((0, 4))[0] < 128 for o in outs]
     unflipped = [off(image, random.Random(i)).getpixel((0, 4))[0] < 128 for i in range(40)]
     assert 5 < sum(flipped) < 35 and sum(unflipped) < sum(flipped)
 
