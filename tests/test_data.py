@@ -310,4 +310,5 @@ def test_the_plan_says_which_data_path_a_run_takes(tmp_path, images, tiny_paths)
 
     shards = write_shards(tmp_path / "shards", [3, 3])
     streamed = data_plan_lines(SimpleNamespace(model=spec, data=DataConfig(train=str(shards), feature_cache=False)))
-    assert streamed[0].startswith("data    streamed from webdataset shards")
+    assert streamed[0].startswith("data    streamed from webdataset shards") and streamed[1].strip() == \
+        "sources: shards 6 (2 shards)"

@@ -502,8 +502,15 @@ def data_plan_lines(recipe: Any, n_examples: int = 0) -> list[str]:
                f"{data.crop_scale[0]:g}-{data.crop_scale[1]:g}, bicubic, "
                + ("flip)" if data.flip else "no flip)")) if data.augment else "no augmentation"
     if streamed:
-        return [f"data    streamed from webdataset shards (shuffle buffer {data.shuffle_buffer}), images encoded "
-                f"on the fly on the training device, {augment}; no cache"]
+        lines = [f"data    streamed from webdataset shards (shuffle buffer {data.shuffle_buffer}), images encoded "
+                 f"on the fly on the training device, {augment}; no cache"]
+        try:  # the shard counts are remembered by now: naming the sources costs nothing
+            from .data import load_records
+
+            lines.append(f"        {load_records(data, 'train').describe()}")
+        except Exception:  # noqa: BLE001 - unreadable shards are reported by whoever reads them
+            pass
+        return lines
     try:
         tokens, width, params, _ = vision_shape(recipe.model)
     except Exception as exc:  # noqa: BLE001 - an unknown encoder: the memory plan below says why

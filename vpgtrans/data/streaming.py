@@ -327,9 +327,10 @@ class StreamSpec:
         """One line: the sources, their sizes and weights."""
         total = sum(s.weight for s in self.sources)
         parts = [f"{s.name} {s.size:,}" + (f" × {s.weight / total:.2f}" if len(self.sources) > 1 else "")
-                 + (f" ({len(s.shards)} shards)" if isinstance(s, ShardSource) else " (indexed)")
+                 + (f" ({len(s.shards)} shard{'s' if len(s.shards) != 1 else ''})" if isinstance(s, ShardSource)
+                    else " (indexed)")
                  for s in self.sources]
-        return "streamed: " + ", ".join(parts)
+        return "sources: " + ", ".join(parts)
 
 
 def load_stream(config: Any, bad: BadSamples | None = None) -> StreamSpec:
