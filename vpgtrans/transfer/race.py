@@ -294,6 +294,16 @@ def transfer(options: TransferOptions, *, echo: Echo = print) -> TransferResult 
             claim.release()
 
 
+def _main_process() -> bool:
+    """Rank 0 of a launched run (or a plain one): it alone writes the transfer's own files.
+
+    Every rank runs the same steps in lockstep: two ranks replacing `converter/` or `model/` at once can make one
+    of them fail (a rename onto the directory the other has just put there, or of one it has just moved away),
+    the likely cause of the FSDP transfer test's intermittent failure. The stages' files are rank 0's already.
+    """
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def _transfer(plan: TransferPlan, echo: Echo) -> TransferResult:
     options = plan.options
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -311,11 +321,12 @@ def _transfer(plan: TransferPlan, echo: Echo) -> TransferResult:
 
     def start() -> nn.Module:
         model, prepared = start_model(plan, echo=echo)
-        if prepared is not None and prepared.fit is not None:
+        if prepared is not None and prepared.fit is not None and _main_process():
             save_converter(prepared.fit, prepared.pairs, prepared.converter, plan.out)
         if options.compare_scratch:  # the zero-shot graft: the destination model before any transfer training
             zero = zero_shot_metrics(plan.base, model)
-            rep.write_json(plan.out / "zero_shot.json", zero)
+            if _main_process():
+                rep.write_json(plan.out / "zero_shot.json", zero)
             echo("zero-shot graft (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in zero.items()))
         return model
 
@@ -324,9 +335,10 @@ def _transfer(plan: TransferPlan, echo: Echo) -> TransferResult:
         model = load_model(stage_dirs[-1] / "model")
     saved = plan.out / "converter" / "converter.json"
     converter = json.loads(saved.read_text()) if saved.exists() else {"converter": None}  # none fitted: an ablation
-    save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": options.dst,
-                                                              "converter": converter["converter"],
-                                                              "warmup_lr_scale": plan.warmup_lr_scale}})
+    if _main_process():
+        save_model(model, plan.out / "model", extra={"transfer": {"source": plan.source.path, "dst": options.dst,
+                                                                  "converter": converter["converter"],
+                                                                  "warmup_lr_scale": plan.warmup_lr_scale}})
     seconds = round(time.perf_counter() - started, 1)
     zero_path = plan.out / "zero_shot.json"
     race = None
@@ -337,7 +349,8 @@ def _transfer(plan: TransferPlan, echo: Echo) -> TransferResult:
                             stages={n: stage_summary(plan.stage_dir(n)) for n in st.STAGES},
                             model_dir=str(plan.out / "model"), seconds=seconds,
                             zero_shot=json.loads(zero_path.read_text()) if zero_path.exists() else None, race=race)
-    rep.write_json(plan.out / "report.json", result.to_json())
+    if _main_process():
+        rep.write_json(plan.out / "report.json", result.to_json())
     echo(f"transferred model saved to {plan.out / 'model'}; report {plan.out / 'report.json'}")
     if plan.choice.followup:
         echo(f"next ({plan.choice.kind}): {followup_command(plan)}")
@@ -348,14 +361,15 @@ def _race(plan: TransferPlan, scratch: ScratchRun, fit_seconds: float, echo: Ech
     """VPGTrans's curve (warm-up steps and the converter's fitting time count against it) against scratch's."""
     metric = scratch.metric
     curve_dir = plan.out / "curves" / "vpgtrans"
-    curve_dir.mkdir(parents=True, exist_ok=True)
     # Every stage folder, trained or not: a missing one adds no rows.
     every = [plan.stage_dir(n) for n in st.STAGES]
-    (curve_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.joined_rows(every)))
+    if _main_process():
+        curve_dir.mkdir(parents=True, exist_ok=True)
+        (curve_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.joined_rows(every)))
     ours = rep.transfer_curve(every, metric, fit_seconds)
     speedup = rep.speedup(ours, scratch.curve, metric)
     catch_up = rep.catch_up(ours, scratch.curve, metric)
-    plot = _plot(plan, echo, speedup)
+    plot = _plot(plan, echo, speedup) if _main_process() else None
     if "error" not in speedup:
         for line in rep.table(speedup) + rep.catch_up_lines(catch_up, metric):
             echo(line)
