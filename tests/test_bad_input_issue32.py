@@ -20,6 +20,15 @@ def _errors(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error:")]
 
 
+def _hf_offline(monkeypatch, value: str | None) -> None:
+    """Set every offline variable to `value`, or unset them all (None): a user who never heard of them."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VPGTRANS_OFFLINE"):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_paths):
     """A saved tiny OPT model and 8 captioned images."""
@@ -109,11 +118,7 @@ def test_resume_latest_without_a_checkpoint_is_refused_before_anything_is_writte
 
 @pytest.mark.parametrize("offline", ["1", None])
 def test_transfer_dry_run_names_every_missing_input_with_or_without_hf_offline(tmp_path, monkeypatch, offline):
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VPGTRANS_OFFLINE"):
-        if offline is None:
-            monkeypatch.delenv(var, raising=False)
-        else:
-            monkeypatch.setenv(var, offline)
+    _hf_offline(monkeypatch, offline)
     monkeypatch.chdir(tmp_path)  # the recipe's relative data path must not exist
     result = CliRunner().invoke(main, ["transfer", "--src", "opt-2.7b", "--dst", "llama-7b", "--dry-run",
                                        "--out", str(tmp_path / "o")])
@@ -128,8 +133,7 @@ def test_transfer_dry_run_names_every_missing_input_with_or_without_hf_offline(t
 
 
 def test_train_dry_run_names_hub_weights_missing_without_hf_offline(tmp_path, monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VPGTRANS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
+    _hf_offline(monkeypatch, None)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["train", "--recipe", "minigpt4_stage2", "--dry-run", "--out",
                                        str(tmp_path / "o")])
@@ -150,3 +154,18 @@ def test_demo_summary_says_which_models_export_to_which_format(tmp_path):
     start = next(i for i, line in enumerate(lines) if line.startswith("export formats"))
     assert lines[start + 1].split() == ["source", "(world-opt-s)", "hf-blip2"]
     assert lines[start + 2].split() == ["VPGTrans", "(world-opt-m)", "none"]
+
+
+@pytest.mark.parametrize("offline", ["1", None])
+def test_a_transfer_refused_for_missing_inputs_names_them_all(tmp_path, monkeypatch, offline):
+    """Not a dry run: the data and every weight that is not here, in one line (was: the data alone)."""
+    _hf_offline(monkeypatch, offline)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["transfer", "--src", "opt-2.7b", "--dst", "llama-7b", "--out",
+                                       str(tmp_path / "o")])
+    errors = _errors(result.output)
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert "coco_karpathy_train.json does not exist" in errors[0] and "source 'opt-2.7b'" in errors[0], errors[0]
+    if offline:  # where nothing downloads, the LLMs and the vision encoder are missing too
+        assert "4 missing weights" in errors[0]
+    assert not (tmp_path / "o").exists()

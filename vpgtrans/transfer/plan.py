@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import load_records
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, WeightsNotFoundError
 from ..model import detect_llm_component
 from ..names import missing_error, missing_weights
 from ..recipes import Recipe, _read_yaml, build_recipe, find_recipe
@@ -124,16 +124,20 @@ def plan_transfer(options: TransferOptions) -> TransferPlan:
     extra = given + list(o.recipe_overrides()) + ([f"data.train={data}"] if data else [])
     base = build_recipe(_read_yaml(path), extra, name=path.stem, source=str(path))
     no_data = data_problem(path.stem, base.data.train, base.data.val)
-    if no_data and not allow_missing:
-        raise DataError(*no_data)
     wanted = wanted_weights(src, dst, src_llm, (base.model.vision or {}).get("path"))
     missing = missing_weights(wanted, dry_run=allow_missing)
     # Paths that do not exist and mistyped names are bad input (one line at once), not weights to download.
     typos = [m for m in missing if m[3].startswith(("no such file", "unknown model name"))]
     if any(m[0] == "source" for m in typos):
         load_source(src, trust_pickle=o.trust_pickle)  # its own one-line error (formats, aliases)
-    if typos or (missing and not allow_missing):
-        raise missing_error(typos or missing)
+    if typos or (not allow_missing and (missing or no_data)):
+        # One refusal names everything missing at once: the data and every weight (issue 32).
+        parts = [no_data] if no_data and not typos else []
+        if typos or missing:
+            err = missing_error(typos or missing)
+            parts.append((err.what, err.fix))
+        raise (WeightsNotFoundError if typos or missing else DataError)("; ".join(w for w, _ in parts),
+                                                                         "; ".join(f for _, f in parts if f))
     if any(role == "source" for role, *_ in missing):
         source = None
         guess = next((name for role, name, _ in wanted if role == "source LLM"), src_llm or "?")
