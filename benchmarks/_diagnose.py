@@ -145,6 +145,11 @@ def _quiet(_: str) -> None:
     return None
 
 
+def progress_line(text: str) -> None:
+    """Print at once: runs take minutes, and a log file would otherwise see them only at the end."""
+    print(text, flush=True)
+
+
 @contextlib.contextmanager
 def _logged(out: Path):
     """The trainer's per-eval lines and loading bars go to the run's console.log, not the table."""
@@ -378,9 +383,11 @@ def _run_all(jobs: list[tuple], workers: int, echo: Callable[[str], None], start
 
 
 def run(s: DiagSettings, work: Path, workers: int = 1, threads: int = 1,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
+        echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every run of the diagnostic (cached ones reused), then the tables and the verdict."""
     from _common import machine_info
+
+    echo = echo or progress_line
 
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)

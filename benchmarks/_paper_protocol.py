@@ -316,11 +316,13 @@ def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[s
 
 
 def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: int = 1, threads: int = 1,
-               fractions: tuple[float, ...] = (1.0, 0.107), echo: Callable[[str], None] = print) -> dict[str, Any]:
+               fractions: tuple[float, ...] = (1.0, 0.107), echo: Callable[[str], None] | None = None
+               ) -> dict[str, Any]:
     """Every arm from the stage-1 Q-Former: the source VPGs (seed 0), TFS per destination and seed, VPGTrans rows."""
     import _diagnose as dg
     from _common import machine_info
 
+    echo = echo or dg.progress_line
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     used, per_epoch = dg.per_epoch_steps(s)
