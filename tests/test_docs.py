@@ -274,6 +274,34 @@ def test_every_recipe_key_and_component_field_has_help():
     assert not bare, f"fields without help (use vpgtrans.config.help_field): {bare}"
 
 
+def _anchors(page: Path) -> set[str]:
+    """The ids MkDocs gives a page's headings: explicit `{#id}`, else the heading's slug."""
+    ids = set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*(?:\{#([\w-]+)\})?\s*$", line)
+        if match:
+            ids.add(match.group(2) or re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", match.group(1).lower())).strip("-"))
+    return ids
+
+
+def test_references_to_the_docs_from_code_resolve():
+    """Comments and messages cite `docs/page.md#anchor`: the page and the anchor must exist."""
+    broken, found = [], 0
+    for folder in ("vpgtrans", "vpgtrans_adapters", "benchmarks", "tests", "recipes"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in (".py", ".yaml", ".yml") or path == Path(__file__):
+                continue
+            for page, anchor in re.findall(r"(docs/[\w/.-]+?\.md)(?:#([\w-]+))?", path.read_text(encoding="utf-8")):
+                found += 1
+                target = ROOT / page
+                if not target.is_file():
+                    broken.append(f"{path.relative_to(ROOT)}: {page} does not exist")
+                elif anchor and anchor not in _anchors(target):
+                    broken.append(f"{path.relative_to(ROOT)}: {page} has no section #{anchor}")
+    assert found, "no references found: is the scan broken?"
+    assert not broken, "\n".join(broken)
+
+
 def test_readme_stays_a_short_user_guide():
     """Reference, results and history live on the docs site and in CHANGELOG.md, not in the README."""
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
