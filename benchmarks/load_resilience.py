@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one stage may take")
     p.add_argument("--out", type=Path, default=RESULTS / "load_resilience.json")
     args = p.parse_args(argv)
+    # A kill runs the `finally` blocks too: no spinner or stage is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     arms = []
     for arm in args.arms.split(","):
         threads, _, policy = arm.partition(":")
@@ -145,8 +148,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = []
         print("threads policy     alone s  loaded s  ratio  2nd half alone/loaded s   load before (alone/loaded)")
         for threads, policy in arms:
-            alone = run_stage(home, Path(tmp) / "run", args.steps, threads, policy, False, args.timeout)
-            loaded = run_stage(home, Path(tmp) / "run", args.steps, threads, policy, True, args.timeout)
+            # A folder per run: the poller must never read the previous run's log.
+            alone = run_stage(home, Path(tmp) / f"{threads}-{policy}-alone", args.steps, threads, policy, False,
+                              args.timeout)
+            loaded = run_stage(home, Path(tmp) / f"{threads}-{policy}-loaded", args.steps, threads, policy, True,
+                               args.timeout)
             ratio = round(loaded["train_s"] / alone["train_s"], 2)
             results.append({"arm": f"{threads}:{policy}", "alone": alone, "loaded": loaded, "ratio": ratio,
                             "second_half_ratio": round(loaded["second_half_s"] / alone["second_half_s"], 2)})
