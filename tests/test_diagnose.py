@@ -165,3 +165,19 @@ def test_paper_protocol_on_the_tiny_world(bench, tiny_world, tmp_path, capsys):
     assert half["curve"][0]["epoch"] == 0.5 and half["curve"][-1]["samples"] == full["curve"][-1]["samples"]
     assert [round(p["epoch"]) for p in full["tfs_curve"]] == [1, 2]
     assert "cider" in full["speedups"] and "Table 3 in miniature" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_seeded_runs_repeat_to_the_digit(bench, tiny_world, tmp_path):
+    _, diag = bench
+    s = diag.settings_from(str(tiny_world), False, **{k: type(getattr(diag.DiagSettings(world=""), k))(v) for k, v in
+                                                      (kv.split("=") for kv in TINY)})
+    diag._register_vqa(s)
+    stage1 = diag.stage1_qformer(s, tmp_path / "a")["path"]
+    # Two fresh work dirs (no cache to reuse), the same stage-1 start: TFS and only-linear log the same numbers.
+    first, second = (diag.tfs(s, "opt-s", stage1, tmp_path / w) for w in ("a", "b"))
+    assert first["curve"] and [{k: v for k, v in p.items() if k != "wall_time"} for p in first["curve"]] == \
+        [{k: v for k, v in p.items() if k != "wall_time"} for p in second["curve"]]
+    lin = [diag.linear(s, "opt-s", "llama", first["model"], 1, 5.0, False, tmp_path / w, "x")["curve"] for w in "cd"]
+    assert [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[0]] == \
+        [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[1]]
