@@ -70,6 +70,8 @@ class DiagSettings:
         return Path(self.world) / name
 
 
+# What --set may change (the others have flags of their own: --world, --llms, --src, --dst, --stage1).
+SETTABLE = tuple(f.name for f in fields(DiagSettings) if f.name not in ("world", "llms", "src", "dst", "stage1"))
 QUICK = {"llms": ("opt-s", "opt-m"), "data_fraction": 0.25, "linear_epochs": 3, "table2_epochs": 2,
          "lr_warmup_steps": 50, "val_samples": 64, "eval_images": 48, "stage1_steps": 300}
 
@@ -674,7 +676,7 @@ def main(args: Any, results: Path, protocol: bool = False) -> int:
         return 2
     llms = tuple(x.strip() for x in args.llms.split(",") if x.strip()) if args.llms else None
     given: dict[str, Any] = {}
-    settable = {f.name: f for f in fields(DiagSettings) if f.name not in ("world", "llms", "src", "dst", "stage1")}
+    settable = SETTABLE
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in settable:

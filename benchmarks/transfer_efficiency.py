@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--quick 5, --full none; 0 = none); skipped runs are listed in the JSON")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting (" + ", ".join(f for f in Settings.__dataclass_fields__ if f != "world")
-                    + ")")
+                    + "; with --diagnose or --protocol paper: " + ", ".join(_diagnose.SETTABLE) + ")")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process (default 1, as the "
                     "README's figures: processes run side by side, and two threads each on two cores ran 3x slower)")
     _diagnose.add_arguments(ap)
