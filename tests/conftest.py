@@ -14,6 +14,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Commands choose their torch threads (vpgtrans.threads); inside the suite that must stay the pinned one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The CLI pins torch's CPU kernels before torch loads (vpgtrans.threads); the suite pins them the same way
+# before anything imports torch, so a run made in-process equals one made by the CLI in a subprocess.
+from vpgtrans.threads import pin_cpu_numerics  # noqa: E402  (imports no torch)
+
+assert pin_cpu_numerics(), "torch was imported before tests/conftest.py: in-process and CLI numerics would differ"
 # Nothing a test does may touch the user's caches. Module- and session-scoped fixtures run before the
 # per-test VPGTRANS_HOME below, so the whole session starts inside a throwaway root (removed at the end).
 _SESSION_ROOT = tempfile.mkdtemp(prefix="vpgtrans-tests-")
