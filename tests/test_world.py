@@ -72,30 +72,6 @@ def test_config_validation() -> None:
         WorldConfig(relation_share=1.5)
     with pytest.raises(ConfigError):
         WorldConfig.preset("huge")
-    with pytest.raises(ConfigError):
-        WorldConfig(lm_facts=1.5)
-
-
-def test_lm_facts_adds_each_concepts_own_facts_and_only_when_asked() -> None:
-    from dataclasses import replace
-
-    from vpgtrans.world.language import FACT_WORDS, fact_sentence
-    from vpgtrans.world.lms import text_samples
-
-    cfg = WorldConfig.preset("tiny")
-    plain = text_samples(cfg, 0, 400, "opt")
-    facts = text_samples(replace(cfg, lm_facts=1.0), 0, 400, "opt")
-    lexicon = [s.target for s in facts if not s.ctx and not s.after and "." in s.target]
-    assert any("is a mix of" in t or "make" in t.split() for t in lexicon)
-    # At 0 the knob draws nothing: the text (hence every LM) is the one built before it existed.
-    assert not any(w in s.target.split() for s in plain for w in ("warm", "primary", "sides"))
-    assert not FACT_WORDS <= all_words(cfg) and FACT_WORDS <= all_words(replace(cfg, lm_facts=0.5))
-    import random
-
-    # Facts tell concepts apart: "orange" and "purple" mix different colours, so they are not interchangeable.
-    rng = random.Random(0)
-    said = {fact_sentence(rng) for _ in range(400)}
-    assert "orange is a mix of red and yellow." in said and "purple is a mix of red and blue." in said
 
 
 def test_paths_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -253,18 +229,6 @@ def test_a_changed_lm_recipe_makes_a_built_world_stale(tiny_world: Path, monkeyp
     # The LM sizes and step budgets live in code, not in WorldConfig: changing them must force a rebuild.
     monkeypatch.setattr(lms, "lm_specs", lambda c: [replace(s, step_share=2.0) for s in original(c)])
     assert not is_current(tiny_world, cfg, 3)
-
-
-def test_a_new_knob_at_its_neutral_value_keeps_a_built_world_current(tiny_world: Path) -> None:
-    from dataclasses import replace
-
-    from vpgtrans.world.build import is_current
-
-    manifest = json.loads((tiny_world / "world.json").read_text())
-    assert "lm_facts" not in manifest["config"]  # what a world built before the knob records
-    cfg = WorldConfig.preset("tiny")
-    assert is_current(tiny_world, cfg, 3)
-    assert not is_current(tiny_world, replace(cfg, lm_facts=0.5), 3)
 
 
 def test_build_report_records_converter_cosines_for_every_ordered_pair(tiny_world: Path) -> None:

@@ -47,7 +47,6 @@ MANIFEST = "world.json"
 SPLITS = ("train", "val", "test")
 LM_MAX_LEN = 256
 TOKENIZER_VOCAB = {"opt": 1000, "llama": 800, "t5": 600}
-LATER_KNOBS = {"lm_facts": 0.0}  # knob → the value that builds the world as it was before the knob existed
 
 
 def _identity(cfg: WorldConfig, seed: int) -> dict[str, Any]:
@@ -56,10 +55,7 @@ def _identity(cfg: WorldConfig, seed: int) -> dict[str, Any]:
     # The LM recipes live in code, not in the config: without them here, a world built before a change to
     # the LM sizes/steps would still count as current and silently be reused.
     lms = {"specs": [dataclasses.asdict(s) for s in lm_specs(cfg)], "vocab": TOKENIZER_VOCAB, "max_len": LM_MAX_LEN}
-    # A knob added since is left out while at its neutral value: the world it builds is the one built before the
-    # knob existed, which must stay current rather than be rebuilt (minutes) for nothing.
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in LATER_KNOBS and v == LATER_KNOBS[k])}
-    return {"format": FORMAT_VERSION, "seed": seed, "config": config, "lms": lms}
+    return {"format": FORMAT_VERSION, "seed": seed, "config": dataclasses.asdict(cfg), "lms": lms}
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:

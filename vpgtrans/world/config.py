@@ -41,10 +41,6 @@ class WorldConfig:
     lm_steps: int = help_field(1200, help="pretraining steps per LM (scaled per model by its step_share)")
     lm_batch: int = help_field(32, help="LM pretraining batch size")
     lm_lr: float = help_field(3e-3, help="peak AdamW learning rate for LM pretraining")
-    lm_facts: float = help_field(0.0, help="share of the LMs' lexicon sentences that state a fact of one concept's "
-                                           "own (colour warmth/lightness/mix, shape sides, size and place order), "
-                                           "so the text, not the random init, decides where each concept's "
-                                           "embedding sits (0-1; see docs/results/world-regime.md)")
     eval_samples: int = help_field(256, help="held-out samples for the context-vs-shuffled LM check")
 
     def __post_init__(self) -> None:
@@ -61,8 +57,6 @@ class WorldConfig:
             raise ConfigError("world: relation_share must be within [0, 1]", "e.g. relation_share=0.7")
         if self.image_size % self.vit_patch:
             raise ConfigError("world: image_size must be a multiple of vit_patch", "e.g. 64 and 8")
-        if not 0.0 <= self.lm_facts <= 1.0:
-            raise ConfigError(f"world: lm_facts={self.lm_facts} is out of range", "use a share within [0, 1], e.g. 0.5")
         if self.lm_scale not in ("full", "tiny"):
             raise ConfigError(f"world: lm_scale '{self.lm_scale}' is unknown", "use 'full' or 'tiny'")
         if min(self.n_train, self.n_val, self.n_test) < 1:

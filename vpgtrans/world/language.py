@@ -52,47 +52,6 @@ LEXICON_TEMPLATES: tuple[str, ...] = (
 )
 
 
-# World knowledge of each concept's own (lm_facts): without it the eight colours (and most shapes) are
-# interchangeable symbols to the LMs — every sentence that holds for "red" holds for "blue" — so where each one's
-# embedding sits relative to the others is left to its random init, and two LMs trained on the same text place
-# them differently. A fact gives a concept a place the text decides (docs/results/world-regime.md).
-COLOR_PROPS: dict[str, tuple[str, ...]] = {
-    "red": ("warm", "primary"), "yellow": ("warm", "primary", "light"), "blue": ("cool", "primary", "dark"),
-    "green": ("cool",), "orange": ("warm",), "purple": ("cool", "dark"), "cyan": ("cool", "light"), "white": ("light",)}
-COLOR_MIXES: dict[str, tuple[str, str]] = {"green": ("blue", "yellow"), "orange": ("red", "yellow"),
-                                           "purple": ("red", "blue"), "cyan": ("green", "blue")}
-SHAPE_SIDES: dict[str, str] = {"triangle": "three", "square": "four", "diamond": "four", "hexagon": "six",
-                               "star": "five", "cross": "four", "circle": "no", "ring": "no"}
-SHAPE_KINDS: dict[str, str] = {"circle": "a round shape", "ring": "a hollow circle", "diamond": "a tall square",
-                               "star": "a pointed shape", "cross": "two bars", "hexagon": "a honeycomb cell",
-                               "square": "a box shape", "triangle": "a wedge shape"}
-ORDERS: tuple[tuple[str, str, str, str, str], ...] = (
-    ("small", "medium", "large", "smaller than", "larger than"), ("top", "center", "bottom", "above", "below"),
-    ("left", "center", "right", "left of", "right of"))
-FACT_WORDS = frozenset("warm cool light dark primary mix make sides smaller larger round hollow tall pointed bars "
-                       "cell five color than".split())
-
-
-def fact_sentence(rng: random.Random) -> str:
-    """One fact that holds for one concept and not its peers: a colour's warmth/lightness/mix, a shape's sides
-    or kind, the order of sizes and places."""
-    kind = rng.randrange(5)
-    if kind == 0:
-        c = rng.choice(sorted(COLOR_PROPS))
-        return f"{c} is a {rng.choice(COLOR_PROPS[c])} color."
-    if kind == 1:
-        c = rng.choice(sorted(COLOR_MIXES))
-        a, b = COLOR_MIXES[c] if rng.random() < 0.5 else COLOR_MIXES[c][::-1]
-        return rng.choice([f"{c} is a mix of {a} and {b}.", f"{a} and {b} make {c}."])
-    if kind == 2:
-        s = rng.choice(sorted(SHAPE_SIDES))
-        return rng.choice([f"a {s} has {SHAPE_SIDES[s]} sides.", f"a {s} is {SHAPE_KINDS[s]}."])
-    a, b, c, lower, higher = rng.choice(ORDERS)
-    x, y = rng.sample([a, b, c], 2)
-    rank = {a: 0, b: 1, c: 2}
-    return f"{x} is {lower if rank[x] < rank[y] else higher} {y}."
-
-
 def lexicon_words() -> set[str]:
     """Every word the wider language adds to the captions' (each must be one token in every tokenizer)."""
     words = {w for syns in SYNONYMS.values() for w in syns if w.isalpha()}
@@ -137,11 +96,8 @@ def attribute_list(scene: dict[str, Any], rng: random.Random) -> str:
     return " ".join(f"{_cap(o['color'])} {_cap(o['shape'])}: {o['size']}, {o['position']}." for o in objs)
 
 
-def lexicon_sentence(rng: random.Random, facts: float = 0.0) -> str:
-    """One context-free sentence of world knowledge: a definition, a list, an opposite or counting; with
-    probability `facts`, a concept's own fact (`fact_sentence`)."""
-    if facts and rng.random() < facts:
-        return fact_sentence(rng)
+def lexicon_sentence(rng: random.Random) -> str:
+    """One context-free sentence of world knowledge: a definition, a list, an opposite or counting."""
     kind = rng.randrange(6)
     if kind <= 1:
         canon = rng.choice(sorted(SYNONYMS))

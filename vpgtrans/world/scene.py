@@ -208,6 +208,6 @@ def all_words(cfg: WorldConfig) -> set[str]:
         words.update(text.split())
     words.update("a an the there is are shapes picture shows of size single with it and what color shape "
                  "object where how many yes no".split())
-    from .language import FACT_WORDS, lexicon_words
+    from .language import lexicon_words
 
-    return words | lexicon_words() | (FACT_WORDS if cfg.lm_facts else set())
+    return words | lexicon_words()
