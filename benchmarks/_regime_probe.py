@@ -66,7 +66,7 @@ class Probe:
         cache = Path("/tmp/vpgtrans-probe-features") / f"{key}.pt"
         cache.parent.mkdir(parents=True, exist_ok=True)
         if cache.exists():
-            self.train_x, self.val_x = torch.load(cache)
+            self.train_x, self.val_x = torch.load(cache, weights_only=True)
         else:
             vision = build_model(_spec(world, "opt-s", qformer)).vision
             self.train_x = _features(world, self.train_recs, vision)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     src = probe.model(a.src, a.seed, a.stage1)
     ckpt = a.source_ckpt
     if ckpt and ckpt.exists():
-        src.load_state_dict(torch.load(ckpt), strict=False)
+        src.load_state_dict(torch.load(ckpt, weights_only=True), strict=False)
         result["source"] = json.loads(ckpt.with_suffix(".json").read_text())
         log(f"source from {ckpt}")
     elif {"source", "linear", "self"} & set(arms):
