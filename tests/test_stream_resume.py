@@ -8,9 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from safetensors.torch import load_file
 from test_headline import TINY, _run, cache, standins  # noqa: F401 - the stand-in hub's fixtures
 from test_stream import write_shards
 from vpgtrans.cli import main
-from vpgtrans.testing import tiny_spec
+from vpgtrans.testing import kill_at_first_checkpoint, tiny_spec
 
 CLI = [sys.executable, "-c", "import sys; from vpgtrans.cli import main; sys.exit(main())"]
 
@@ -39,15 +36,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_p
     victim = subprocess.Popen([*CLI, "train", *common, "--out", str(tmp_path / "cut")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = tmp_path / "cut" / "checkpoints" / "latest"
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.time() + 120
-        while not latest.exists() and victim.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint)
-    killer.start()
+    killer = kill_at_first_checkpoint(victim, tmp_path / "cut")
     full = CliRunner().invoke(main, ["train", *common, "--out", str(tmp_path / "full")])
     killer.join()
     victim.wait()

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from safetensors.torch import load_file
 
 from vpgtrans.cli import main
 from vpgtrans.recipes import list_recipes, load_recipe
-from vpgtrans.testing import tiny_spec, write_caption_set
+from vpgtrans.testing import kill_at_first_checkpoint, tiny_spec, write_caption_set
 from vpgtrans.train import read_log
 
 CLI = [sys.executable, "-c", "import sys; from vpgtrans.cli import main; sys.exit(main())"]
@@ -115,15 +113,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bit_for_bit(setup):
     victim = subprocess.Popen([*CLI, "train", *common, "--out", str(setup / "cut")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = setup / "cut" / "checkpoints" / "latest"
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.time() + 120
-        while not latest.exists() and victim.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint)
-    killer.start()
+    killer = kill_at_first_checkpoint(victim, setup / "cut")
     code, text = _invoke(*common, "--out", str(setup / "full"))
     killer.join()
     victim.wait()

@@ -173,3 +173,22 @@ def write_caption_set(root: str | Path, n: int, seed: int, captions: list[str]) 
         rows.append({"image": f"img/{i}.png", "caption": captions[i % len(captions)]})
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "train.jsonl"
+
+
+def kill_at_first_checkpoint(victim, out: str | Path, timeout: float = 120.0):
+    """Start a thread that SIGKILLs the `victim` process once `out/checkpoints/latest` exists (the kill -9 tests)."""
+    import signal
+    import threading
+    import time
+
+    latest = Path(out) / "checkpoints" / "latest"
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while not latest.exists() and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=watch)
+    killer.start()
+    return killer
