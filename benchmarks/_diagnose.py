@@ -24,7 +24,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +37,13 @@ STAGE1_RECIPE = "blip2_stage1_world"
 REGIME_WITHIN = 0.95  # only-linear reaches ≥ 95% of TFS's best ...
 REGIME_EPOCHS = 2  # ... within this many epochs ...
 REGIME_TFS_LATE = 0.6  # ... while TFS reaches its best only in the last 40% of its epochs
+
+
+def recipe_warmup_scale(recipe: str) -> float:
+    """The warm-up LR multiplier `vpgtrans transfer` uses with `recipe` (its transfer.warmup_lr_scale, else 5)."""
+    from vpgtrans.recipes import load_recipe
+
+    return float(load_recipe(recipe).transfer.warmup_lr_scale or 5.0)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,9 @@ class DiagSettings:
     lr: float = 1e-4  # the stage-2 recipe's peak LR (cosine to min_lr); the warm-ups multiply it
     min_lr: float = 1e-5
     lr_warmup_steps: int = 200  # TFS's linear LR warm-up (the recipe's)
-    linear_lr_scale: float = 5.0
+    # The world transfer recipe's warm-up multiplier (25x: a world epoch is ~4x shorter than the paper's, whose 5x
+    # warm-up ran ~810 steps) for only-linear and VPGTrans's warm-up alike.
+    linear_lr_scale: float = field(default_factory=lambda: recipe_warmup_scale(TRANSFER_RECIPE))
     table2_lr_scale: float = 1.0
     batch_size: int = 32
     val_samples: int = 128  # val captions for val_loss

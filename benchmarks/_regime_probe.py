@@ -63,7 +63,7 @@ class Probe:
         self.val_recs = _records(world, "val")[:max(val, n_cider)]
         key = hashlib.sha256((world / "world.json").read_bytes()).hexdigest()[:16]
         # Beside the probe, never inside the world: a shared world is read-only for everyone but its builder.
-        cache = Path("/tmp/vpgtrans-probe-features") / f"{key}.pt"
+        cache = Path("/tmp/vpgtrans-probe-features") / f"{key}-val{len(self.val_recs)}.pt"  # --cider may ask for more
         cache.parent.mkdir(parents=True, exist_ok=True)
         if cache.exists():
             self.train_x, self.val_x = torch.load(cache, weights_only=True)

@@ -10,8 +10,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from vpgtrans.checkpoint import save_model
+from vpgtrans.errors import ConfigError
 from vpgtrans.cli import main
 from vpgtrans.model import build_model
+from vpgtrans.recipes import load_recipe
 from vpgtrans.surrogate import final_norm, make_surrogate, read_surrogate
 from vpgtrans.testing import WORDS, tiny_spec, write_caption_set
 from vpgtrans.transfer import race
@@ -174,12 +176,21 @@ def test_graft_is_the_identity_for_a_surrogate_source(surrogate_source, tiny_pat
     # A different vocabulary still gets the fitted default.
     other = plan_to(tiny_paths["opt"], min_coverage=0.0)
     assert race.prepare(other, **QUIET).converter == "linear-cosine"
-    # The warm-up LR: 1x the recipe's for a surrogate of the destination (its projector already fits), else 5x.
+    # The warm-up LR: 1x the recipe's for a surrogate of the destination (its projector already fits), else the
+    # recipe's transfer.warmup_lr_scale (the world's: its epochs are ~4x shorter than the paper's), else 5x.
     assert plan.warmup_lr_scale == 1.0 and plan.warmup.train.lr == plan.finetune.train.lr
     assert any("surrogate of the destination" in n for n in plan.notes)
-    assert other.warmup_lr_scale == 5.0 and other.warmup.train.lr == pytest.approx(5 * other.finetune.train.lr)
+    world_scale = load_recipe("vpgtrans_world").transfer.warmup_lr_scale
+    assert world_scale is not None and world_scale > 5
+    assert other.warmup_lr_scale == world_scale
+    assert other.warmup.train.lr == pytest.approx(world_scale * other.finetune.train.lr)
+    assert any("transfer.warmup_lr_scale" in n for n in other.notes)
+    paper = plan_to(tiny_paths["opt"], min_coverage=0.0, overrides=("transfer.warmup_lr_scale=null",))
+    assert paper.warmup_lr_scale == 5.0 and paper.warmup.train.lr == pytest.approx(5 * paper.finetune.train.lr)
     given = plan_to(tiny_paths["llama"], warmup_lr_scale=5.0)
     assert given.warmup.train.lr == pytest.approx(5 * given.finetune.train.lr)
+    with pytest.raises(ConfigError, match="transfer.warmup_lr_scale must be positive"):
+        plan_to(tiny_paths["opt"], min_coverage=0.0, overrides=("transfer.warmup_lr_scale=-1",))
 
 
 def test_surrogate_sourced_transfer_end_to_end(surrogate_source, tiny_paths, tmp_path):

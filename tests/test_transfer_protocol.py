@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from vpgtrans.checkpoint import load_model, save_model
 from vpgtrans.model import build_model
+from vpgtrans.recipes import load_recipe
 from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
 from vpgtrans.transfer import race
@@ -142,7 +143,7 @@ def test_merged_projector_is_what_the_warmup_starts_from(world, tmp_path):
     assert torch.allclose(warm["projector.bias"].double(), b, atol=1e-5)
 
 
-def test_warmup_is_projector_only_at_constant_5x_then_eval_mode_validation(world, tmp_path):
+def test_warmup_is_projector_only_at_the_recipes_constant_lr_then_eval_mode_validation(world, tmp_path):
     out = tmp_path / "t"
     _transfer(world, out, src="opt-dropout", converter="lstsq", warmup_epochs=1.0)
     src = load_file(str(world["src"]["opt-dropout"] / "model.safetensors"))
@@ -153,7 +154,8 @@ def test_warmup_is_projector_only_at_constant_5x_then_eval_mode_validation(world
     assert any(not torch.equal(final[k], src[k]) for k in vpg)  # fine-tuning trains it
     stage1 = read_log(out / "warmup" / "log.jsonl")
     base = json.loads((out / "finetune" / "run.json").read_text())["recipe"]["train"]["lr"]
-    assert len(stage1) == 4 and [r["lr"] for r in stage1] == [pytest.approx(5 * base)] * 4
+    scale = load_recipe("vpgtrans_world").transfer.warmup_lr_scale  # the world's recipe sets it (paper: 5)
+    assert len(stage1) == 4 and [r["lr"] for r in stage1] == [pytest.approx(scale * base)] * 4
 
     # The logged validation loss is the model's loss in eval mode (dropout 0.5 in the VPG is off).
     from vpgtrans.data import build_dataset, load_records

@@ -41,7 +41,10 @@ class DemoConfig:
                                       "speed-up) and of VPGTrans's fine-tuning")
     data_fraction: float = help_field(0.107, help="share of the training data VPGTrans sees (the paper: 10.7%); "
                                                   "scratch sees all of it")
-    lr: float = help_field(5e-4, help="peak learning rate, cosine to half of it (the warm-up runs at 5x this)")
+    lr: float = help_field(5e-4, help="peak learning rate, cosine to half of it (the warm-up runs at "
+                                      "warmup_lr_scale x this)")
+    warmup_lr_scale: float = help_field(5.0, help="warm-up LR = this x lr: the paper's 5 (lr is already 5x the "
+                                                  "recipe's, so the world recipe's own 25x is not applied again)")
     eval_every: int = help_field(50, help="validation loss every N steps (the speed-up is read off these)")
     val_samples: int = help_field(128, help="validation captions per evaluation")
     test_images: int = help_field(64, help="test images captioned to score the final models (CIDEr, attributes)")
@@ -109,7 +112,8 @@ def run_transfer(cfg: DemoConfig, dst: str, source: Path, out: Path, progress: b
     overrides = (f"train.max_steps={cfg.steps}", f"train.save_every={cfg.steps}", f"data.fraction={cfg.data_fraction}",
                  *_eval_overrides(cfg))
     result = transfer(TransferOptions(src=str(source), dst=dst, out=str(out), compare_scratch=True,
-                                      overrides=overrides, recipe="vpgtrans_world", resume=out.exists(),
+                                      warmup_lr_scale=cfg.warmup_lr_scale, overrides=overrides,
+                                      recipe="vpgtrans_world", resume=out.exists(),
                                       progress=progress), echo=echo)
     assert isinstance(result, TransferResult)  # not a dry run
     return result

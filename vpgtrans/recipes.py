@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import paths
-from .config import core_schema, from_dict, parse_override, set_dotted
+from .config import core_schema, from_dict, help_field, parse_override, set_dotted
 from .data.dataset import DataConfig
 from .errors import ConfigError
 from .model import ModelSpec
@@ -24,7 +24,25 @@ from .registry import check_components
 from .train.config import TrainConfig
 from .train.objectives import EvalConfig
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+@dataclass
+class TransferDefaults:
+    """What `vpgtrans transfer` uses with this recipe when its options leave it open."""
+
+    warmup_lr_scale: float | None = help_field(
+        None, help="VPGTrans warm-up LR = this x train.lr when --warmup-lr-scale is not given (unset: the paper's 5). "
+                   "A recipe whose epochs are far shorter than the paper's ~810 steps sets it higher, so that one "
+                   "warm-up epoch still trains the projector as far")
+
+    def __post_init__(self) -> None:
+        if self.warmup_lr_scale is not None and not self.warmup_lr_scale > 0:
+            raise ConfigError(f"transfer.warmup_lr_scale must be positive, got {self.warmup_lr_scale}",
+                              "e.g. transfer.warmup_lr_scale=5")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                             "transfer": TransferDefaults}
 # Keys that may change between a run and its resumption (they don't change what a step computes).
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.until", "train.save_every", "train.eval_every",
                   "train.log_every", "train.keep_checkpoints", "train.num_workers", "data.feature_batch_size",
@@ -40,6 +58,7 @@ class _Top:
     data: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
     eval: dict = dataclasses.field(default_factory=dict)
+    transfer: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +74,7 @@ class Recipe:
     source: str | None
     raw: dict[str, Any]
     stage: int = 2  # 1 = BLIP-2 stage 1 (Q-Former alone, no LLM); 2 = VPG + projector on a frozen LLM
+    transfer: TransferDefaults = dataclasses.field(default_factory=TransferDefaults)
 
     def fingerprint(self) -> str:
         """Hash of everything that decides what a training step computes (resume refuses a mismatch)."""
@@ -67,6 +87,7 @@ class Recipe:
             if isinstance(node, dict):
                 node.pop(leaf, None)
         data.pop("description", None)
+        data.pop("transfer", None)  # defaults for `vpgtrans transfer`, already written into each stage's train.lr
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -31,8 +31,9 @@ from ..threads import THREADS_HELP
                    "identity; `vpgtrans components` lists all); auto: identity when the vocabularies are identical "
                    "(a surrogate source), else linear-cosine.")
 @click.option("--warmup-lr-scale", type=float, default=None,
-              help="Warm-up LR = this × the recipe's LR. Default: 5 (the paper's); 1 when the source was trained on "
-                   "a surrogate of DST (`vpgtrans surrogate`), whose projector already fits DST's embeddings.")
+              help="Warm-up LR = this × the recipe's LR. Default: the recipe's transfer.warmup_lr_scale, else 5 (the "
+                   "paper's); 1 when the source was trained on a surrogate of DST (`vpgtrans surrogate`), whose "
+                   "projector already fits DST's embeddings.")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of the warm-up in epochs.")
 @click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM while fine-tuning.")
 @click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop fine-tuning once a metric reaches a target.")

@@ -32,8 +32,9 @@ class TransferOptions:
     fit_converter: bool = help_field(True, help="merge the fitted converter into the source projector "
                                                 "(False: a fresh projector, an ablation)")
     warmup: bool = help_field(True, help="run the projector warm-up before fine-tuning")
-    warmup_lr_scale: float | None = help_field(None, help="warm-up LR = this x the recipe's LR; default 5 (the "
-                                                          "paper's), 1 for a source trained on a surrogate of dst")
+    warmup_lr_scale: float | None = help_field(None, help="warm-up LR = this x the recipe's LR; default the "
+                                                          "recipe's transfer.warmup_lr_scale, else 5 (the paper's), "
+                                                          "1 for a source trained on a surrogate of dst")
     warmup_epochs: float = help_field(1.0, help="length of the warm-up in epochs of the (fraction of the) data")
     warmup_steps: int | None = help_field(None, help="pin the warm-up to this many steps instead of warmup_epochs")
     budget_steps: int | None = help_field(None, help="cap on warm-up + fine-tuning steps together (fine-tuning "

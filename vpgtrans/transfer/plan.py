@@ -160,7 +160,7 @@ def plan_transfer(options: TransferOptions) -> TransferPlan:
     raw = copy.deepcopy(base.raw)
     raw["model"] = spec
     scale, scale_note = (o.warmup_lr_scale, None) if o.warmup_lr_scale is not None else \
-        st.default_warmup_scale(llm_src, dst)
+        st.default_warmup_scale(llm_src, dst, base.transfer.warmup_lr_scale)
     out = Path(o.out).expanduser()
     folders = st.stage_folders(out)
     warmup = st.warmup_recipe(raw, base, folders[st.WARMUP], lr_scale=scale, epochs=o.warmup_epochs)

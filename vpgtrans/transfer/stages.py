@@ -34,8 +34,10 @@ def stage_folders(out: Path) -> dict[str, str]:
     return {name: LEGACY_FOLDERS[name] if legacy and not new else name for name in STAGES} | {SCRATCH: SCRATCH}
 
 
-def default_warmup_scale(src_llm: dict[str, Any], dst: str) -> tuple[float, str | None]:
-    """The warm-up LR multiplier when none is given: the paper's 5, or 1 (with the reason) for a surrogate of dst."""
+def default_warmup_scale(src_llm: dict[str, Any], dst: str, recipe_scale: float | None = None
+                         ) -> tuple[float, str | None]:
+    """The warm-up LR multiplier when none is given: 1 (with the reason) for a surrogate of dst, else the recipe's
+    `transfer.warmup_lr_scale`, else the paper's 5."""
     path = src_llm.get("path")
     origin = ((read_surrogate(path) if path else None) or {}).get("surrogate-of") or {}
     source = origin.get("source")
@@ -44,6 +46,8 @@ def default_warmup_scale(src_llm: dict[str, Any], dst: str) -> tuple[float, str 
         # 0.458, test 0.370 after 5 + 45 steps); 1x kept it (0.635, 0.565). With the identity converter the
         # projector already writes the destination's embedding space: there is nothing to re-align fast.
         return 1.0, "warm-up LR 1x the recipe's: the source LLM is a surrogate of the destination (same embeddings)"
+    if recipe_scale is not None:
+        return float(recipe_scale), f"warm-up LR {recipe_scale:g}x the recipe's (its transfer.warmup_lr_scale)"
     return 5.0, None
 
 

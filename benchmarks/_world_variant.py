@@ -1,0 +1,82 @@
+"""Train one extra world LM beside a built world, for the regime experiments (docs/results/world-regime.md).
+
+    python benchmarks/_world_variant.py --world W --out V --name opt-s7 --like opt-s --init-seed 7 [--steps-mult 3]
+
+V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM, W's tokenizer,
+the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x the build's steps. It
+uses the build's own functions (`vpgtrans.world.lms`), so a twin differs from the original only by what is asked.
+Run it again with another --name to add more LMs to V; `benchmarks/_regime_probe.py --world V` then reads them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the LM and write V/NAME plus V/NAME.json (its context check and settings)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True, help="a built world (its data, ViT and tokenizers)")
+    ap.add_argument("--out", type=Path, required=True, help="the variant world directory (created or extended)")
+    ap.add_argument("--name", required=True, help="directory name of the new LM in --out")
+    ap.add_argument("--like", default="opt-s", help="which world LM's architecture to copy (opt-s, opt-m, llama, "
+                                                    "flant5)")
+    ap.add_argument("--init-seed", type=int, required=True, help="init and batch-order seed (the build: "
+                                                                  "seed x 1000 + the LM's index)")
+    ap.add_argument("--steps-mult", type=float, default=1.0, help="x the build's pretraining steps for this LM")
+    a = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from vpgtrans.world.build import LM_MAX_LEN
+    from vpgtrans.world.config import WorldConfig
+    from vpgtrans.world.lms import Encoder, context_check, eval_samples, lm_specs, make_model, pretrain, text_samples
+
+    manifest = json.loads((a.world / "world.json").read_text())
+    cfg = WorldConfig(**manifest["config"]) if isinstance(manifest.get("config"), dict) else WorldConfig()
+    seed = int(manifest.get("seed", 0))
+    specs = {s.name: s for s in lm_specs(cfg)}
+    if a.like not in specs:
+        print(f"error: --like {a.like} is not a world LM — use one of {', '.join(specs)}", file=sys.stderr)
+        return 2
+    spec = specs[a.like]
+    torch.set_num_threads(1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for d in ("data", "vit"):
+        if not (a.out / d).exists():
+            (a.out / d).symlink_to((a.world / d).resolve())
+    lm_dir = a.out / a.name
+    lm_dir.mkdir(exist_ok=True)
+    for f in (a.world / a.like).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "spiece")):
+            shutil.copy(f, lm_dir / f.name)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    steps = max(1, int(round(cfg.lm_steps * spec.step_share * a.steps_mult)))
+    samples = text_samples(cfg, seed, steps * cfg.lm_batch, spec.family)  # the build's text for this family
+    started = time.time()
+    torch.manual_seed(a.init_seed)
+    model = make_model(spec, tok, LM_MAX_LEN)
+    enc = Encoder(tok, spec.family)
+    pretrain(model, enc, samples, cfg, steps, a.init_seed, lambda line: print(f"{a.name}{line}", flush=True),
+             lr=cfg.lm_lr * spec.lr_share)
+    check = context_check(model, enc, eval_samples(cfg, seed))
+    model.save_pretrained(lm_dir)
+    info = {"like": a.like, "init_seed": a.init_seed, "steps_mult": a.steps_mult, "steps": steps, "check": check,
+            "seconds": round(time.time() - started, 1)}
+    (a.out / f"{a.name}.json").write_text(json.dumps(info, indent=1) + "\n")
+    if not (a.out / "world.json").exists():  # the probe keys its feature cache on this file
+        (a.out / "world.json").write_text(json.dumps({"variant_of": str(a.world.resolve())}) + "\n")
+    print(f"{a.name}: caption loss with true / shuffled / no context {check['true_context']:.3f} / "
+          f"{check['shuffled_context']:.3f} / {check['no_context']:.3f} ({info['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
