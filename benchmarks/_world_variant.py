@@ -1,8 +1,11 @@
 """Train one extra world LM beside a built world, for the regime experiments (docs/results/world-regime.md).
 
     python benchmarks/_world_variant.py --world W --out V --name opt-s7 --like opt-s --init-seed 7 [--steps-mult 3]
+    python benchmarks/_world_variant.py --world W --out V --name opt-l --like opt-m --init-seed 2 --hidden 256 \
+        --layers 4 --heads 8 --ffn 1024 --embed-proj 128 --lr-share 0.5          # a much larger OPT
 
-V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM, W's tokenizer,
+V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM (or the sizes
+given), W's tokenizer,
 the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x the build's steps. It
 uses the build's own functions (`vpgtrans.world.lms`), so a twin differs from the original only by what is asked.
 Run it again with another --name to add more LMs to V; `benchmarks/_regime_probe.py --world V` then reads them all.
@@ -15,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
@@ -29,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-seed", type=int, required=True, help="init and batch-order seed (the build: "
                                                                   "seed x 1000 + the LM's index)")
     ap.add_argument("--steps-mult", type=float, default=1.0, help="x the build's pretraining steps for this LM")
+    for key in ("hidden", "layers", "heads", "ffn", "embed_proj"):
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"{key} instead of --like's (a larger LM)")
+    ap.add_argument("--lr-share", type=float, help="x the world's LM learning rate instead of --like's")
     a = ap.parse_args(argv)
 
     import torch
@@ -45,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.like not in specs:
         print(f"error: --like {a.like} is not a world LM — use one of {', '.join(specs)}", file=sys.stderr)
         return 2
-    spec = specs[a.like]
+    changes = {k: getattr(a, k) for k in ("hidden", "layers", "heads", "ffn", "embed_proj", "lr_share")
+               if getattr(a, k) is not None}
+    spec = replace(specs[a.like], name=a.name, **changes)
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
     for d in ("data", "vit"):
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
              lr=cfg.lm_lr * spec.lr_share)
     check = context_check(model, enc, eval_samples(cfg, seed))
     model.save_pretrained(lm_dir)
-    info = {"like": a.like, "init_seed": a.init_seed, "steps_mult": a.steps_mult, "steps": steps, "check": check,
+    info = {"like": a.like, "spec": asdict(spec), "init_seed": a.init_seed, "steps_mult": a.steps_mult, "steps": steps, "check": check,
             "seconds": round(time.time() - started, 1)}
     (a.out / f"{a.name}.json").write_text(json.dumps(info, indent=1) + "\n")
     if not (a.out / "world.json").exists():  # the probe keys its feature cache on this file

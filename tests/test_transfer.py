@@ -1,4 +1,4 @@
-"""VPGTrans pipeline on tiny models: merge, 5x warm-up LR, what trains, cross-type transfer, sources, report."""
+"""VPGTrans pipeline on tiny models: merge, the recipe's warm-up LR, what trains, cross-type transfer, sources, report."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_merged_projector_is_converter_times_source(world):
         assert torch.equal(v, saved[f"vpg.{k}"])
 
 
-def test_warmup_trains_only_the_projector_at_5x(world, tmp_path):
+def test_warmup_trains_only_the_projector_at_the_recipes_scale(world, tmp_path):
     plan = _plan(world, dst="opt-m", out=tmp_path / "t")
     prepared = race.prepare(plan, echo=lambda _: None)
     model = prepared.model
@@ -74,7 +74,8 @@ def test_warmup_trains_only_the_projector_at_5x(world, tmp_path):
     assert changed == {"projector.weight", "projector.bias"}
     rows = read_log(tmp_path / "t" / "warmup" / "log.jsonl")
     assert len(rows) == 4  # one epoch of 8 examples at batch 2
-    assert all(r["lr"] == 5.0 * 1e-4 for r in rows)  # exactly 5 × the recipe's base LR, constant, no warm-up
+    # Exactly the world recipe's transfer.warmup_lr_scale (25) x its base LR, constant, no warm-up.
+    assert all(r["lr"] == pytest.approx(25.0 * 1e-4) for r in rows)
     assert plan.finetune.train.lr == 1e-4 and plan.finetune.train.trainable == ["vpg", "projector"]
 
 
@@ -117,7 +118,8 @@ def test_dry_run_trains_nothing(world, tmp_path):
                                        str(world["paths"]["t5"]), "--data", world["data"], "--out", str(out),
                                        "--dry-run", *RECIPE, *world["overrides"]])
     assert result.exit_code == 0, result.output
-    assert "constant 0.0005" in result.output and "token pairs" in result.output and "8 examples" in result.output
+    assert "constant 0.0025" in result.output and "token pairs" in result.output and "8 examples" in result.output
+    assert "warm-up LR 25x the recipe's (its transfer.warmup_lr_scale)" in result.output
     assert "train projector" in result.output and "train vpg + projector" in result.output
     assert not out.exists()
 
