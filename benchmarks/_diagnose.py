@@ -42,8 +42,9 @@ REGIME_TFS_LATE = 0.6  # ... while TFS reaches its best only in the last 40% of 
 def recipe_warmup_scale(recipe: str) -> float:
     """The warm-up LR multiplier `vpgtrans transfer` uses with `recipe` (its transfer.warmup_lr_scale, else 5)."""
     from vpgtrans.recipes import load_recipe
+    from vpgtrans.transfer.stages import default_warmup_scale
 
-    return float(load_recipe(recipe).transfer.warmup_lr_scale or 5.0)
+    return default_warmup_scale({}, "", load_recipe(recipe).transfer.warmup_lr_scale)[0]  # no surrogate source
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@
         --layers 4 --heads 8 --ffn 1024 --embed-proj 128 --lr-share 0.5          # a much larger OPT
 
 V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM (or the sizes
-given), W's tokenizer,
-the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x the build's steps. It
+given), W's tokenizer, the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x the build's steps. It
 uses the build's own functions (`vpgtrans.world.lms`), so a twin differs from the original only by what is asked.
 Run it again with another --name to add more LMs to V; `benchmarks/_regime_probe.py --world V` then reads them all.
 """
@@ -15,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -38,12 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-share", type=float, help="x the world's LM learning rate instead of --like's")
     a = ap.parse_args(argv)
 
-    import torch
     from transformers import AutoTokenizer
 
-    from vpgtrans.world.build import LM_MAX_LEN
+    from vpgtrans.world.build import _train_lm
     from vpgtrans.world.config import WorldConfig
-    from vpgtrans.world.lms import Encoder, context_check, eval_samples, lm_specs, make_model, pretrain, text_samples
+    from vpgtrans.world.lms import lm_specs
 
     manifest = json.loads((a.world / "world.json").read_text())
     cfg = WorldConfig(**manifest["config"]) if isinstance(manifest.get("config"), dict) else WorldConfig()
@@ -55,29 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: getattr(a, k) for k in ("hidden", "layers", "heads", "ffn", "embed_proj", "lr_share")
                if getattr(a, k) is not None}
     spec = replace(specs[a.like], name=a.name, **changes)
-    torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
     for d in ("data", "vit"):
         if not (a.out / d).exists():
             (a.out / d).symlink_to((a.world / d).resolve())
-    lm_dir = a.out / a.name
-    lm_dir.mkdir(exist_ok=True)
-    for f in (a.world / a.like).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "spiece")):
-            shutil.copy(f, lm_dir / f.name)
-    tok = AutoTokenizer.from_pretrained(lm_dir)
-    steps = max(1, int(round(cfg.lm_steps * spec.step_share * a.steps_mult)))
-    samples = text_samples(cfg, seed, steps * cfg.lm_batch, spec.family)  # the build's text for this family
-    started = time.time()
-    torch.manual_seed(a.init_seed)
-    model = make_model(spec, tok, LM_MAX_LEN)
-    enc = Encoder(tok, spec.family)
-    pretrain(model, enc, samples, cfg, steps, a.init_seed, lambda line: print(f"{a.name}{line}", flush=True),
-             lr=cfg.lm_lr * spec.lr_share)
-    check = context_check(model, enc, eval_samples(cfg, seed))
-    model.save_pretrained(lm_dir)
-    info = {"like": a.like, "spec": asdict(spec), "init_seed": a.init_seed, "steps_mult": a.steps_mult, "steps": steps, "check": check,
-            "seconds": round(time.time() - started, 1)}
+    AutoTokenizer.from_pretrained(a.world / a.like).save_pretrained(a.out / a.name)
+    # The build's own LM training (same text, schedule and checks), with this spec, seed and step multiple.
+    res = _train_lm(str(a.out), cfg, seed, list(specs).index(a.like), lambda line: print(line, flush=True),
+                    spec=spec, init_seed=a.init_seed, steps_mult=a.steps_mult)
+    check = res["check"]
+    info = {"like": a.like, "spec": asdict(spec), "init_seed": a.init_seed, "steps_mult": a.steps_mult,
+            "check": check, "seconds": res["seconds"]}
     (a.out / f"{a.name}.json").write_text(json.dumps(info, indent=1) + "\n")
     if not (a.out / "world.json").exists():  # the probe keys its feature cache on this file
         (a.out / "world.json").write_text(json.dumps({"variant_of": str(a.world.resolve())}) + "\n")

@@ -25,7 +25,6 @@ from .train.config import TrainConfig
 from .train.objectives import EvalConfig
 
 
-
 @dataclass
 class TransferDefaults:
     """What `vpgtrans transfer` uses with this recipe when its options leave it open."""

@@ -287,8 +287,12 @@ def _in_workers(jobs: list[tuple], workers: int, progress: Callable[[str], None]
         return [f.result() for f in futures]
 
 
-def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pretrain LM number `k` of `lm_specs(cfg)` into root/<name> (its tokenizer is already there)."""
+def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int, log: Callable[[str], None] = print, *,
+              spec: Any = None, init_seed: int | None = None, steps_mult: float = 1.0) -> dict[str, Any]:
+    """Pretrain LM number `k` of `lm_specs(cfg)` into root/<name> (its tokenizer is already there).
+
+    `spec`, `init_seed` and `steps_mult` train another LM on the same text instead (benchmarks/_world_variant.py):
+    its own architecture/name, init and batch-order seed (default seed x 1000 + k), and multiple of the steps."""
     import torch
     from transformers import AutoTokenizer
 
@@ -297,17 +301,18 @@ def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int, log: Callable[[str
 
     torch.set_num_threads(1)
     t, cpu = time.time(), time.process_time()
-    spec = lm_specs(cfg)[k]
+    spec = spec or lm_specs(cfg)[k]
+    init = seed * 1000 + k if init_seed is None else init_seed
     out = Path(root) / spec.name
     tok = AutoTokenizer.from_pretrained(out)
-    steps = max(1, int(round(cfg.lm_steps * spec.step_share)))
+    steps = max(1, int(round(cfg.lm_steps * spec.step_share * steps_mult)))
     samples = text_samples(cfg, seed, steps * cfg.lm_batch, spec.family)
-    torch.manual_seed(seed * 1000 + k)
+    torch.manual_seed(init)
     model = make_model(spec, tok, LM_MAX_LEN)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[world] {spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tok)}, {steps} steps")
     enc = Encoder(tok, spec.family)
-    pretrain(model, enc, samples, cfg, steps, seed * 1000 + k, lambda line: log(f"  {spec.name}{line}"),
+    pretrain(model, enc, samples, cfg, steps, init, lambda line: log(f"  {spec.name}{line}"),
              lr=cfg.lm_lr * spec.lr_share)
     check = context_check(model, enc, eval_samples(cfg, seed))
     log(f"[world] {spec.name}: caption loss with true context {check['true_context']:.3f}, shuffled "
