@@ -26,7 +26,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
+
+from vpgtrans.transfer.epochs import best_point as best
+from vpgtrans.transfer.epochs import epoch_curve, steps_per_epoch
 
 HIGHER = ("cider", "attribute_accuracy", "vqa_accuracy")  # every other metric here (val_loss) is better lower
 METRICS = ("cider", "attribute_accuracy", "vqa_accuracy", "val_loss")
@@ -134,12 +137,7 @@ def _register_vqa(s: DiagSettings) -> None:
 
 def per_epoch_steps(s: DiagSettings) -> tuple[int, int]:
     """(training images used, optimiser steps per epoch)."""
-    from vpgtrans.data.dataset import fraction_subset
-
-    with open(Path(s.world) / "data" / "train.jsonl") as f:
-        n = sum(1 for line in f if line.strip())
-    used = len(fraction_subset(range(n), s.data_fraction, s.seed)) if s.data_fraction < 1 else n
-    return used, max(1, used // s.batch_size)
+    return steps_per_epoch(Path(s.world) / "data" / "train.jsonl", s.data_fraction, s.seed, s.batch_size)
 
 
 def _common_overrides(s: DiagSettings, cache: Path) -> list[str]:
@@ -184,20 +182,6 @@ def _save_result(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(out / "result.json")
     return data
-
-
-def epoch_curve(run_dirs: Sequence[Path], per_epoch: int) -> list[dict[str, Any]]:
-    """One point per evaluation: epoch (steps ÷ steps per epoch), step, wall time and every logged metric."""
-    from vpgtrans.transfer import report as rep
-
-    out = []
-    for row in rep.joined_rows(list(run_dirs)):
-        m = row.get("metrics") or {}
-        if "val_loss" in m or "cider" in m:
-            out.append({"epoch": round(row["step"] / per_epoch, 3), "step": row["step"],
-                        "samples": row["samples"], "wall_time": row["wall_time"],
-                        **{k: round(float(v), 5) for k, v in m.items() if isinstance(v, (int, float))}})
-    return out
 
 
 # --- the runs ------------------------------------------------------------------------------------------
@@ -443,16 +427,6 @@ def _strip(r: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the tables ------------------------------------------------------------------------------------------
-def best(curve: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The curve's best point on `metric` (the first, on a tie): largest, or smallest for a loss."""
-    pts = [p for p in curve if metric in p]
-    if not pts:
-        return None
-    pick = max if metric in HIGHER else min
-    value = pick(p[metric] for p in pts)
-    return next(p for p in pts if p[metric] == value)
-
-
 def share_of(value: float, target: float, metric: str) -> float | None:
     """How close `value` is to `target` as a share (1.0 = equal; > 1 beats it), either direction of metric."""
     if metric in HIGHER:

@@ -16,6 +16,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from vpgtrans.transfer.epochs import table3_speedups
+
 # What the paper reports (design notes §2; Tables 2-3 were not available offline, only these figures).
 PAPER_FIGURES = {
     "size": ("OPT-2.7B→6.7B", 10.7, "10.7x fewer GPU-hours (631.5 vs 59.0 A100-h) with 10.7% of the data"),
@@ -247,33 +249,6 @@ TARGETS_29 = {"caption_at_or_above_paper": True, "much_larger_caption_min": 5.0}
 EPOCH_PAIRS = ["opt-s>opt-m", "opt-s>flant5", "opt-s>llama"]
 
 
-def first_surpassing(curve: list[dict[str, Any]], metric: str, target: float, higher: bool) -> dict | None:
-    """The first point at least as good as `target` (a tie counts, as rep.first_reaching)."""
-    for p in curve:
-        if metric in p and (p[metric] >= target if higher else p[metric] <= target):
-            return p
-    return None
-
-
-def table3_speedups(tfs_curve: list[dict[str, Any]], ours: list[dict[str, Any]], metrics: list[str],
-                    higher: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Per metric: TFS's best and its epoch, the epoch (and samples) VPGTrans first reached it, both ratios."""
-    out = {}
-    for m in metrics:
-        pts = [p for p in tfs_curve if m in p]
-        if not pts:
-            continue
-        up = m in higher
-        best_value = (max if up else min)(p[m] for p in pts)
-        tfs_at = next(p for p in pts if p[m] == best_value)
-        hit = first_surpassing(ours, m, best_value, up)
-        out[m] = {"tfs_best": best_value, "tfs_epoch": tfs_at["epoch"], "tfs_samples": tfs_at["samples"],
-                  "vpgtrans_epoch": hit["epoch"] if hit else None, "vpgtrans_samples": hit["samples"] if hit else None,
-                  "speedup_epochs": round(tfs_at["epoch"] / hit["epoch"], 3) if hit and hit["epoch"] else None,
-                  "speedup_samples": round(tfs_at["samples"] / hit["samples"], 3) if hit and hit["samples"] else None}
-    return out
-
-
 def epoch_rows_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per pair, row and metric: speed-ups over seeds (mean, min, every seed; '-' seeds counted)."""
     out: dict[str, Any] = {}
@@ -353,7 +328,7 @@ def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: 
         runs.append({"pair": f"{r['src']}>{r['dst']}", "row": r["arm"], "seed": r["seed"], "fraction": r["fraction"],
                      "curve": r["curve"], "tfs_curve": base["curve"], "warmup_steps": r["warmup_steps"],
                      "converter_heldout_cosine": (r.get("converter") or {}).get("heldout_cosine"),
-                     "speedups": table3_speedups(base["curve"], r["curve"], metrics, dg.HIGHER),
+                     "speedups": table3_speedups(base["curve"], r["curve"], metrics),
                      "seconds": r["seconds"], "tfs_seconds": base["seconds"]})
     summary = epoch_rows_summary(runs)
     return {"protocol": "paper-epochs", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

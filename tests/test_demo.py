@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from vpgtrans.cli import main
 
-# 70% of the tiny world's 48 training scenes is one batch of 32: VPGTrans's warm-up epoch is 1 step.
-ARGS = ["--world-size", "tiny", "--source-steps", "6", "--steps", "6", "--eval-every", "2", "--data-fraction", "0.7",
-        "--no-progress"]
+# The tiny world's 48 training scenes at batch 32: one step per epoch, so every epoch is evaluated.
+ARGS = ["--world-size", "tiny", "--epochs", "3", "--epoch-fraction", "1", "--eval-images", "4", "--no-progress"]
 
 
 def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
@@ -22,34 +22,57 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
         assert f"[{k}/4] {what}" in first.output
     assert "building it" in first.output and "== summary" in first.output
     summary = json.loads((out / "demo.json").read_text())
-    # By default one race per kind of transfer the paper measures: size (a larger OPT), then type (FlanT5).
-    assert list(summary["transfers"]) == ["world-opt-m", "world-flant5"]
-    assert first.output.index("-- world-opt-s → world-opt-m") < first.output.index("-- world-opt-s → world-flant5")
-    assert set(summary["captions"]["scores"]) == {"source (world-opt-s)", "VPGTrans (world-opt-m)",
-                                                  "scratch (world-opt-m)", "VPGTrans (world-flant5)",
-                                                  "scratch (world-flant5)"}
-    sample = summary["captions"]["samples"][0]
-    assert sample["true"] and "VPGTrans (world-flant5)" in sample
-    for dst, race in summary["transfers"].items():
-        where = out / "transfer" / dst
-        assert race["speedup"]["metric"] == "val_loss" and race["speedup"]["scratch"]["step"] > 0
-        assert (where / "curves.png").stat().st_size > 0
-        # The paper's protocol: scratch on all 48 scenes, VPGTrans on 70% of them with a one-epoch warm-up,
-        # stopping at scratch's best (the best before scratch's plateau, when it plateaued).
-        runs = {n: json.loads((where / n / "run.json").read_text()) for n in ("scratch", "warmup")}
-        assert runs["scratch"]["data"]["train_examples"] == 48 and runs["warmup"]["data"]["train_examples"] == 34
-        assert race["stages"]["warmup"]["steps"] <= 1 and runs["warmup"]["results"]["until"]["target"] == \
-            f"val_loss<={race['scratch']['best']:g}" == f"val_loss<={race['speedup']['scratch_best']:g}"
-        assert f"scratch ({dst}, 100% of the data) reached its best at step" in first.output
-        # The transferred model really sits on the destination LLM, with the source's VPG architecture.
-        manifest = json.loads((where / "model" / "manifest.json").read_text())
-        assert manifest["spec"]["llm"]["path"] == dst
+    # By default the paper's headline kind of transfer: a larger OPT.
+    assert list(summary["transfers"]) == ["world-opt-m"]
+    assert set(summary["captions"]["scores"]) == {"source (world-opt-s)", "VPGTrans (world-opt-m)", "TFS (world-opt-m)"}
+    assert summary["captions"]["samples"][0]["true"]
+    c = summary["transfers"]["world-opt-m"]
+    where = out / "transfer" / "world-opt-m"
+    # TFS: stage 2 from a fresh VPG, every epoch on all 48 scenes, evaluated after each of its 3 epochs.
+    tfs_run = json.loads((where / "tfs" / "run.json").read_text())
+    assert tfs_run["data"]["train_examples"] == 48 and [p["epoch"] for p in c["tfs"]["curve"]] == [1, 2, 3]
+    # VPGTrans: its warm-up is its epoch 1 (one step, the projector alone at the world recipe's 25x LR); it stops
+    # at TFS's best caption CIDEr, and the speed-up is Table 3's: TFS's epoch of its best ÷ VPGTrans's reaching it.
+    warm = json.loads((where / "vpgtrans" / "warmup" / "run.json").read_text())
+    assert c["vpgtrans"]["warmup_steps"] == 1 and c["vpgtrans"]["curve"][0]["epoch"] == 1
+    assert c["vpgtrans"]["warmup_lr"] == pytest.approx(25 * 1e-4) and warm["data"]["train_examples"] == 48
+    best = max(p["cider"] for p in c["tfs"]["curve"])
+    fine = json.loads((where / "vpgtrans" / "finetune" / "run.json").read_text())
+    assert fine["results"]["until"]["target"] == f"cider>={best:g}"
+    s = c["speedup"]["cider"]
+    assert s["tfs_best"] == best and s["speedup_epochs"] == pytest.approx(s["tfs_epoch"] / s["vpgtrans_epoch"], 1e-3)
+    assert "regime: the projector alone on the frozen inherited VPG" in first.output
+    assert "speed-up (Table 3" in first.output and "the paper's OPT125M→350M: 1.7x" in first.output
+    # The transferred model really sits on the destination LLM, with the source's VPG architecture.
+    manifest = json.loads((where / "vpgtrans" / "model" / "manifest.json").read_text())
+    assert manifest["spec"]["llm"]["path"] == "world-opt-m"
 
     again = CliRunner().invoke(main, ["demo", "--out", str(out), *ARGS])
     assert again.exit_code == 0, again.output
-    assert "using the world at" in again.output and "source model already trained" in again.output
-    assert again.output.count("warm-up: done earlier, skipped") == 2
-    assert again.output.count("scratch: done earlier, skipped") == 2
+    assert "using the world at" in again.output and again.output.count("trained earlier, reused") == 2
+    assert again.output.count("warm-up: done earlier, skipped") == 1
+    assert json.loads((out / "demo.json").read_text())["transfers"]["world-opt-m"]["speedup"] == c["speedup"]
+
+
+def _pts(values: list[float]) -> list[dict]:
+    return [{"epoch": float(i), "samples": 100 * i, "cider": v} for i, v in enumerate(values, 1)]
+
+
+def test_demo_reads_the_regime_and_table3_off_the_epoch_curves() -> None:
+    from vpgtrans.demo import epoch_table, regime_line, speedup_line
+    from vpgtrans.transfer.epochs import table3_speedups
+
+    tfs = _pts([0.2, 0.5, 0.7, 0.9, 1.0, 0.95])  # best 1.0 at epoch 5
+    ours = _pts([0.6, 1.05])  # warm-up (epoch 1) at 0.6; past TFS's best at epoch 2
+    c = {"tfs": {"curve": tfs}, "vpgtrans": {"curve": ours}, "speedup": table3_speedups(tfs, ours, ["cider"])}
+    line = regime_line(c)
+    assert "cider 0.60" in line and "TFS needed 3 epoch(s) for that" in line and "1.00 at epoch 5 (60% of it)" in line
+    assert "2.50x" in speedup_line(c, "world-opt-m") and "VPGTrans at epoch 2" in speedup_line(c, "world-opt-m")
+    table = epoch_table(c)
+    assert table[1].split()[:3] == ["1", "0.200", "0.600"] and "warm-up" in table[1] and len(table) == 7
+    never = {**c, "speedup": table3_speedups(tfs, _pts([0.6, 0.8]), ["cider"])}
+    assert "speed-up (Table 3" in speedup_line(never, "world-llama") and ": - (VPGTrans never reached" in \
+        speedup_line(never, "world-llama")
 
 
 def test_demo_runs_the_one_destination_asked_for(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
-"""`vpgtrans demo`: the paper's story on the synthetic world, in one command, well under 15 minutes on 2 CPU cores.
+"""`vpgtrans demo`: the paper's experiment (arXiv 2305.01278, Table 3) in miniature on the synthetic world.
 
-world (built if absent) → BLIP-2 stage 2 on a source LLM → on each destination LLM (by default the paper's two
-kinds of transfer: across size, OPT-s → OPT-m, and across type, OPT-s → FlanT5), the paper's protocol at demo
-scale: a VPG trained from scratch on all the training data until its validation loss plateaus, then VPGTrans on
-10.7% of the data (converter-merged projector, one warm-up epoch at 5x LR, fine-tuning) until it matches scratch's
-best → speed-up table per destination, captions next to the truth, curves PNG.
+world (built if absent) → a VPG trained on the source LLM (BLIP-2 stage 2, 10 epochs) → on each destination LLM
+(by default the paper's headline kind, a larger OPT): TFS, a VPG trained from scratch for 10 epochs, beside
+VPGTrans (inherit the source VPG → converter-merged projector → one warm-up epoch, its epoch 1 → fine-tuning),
+both scored on captions after every epoch → the regime line (what the projector alone got in the warm-up
+epoch), the epochs table and Table 3's speed-up → captions next to the truth, curves PNG.
 Every stage keeps its outputs under ``--out``: a second run continues where the first stopped.
 """
 
@@ -15,41 +15,39 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .config import help_field
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .transfer.race import TransferResult
+from .transfer.epochs import best_point, first_surpassing, table3_speedups
 
 STEPS = ("world", "source", "transfer", "captions")
-# Size first (the paper's headline, OPT-2.7B → 6.7B), then type: the benchmark's size pair matches scratch on 1 seed
-# of 3, its FlanT5 pair on 3 of 3 (README, Benchmarks → Transfer efficiency); either race alone tells half the story.
-DEFAULT_DST = ["world-opt-m", "world-flant5"]
+DEFAULT_DST = ["world-opt-m"]
+STAGE2_RECIPE = "blip2_stage2_world"  # TFS and the source: BLIP-2 stage 2, as in the paper
+TRANSFER_RECIPE = "vpgtrans_world"
+CAPTION_METRIC = "cider"
+# Table 3's caption-CIDEr column for the paper row each world destination stands for (from an OPT-s source).
+PAPER_ROW = {"world-opt-m": ("OPT125M→350M", 1.7), "world-flant5": ("OPT2.7B→FlanT5XL", 1.7)}
 
 
 @dataclass
 class DemoConfig:
-    """What the demo trains; the defaults fit ~15 minutes on a 2-core CPU, world build included."""
+    """What the demo trains; the defaults fit ~15 minutes on an idle 2-core CPU, world build included."""
 
     src: str = help_field("world-opt-s", help="LLM the source VPG is trained on")
-    dst: list[str] = help_field(DEFAULT_DST, help="LLMs the VPG is transferred to, one race each (the paper's "
-                                                  "size transfer to a larger OPT, then a type transfer to FlanT5)")
-    source_steps: int = help_field(600, help="BLIP-2 stage-2 steps on the source LLM")
-    steps: int = help_field(400, help="step cap of the scratch run (it stops earlier at its plateau, for the "
-                                      "speed-up) and of VPGTrans's fine-tuning")
-    data_fraction: float = help_field(0.107, help="share of the training data VPGTrans sees (the paper: 10.7%); "
-                                                  "scratch sees all of it")
-    lr: float = help_field(5e-4, help="peak learning rate, cosine to half of it (the warm-up runs at "
-                                      "warmup_lr_scale x this)")
-    warmup_lr_scale: float = help_field(5.0, help="warm-up LR = this x lr: the paper's 5 (lr is already 5x the "
-                                                  "recipe's, so the world recipe's own 25x is not applied again)")
-    eval_every: int = help_field(50, help="validation loss every N steps (the speed-up is read off these)")
-    val_samples: int = help_field(128, help="validation captions per evaluation")
-    test_images: int = help_field(64, help="test images captioned to score the final models (CIDEr, attributes)")
+    dst: list[str] = help_field(DEFAULT_DST, help="LLMs the VPG is transferred to, one TFS-vs-VPGTrans comparison "
+                                                  "each (default: the paper's headline kind, a larger OPT)")
+    epochs: int = help_field(10, help="epochs of TFS and of the source (the paper's 10); VPGTrans's cap, warm-up "
+                                      "included")
+    epoch_fraction: float = help_field(0.25, help="share of the world's training images one epoch passes over "
+                                                  "(0.25: 1,500 of 6,000, so 10 epochs fit the demo's time)")
+    warmup_lr_scale: float | None = help_field(None, help="VPGTrans's warm-up LR = this x the recipe's; default "
+                                                          "the transfer recipe's (25x on the world)")
+    eval_images: int = help_field(64, help="val images captioned after every epoch (CIDEr, attribute accuracy)")
+    val_samples: int = help_field(64, help="val captions for the val_loss logged beside them")
+    test_images: int = help_field(64, help="test images captioned to score the final models")
     show: int = help_field(4, help="test images whose captions are printed")
-    seed: int = help_field(0, help="training seed")
+    seed: int = help_field(0, help="training seed (also picks the epoch's images)")
     world_size: str = help_field("full", help="world to build when none exists: 'full', or 'tiny' for smoke tests")
 
 
@@ -77,46 +75,78 @@ def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
     return build_world(path, progress=echo, config=WorldConfig.preset(size))
 
 
-def _eval_overrides(cfg: DemoConfig) -> list[str]:
-    return [f"train.lr={cfg.lr}", f"train.min_lr={cfg.lr / 2}", f"train.eval_every={cfg.eval_every}",
-            "eval.metrics=[val_loss]",
-            f"data.max_val_samples={cfg.val_samples}", f"train.seed={cfg.seed}"]
+@dataclass(frozen=True)
+class Epochs:
+    """How the world's training data is cut into the demo's epochs."""
+
+    world: Path
+    fraction: float
+    seed: int
+    images: int
+    steps: int  # optimiser steps per epoch
+    batch_size: int
+
+    def overrides(self, cfg: DemoConfig) -> list[str]:
+        """Recipe overrides every arm shares: the epoch's data, evaluation after every epoch, the seed."""
+        w = self.world
+        return [f"data.train={w / 'data' / 'train.jsonl'}", f"data.val={w / 'data' / 'val.jsonl'}",
+                f"model.vision.path={w / 'vit'}", f"data.fraction={self.fraction}", f"data.fraction_seed={self.seed}",
+                f"data.max_val_samples={max(cfg.val_samples, cfg.eval_images)}", f"eval.max_samples={cfg.eval_images}",
+                f"eval.metrics=[val_loss,{CAPTION_METRIC}]", f"train.batch_size={self.batch_size}",
+                f"train.seed={self.seed}", f"train.eval_every={self.steps}", f"train.log_every={self.steps}",
+                f"train.save_every={self.steps}"]
 
 
-def train_source(cfg: DemoConfig, out: Path, progress: bool, echo: Callable[[str], None]) -> Path:
-    """BLIP-2 stage 2 (Q-Former + projector) on the source LLM; returns its model dir."""
+def epochs_of(world: Path, cfg: DemoConfig) -> Epochs:
+    """The epoch: `epoch_fraction` of the world's training images at the recipe's batch size."""
+    from .recipes import load_recipe
+    from .transfer.epochs import steps_per_epoch
+
+    batch = load_recipe(STAGE2_RECIPE).train.batch_size
+    images, steps = steps_per_epoch(world / "data" / "train.jsonl", cfg.epoch_fraction, cfg.seed, batch)
+    return Epochs(world, cfg.epoch_fraction, cfg.seed, images, steps, batch)
+
+
+def train_tfs(cfg: DemoConfig, llm: str, ep: Epochs, out: Path, progress: bool,
+              echo: Callable[[str], None]) -> dict[str, Any]:
+    """BLIP-2 stage 2 from a fresh Q-Former and projector on `llm` for `epochs` epochs; its model and curve."""
     from .model import detect_llm_component
     from .recipes import load_recipe
     from .train.runner import run_recipe
+    from .transfer.epochs import epoch_curve
 
-    model_dir = out / "model"
-    if model_dir.exists():
-        echo(f"source model already trained: {model_dir}")
-        return model_dir
-    recipe = load_recipe("blip2_stage2_world", [
-        f"model.llm.name={detect_llm_component(cfg.src)}", f"model.llm.path={cfg.src}",
-        f"train.max_steps={cfg.source_steps}",
-        f"train.warmup_steps={max(1, cfg.source_steps // 12)}", f"train.save_every={cfg.source_steps}",
-        *_eval_overrides(cfg)])
-    resume = "latest" if (out / "checkpoints").exists() else None
-    run_recipe(recipe, out, resume=resume, force=resume is None, progress=progress, echo=echo)
-    return model_dir
+    if not (out / "model" / "manifest.json").exists():
+        recipe = load_recipe(STAGE2_RECIPE, [
+            f"model.llm.name={detect_llm_component(llm)}", f"model.llm.path={llm}", *ep.overrides(cfg),
+            f"train.max_steps={cfg.epochs * ep.steps}", f"train.warmup_steps={min(200, ep.steps)}"])
+        resume = "latest" if (out / "checkpoints").exists() else None
+        run_recipe(recipe, out, resume=resume, force=resume is None, progress=progress, echo=echo)
+    else:
+        echo(f"{out.name}: trained earlier, reused ({out / 'model'})")
+    return {"model": str(out / "model"), "curve": epoch_curve([out], ep.steps)}
 
 
-def run_transfer(cfg: DemoConfig, dst: str, source: Path, out: Path, progress: bool,
-                 echo: Callable[[str], None]) -> TransferResult:
-    """Scratch to its plateau on all the data, then VPGTrans source → dst on `data_fraction` until it matches."""
+def run_vpgtrans(cfg: DemoConfig, dst: str, source: Path, tfs_best: float, ep: Epochs, out: Path, progress: bool,
+                 echo: Callable[[str], None]) -> dict[str, Any]:
+    """VPGTrans source → dst on the epoch's data, evaluated every epoch, stopping once it reaches TFS's best."""
+    from .recipes import load_recipe
+    from .transfer.epochs import epoch_curve
     from .transfer.options import TransferOptions
     from .transfer.race import TransferResult, transfer
 
-    overrides = (f"train.max_steps={cfg.steps}", f"train.save_every={cfg.steps}", f"data.fraction={cfg.data_fraction}",
-                 *_eval_overrides(cfg))
-    result = transfer(TransferOptions(src=str(source), dst=dst, out=str(out), compare_scratch=True,
-                                      warmup_lr_scale=cfg.warmup_lr_scale, overrides=overrides,
-                                      recipe="vpgtrans_world", resume=out.exists(),
-                                      progress=progress), echo=echo)
+    stage2 = load_recipe(STAGE2_RECIPE).train  # fine-tuning follows TFS's schedule, as in the paper
+    overrides = [o for o in ep.overrides(cfg) if not o.startswith("data.fraction=")]  # data_fraction says it
+    overrides += [f"train.lr={stage2.lr}", f"train.min_lr={stage2.min_lr}"]
+    result = transfer(TransferOptions(src=str(source), dst=dst, out=str(out), recipe=TRANSFER_RECIPE,
+                                      overrides=tuple(overrides), data_fraction=ep.fraction,
+                                      warmup_lr_scale=cfg.warmup_lr_scale, warmup_epochs=1.0,
+                                      budget_steps=cfg.epochs * ep.steps, until=f"{CAPTION_METRIC}>={tfs_best:g}",
+                                      resume=out.exists(), progress=progress), echo=echo)
     assert isinstance(result, TransferResult)  # not a dry run
-    return result
+    curve = epoch_curve([Path(result.stages[n].dir) for n in ("warmup", "finetune")], ep.steps)
+    return {"model": result.model_dir, "curve": curve, "warmup_steps": result.stages["warmup"].steps,
+            "warmup_lr": result.stages["warmup"].lr, "converter": {k: result.converter.get(k) for k in
+                                                                   ("n_pairs", "dst_coverage", "heldout_cosine")}}
 
 
 def compare_captions(models: dict[str, Path], world: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -177,8 +207,12 @@ def _check(cfg: DemoConfig) -> None:
         raise ConfigError(f"--src and --dst are the same LLM ({cfg.src})", "pick another --dst, e.g. world-llama")
     if len({_slug(d) for d in cfg.dst}) != len(cfg.dst):
         raise ConfigError(f"--dst names an LLM twice ({', '.join(cfg.dst)})", "give each destination once")
-    if not 0.0 < cfg.data_fraction <= 1.0:
-        raise ConfigError(f"--data-fraction must be in (0, 1], got {cfg.data_fraction}", "e.g. --data-fraction 0.107")
+    if not 0.0 < cfg.epoch_fraction <= 1.0:
+        raise ConfigError(f"--epoch-fraction must be in (0, 1], got {cfg.epoch_fraction}", "e.g. --epoch-fraction 0.25")
+    if cfg.epochs < 2:
+        raise ConfigError(f"--epochs must be at least 2, got {cfg.epochs}", "e.g. --epochs 10 (the paper's)")
+    if cfg.eval_images < 1 or cfg.val_samples < 1:
+        raise ConfigError("--eval-images must be at least 1", "e.g. --eval-images 64")
     from .names import LLM_ALIASES, missing_error, missing_weights
 
     # Every LLM is checked before the world is built or the source trained; world models may still be unbuilt.
@@ -208,7 +242,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, *, force: bool = False,
              progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """World → source VPG → VPGTrans vs scratch on each destination → tables, captions, PNGs; writes demo.json."""
+    """World → source VPG → TFS and VPGTrans per epoch on each destination → regime, Table 3, captions."""
     cfg = config or DemoConfig()
     _check(cfg)
     out = Path(out).expanduser()
@@ -225,32 +259,37 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
 
     t = _stage(echo, 1, "synthetic world")
     world = ensure_world(cfg.world_size, echo)
+    ep = epochs_of(world, cfg)
     timings["world"] = time.perf_counter() - t
 
-    t = _stage(echo, 2, f"train a Q-Former VPG on the source LLM {cfg.src} (BLIP-2 stage 2, {cfg.source_steps} steps)")
-    source = train_source(cfg, out / "source", progress, echo)
+    t = _stage(echo, 2, f"train a Q-Former VPG on the source LLM {cfg.src} (BLIP-2 stage 2, {cfg.epochs} epochs of "
+                        f"{ep.images} images, {ep.steps} steps each)")
+    source = train_tfs(cfg, cfg.src, ep, out / "source", progress, echo)
     timings["source"] = time.perf_counter() - t
 
-    races: dict[str, dict[str, Any]] = {}
+    comparisons: dict[str, dict[str, Any]] = {}
     for i, dst in enumerate(cfg.dst, 1):
         which = f" ({i} of {len(cfg.dst)})" if len(cfg.dst) > 1 else ""
-        t = _stage(echo, 3, f"the paper's protocol on {dst}{which}: a VPG from scratch on 100% of the data until its "
-                            f"val_loss plateaus, then VPGTrans from {cfg.src} on {cfg.data_fraction:.1%} of the data "
-                            "until it matches scratch's best")
+        t = _stage(echo, 3, f"the paper's protocol on {dst}{which}: TFS (a VPG from scratch, {cfg.epochs} epochs), "
+                            f"then VPGTrans from {cfg.src} (warm-up epoch, fine-tuning) until it reaches TFS's best "
+                            f"{CAPTION_METRIC}; captions scored after every epoch")
         where = transfer_dir(out, dst)
-        report = run_transfer(cfg, dst, source, where, progress, echo).to_json()
-        timings[f"transfer {dst}"] = time.perf_counter() - t
-        races[dst] = {"speedup": report.get("speedup"), "scratch": report.get("scratch"),
-                      "stages": report.get("stages"), "catch_up": report.get("catch_up"),
-                      "converter": {k: report["converter"].get(k)
-                                    for k in ("n_pairs", "dst_coverage", "heldout_cosine")},
-                      "plot": report.get("plot"), "report": str(where / "report.json")}
+        tfs = train_tfs(cfg, dst, ep, where / "tfs", progress, echo)
+        best = best_point(tfs["curve"], CAPTION_METRIC)
+        if best is None:
+            raise ConfigError(f"TFS on {dst} logged no {CAPTION_METRIC}", "rerun with --force")
+        ours = run_vpgtrans(cfg, dst, Path(source["model"]), best[CAPTION_METRIC], ep, where / "vpgtrans",
+                            progress, echo)
+        comparisons[dst] = {"tfs": tfs, "vpgtrans": ours,
+                            "speedup": table3_speedups(tfs["curve"], ours["curve"], [CAPTION_METRIC]),
+                            "plot": _plot(where, echo)}
+        timings[f"protocol {dst}"] = time.perf_counter() - t
 
     t = _stage(echo, 4, "captions of test images")
-    models = {f"source ({cfg.src})": source}
-    for dst in cfg.dst:
-        models[f"VPGTrans ({dst})"] = transfer_dir(out, dst) / "model"
-        models[f"scratch ({dst})"] = transfer_dir(out, dst) / "scratch" / "model"
+    models = {f"source ({cfg.src})": Path(source["model"])}
+    for dst, c in comparisons.items():
+        models[f"VPGTrans ({dst})"] = Path(c["vpgtrans"]["model"])
+        models[f"TFS ({dst})"] = Path(c["tfs"]["model"])
     captions = compare_captions(models, world, cfg)
     for line in caption_lines(captions):
         echo(line)
@@ -258,8 +297,8 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
     timings = {k: round(v, 1) for k, v in timings.items()}
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    summary = {"config": asdict(cfg), "world": str(world), "timings_s": timings, "transfers": races,
-               "captions": captions}
+    summary = {"config": asdict(cfg), "world": str(world), "epoch": {"images": ep.images, "steps": ep.steps,
+               "batch_size": ep.batch_size}, "timings_s": timings, "transfers": comparisons, "captions": captions}
     from .checkpoint import atomic_write_text
 
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, default=str))
@@ -269,21 +308,79 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
     return summary
 
 
-def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
-    from .transfer.report import catch_up_lines, table
+def _plot(where: Path, echo: Callable[[str], None]) -> str | None:
+    """TFS and VPGTrans on one samples axis (skipped without the [plot] extra)."""
+    from .plot import plot_runs
 
+    try:
+        return str(plot_runs([where / "tfs", where / "vpgtrans"], where / "curves.png", x="samples",
+                             labels=["TFS", ""]))  # a transfer dir names its own series "VPGTrans"
+    except ConfigError as e:  # matplotlib missing: the numbers are in demo.json either way
+        echo(f"no curves PNG: {e}")
+        return None
+
+
+def _fmt_epoch(x: float) -> str:
+    return f"{x:g}"
+
+
+def regime_line(c: dict[str, Any], metric: str = CAPTION_METRIC) -> str:
+    """The paper's Fig. 3 in one line: what the projector alone reached on the frozen inherited VPG in one epoch."""
+    warm = next((p for p in c["vpgtrans"]["curve"] if metric in p), None)
+    best = best_point(c["tfs"]["curve"], metric)
+    if warm is None or best is None:
+        return f"regime: no {metric} logged"
+    tfs_there = first_surpassing(c["tfs"]["curve"], metric, warm[metric], higher=True)
+    when = (f"TFS needed {_fmt_epoch(tfs_there['epoch'])} epoch(s) for that" if tfs_there
+            else "TFS never got there")
+    share = f"{warm[metric] / best[metric]:.0%} of it" if best[metric] else "TFS scored 0"
+    return (f"regime: the projector alone on the frozen inherited VPG (VPGTrans's warm-up epoch) captions at "
+            f"{metric} {warm[metric]:.2f} — {when}; TFS's best is {best[metric]:.2f} at epoch "
+            f"{_fmt_epoch(best['epoch'])} ({share}). The paper's regime: a large part of the way in one "
+            "epoch, TFS's best only late")
+
+
+def epoch_table(c: dict[str, Any], metric: str = CAPTION_METRIC) -> list[str]:
+    """Per epoch: TFS's and VPGTrans's caption metric (VPGTrans's epoch 1 is its warm-up)."""
+    rows: dict[float, dict[str, float]] = {}
+    for arm in ("tfs", "vpgtrans"):
+        for p in c[arm]["curve"]:
+            if metric in p:
+                rows.setdefault(p["epoch"], {})[arm] = p[metric]
+    lines = [f"{'epoch':>6}  {'TFS ' + metric:>12}  {'VPGTrans ' + metric:>16}"]
+    for e in sorted(rows):
+        r = rows[e]
+        tfs = f"{r['tfs']:>12.3f}" if "tfs" in r else " " * 12
+        ours = f"{r['vpgtrans']:>16.3f}" if "vpgtrans" in r else " " * 16
+        lines.append(f"{_fmt_epoch(e):>6}  {tfs}  {ours}"
+                     + ("  (warm-up: projector alone)" if e == min(rows) and "vpgtrans" in r else ""))
+    return lines
+
+
+def speedup_line(c: dict[str, Any], dst: str, metric: str = CAPTION_METRIC) -> str:
+    """Table 3's speed-up on the caption metric, beside the paper's analogous row."""
+    s = c["speedup"].get(metric)
+    paper = PAPER_ROW.get(dst)
+    beside = f" (the paper's {paper[0]}: {paper[1]:g}x)" if paper else ""
+    if not s:
+        return f"speed-up: no {metric} logged"
+    if s["speedup_epochs"] is None:
+        return (f"speed-up (Table 3: TFS's epochs to its best ÷ VPGTrans's epochs to reach it): - (VPGTrans never "
+                f"reached TFS's best {metric} {s['tfs_best']:.2f} within its epochs){beside}")
+    return (f"speed-up (Table 3: TFS's epochs to its best ÷ VPGTrans's epochs to reach it): "
+            f"{s['speedup_epochs']:.2f}x — TFS's best {metric} {s['tfs_best']:.2f} at epoch "
+            f"{_fmt_epoch(s['tfs_epoch'])}, VPGTrans at epoch {_fmt_epoch(s['vpgtrans_epoch'])}{beside}")
+
+
+def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
     lines = ["== summary"]
-    for dst, race in summary["transfers"].items():
+    for dst, c in summary["transfers"].items():
         lines.append(f"-- {summary['config']['src']} → {dst}")
-        speed = race.get("speedup") or {}
-        if "error" not in speed and speed:
-            lines += table(speed)
-            lines += _story(summary["config"], dst, race)
-            lines += catch_up_lines(race.get("catch_up") or [], speed["metric"])
-        else:
-            lines.append(f"no speed-up figure: {speed.get('error', 'no evaluations logged')}")
-        if race.get("plot"):
-            lines.append(f"curves: {race['plot']}")
+        lines.append(regime_line(c))
+        lines += epoch_table(c)
+        lines.append(speedup_line(c, dst))
+        if c.get("plot"):
+            lines.append(f"curves: {c['plot']}")
     exports = (summary.get("captions") or {}).get("exports") or {}
     if exports:
         width = max(len(name) for name in exports)
@@ -293,22 +390,4 @@ def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
     t = summary["timings_s"]
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
     lines.append(f"everything: {out / 'demo.json'}")
-    return lines
-
-
-def _story(cfg: dict[str, Any], dst: str, race: dict[str, Any]) -> list[str]:
-    """The speed-up in words: what scratch needed, what VPGTrans needed, warm-up and converter fit included."""
-    speed, scratch = race["speedup"], race.get("scratch") or {}
-    warm = ((race.get("stages") or {}).get("warmup") or {}).get("steps")
-    plateau = scratch.get("plateau_step")
-    lines = [f"scratch ({dst}, 100% of the data) reached its best at step {speed['scratch']['step']}"
-             + (f" and plateaued at step {plateau}" if plateau else
-                f" (no plateau within its {scratch.get('steps') or cfg['steps']}-step cap)")]
-    ours = speed.get("vpgtrans")
-    if ours:
-        lines.append(f"VPGTrans ({cfg['src']} → {dst}, {cfg['data_fraction']:.1%} of the data) matched it at "
-                     f"step {ours['step']} ({warm} of them the warm-up epoch): {speed['speedup_samples']:.2f}x fewer "
-                     f"samples, {speed['speedup_wall_time']:.2f}x less wall time (converter fit included)")
-    else:
-        lines.append(f"VPGTrans did not reach scratch's best within {cfg['steps']} fine-tuning steps")
     return lines
