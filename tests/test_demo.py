@@ -41,7 +41,7 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
     assert fine["results"]["until"]["target"] == f"cider>={best:g}"
     s = c["speedup"]["cider"]
     assert s["tfs_best"] == best and s["speedup_epochs"] == pytest.approx(s["tfs_epoch"] / s["vpgtrans_epoch"], 1e-3)
-    assert "regime: the projector alone on the frozen inherited VPG" in first.output
+    assert "regime (the paper's Fig. 3): in its warm-up epoch the projector alone" in first.output
     assert "speed-up (Table 3" in first.output and "the paper's OPT125M→350M: 1.7x" in first.output
     # The transferred model really sits on the destination LLM, with the source's VPG architecture.
     manifest = json.loads((where / "vpgtrans" / "model" / "manifest.json").read_text())
@@ -66,7 +66,7 @@ def test_demo_reads_the_regime_and_table3_off_the_epoch_curves() -> None:
     ours = _pts([0.6, 1.05])  # warm-up (epoch 1) at 0.6; past TFS's best at epoch 2
     c = {"tfs": {"curve": tfs}, "vpgtrans": {"curve": ours}, "speedup": table3_speedups(tfs, ours, ["cider"])}
     line = regime_line(c)
-    assert "cider 0.60" in line and "TFS needed 3 epoch(s) for that" in line and "1.00 at epoch 5 (60% of it)" in line
+    assert "cider 0.60 = TFS's level after 3 epoch(s), 60% of TFS's best (1.00, epoch 5)" in line
     assert "2.50x" in speedup_line(c, "world-opt-m") and "VPGTrans at epoch 2" in speedup_line(c, "world-opt-m")
     table = epoch_table(c)
     assert table[1].split()[:3] == ["1", "0.200", "0.600"] and "warm-up" in table[1] and len(table) == 7

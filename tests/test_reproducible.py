@@ -13,9 +13,8 @@ import pytest
 
 from vpgtrans.threads import NUMERIC_ENV, WAIT_ENV, has_avx2
 
-# The tiny demo of tests/test_demo.py: world build, source VPG, two races, captions.
-ARGS = ["--world-size", "tiny", "--source-steps", "6", "--steps", "6", "--eval-every", "2", "--data-fraction", "0.7",
-        "--no-progress"]
+# The tiny demo of tests/test_demo.py: world build, source VPG, TFS and VPGTrans per epoch on OPT-m, captions.
+ARGS = ["--world-size", "tiny", "--epochs", "3", "--epoch-fraction", "1", "--eval-images", "4", "--no-progress"]
 # Differ between runs by nature: clocks, and paths under each run's own directory.
 TIMING = ("seconds", "time", "wall", "timings")
 
@@ -41,7 +40,7 @@ def _figures(root: Path) -> dict[str, Any]:
 
     world = read(root / "home" / "world" / "world.json")
     world.pop("versions")
-    reports = {p.parent.name: read(p) for p in sorted((root / "demo" / "transfer").glob("*/report.json"))}
+    reports = {p.parent.parent.name: read(p) for p in sorted((root / "demo" / "transfer").glob("*/*/report.json"))}
     return {"world": world, "demo": read(root / "demo" / "demo.json"), "reports": reports}
 
 
@@ -51,6 +50,7 @@ def test_world_and_demo_figures_do_not_depend_on_threads_or_vector_units(tmp_pat
     # Two threads asked for by the environment, and MKL limited to AVX2 as on a CPU without AVX-512.
     two = _demo(tmp_path / "b", {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
     a, b = _figures(tmp_path / "a"), _figures(tmp_path / "b")
+    assert list(a["reports"]) == ["world-opt-m"]  # the transfer's own report is compared too
     # Every world file (weights included: world.json lists their sha256), the world's figures, and every figure
     # the demo prints and saves.
     assert a["world"]["files"] == b["world"]["files"]
