@@ -52,6 +52,11 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
     assert "using the world at" in again.output and again.output.count("trained earlier, reused") == 2
     assert again.output.count("warm-up: done earlier, skipped") == 1
     assert json.loads((out / "demo.json").read_text())["transfers"]["world-opt-m"]["speedup"] == c["speedup"]
+    # Other settings are not silently continued from models trained with these: one line, nothing touched.
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    other = CliRunner().invoke(main, ["demo", "--out", str(out), *ARGS[:2], "--epochs", "2", *ARGS[4:]])
+    assert other.exit_code != 0 and "holds a model trained with other settings" in other.output
+    assert "--force" in other.output and sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def _pts(values: list[float]) -> list[dict]:

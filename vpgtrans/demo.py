@@ -115,14 +115,20 @@ def train_tfs(cfg: DemoConfig, llm: str, ep: Epochs, out: Path, progress: bool,
     from .train.runner import run_recipe
     from .transfer.epochs import epoch_curve
 
-    if not (out / "model" / "manifest.json").exists():
-        recipe = load_recipe(STAGE2_RECIPE, [
-            f"model.llm.name={detect_llm_component(llm)}", f"model.llm.path={llm}", *ep.overrides(cfg),
-            f"train.max_steps={cfg.epochs * ep.steps}", f"train.warmup_steps={min(200, ep.steps)}"])
+    base = load_recipe(STAGE2_RECIPE).train.warmup_steps  # LR warm-up: the recipe's, at most one epoch
+    recipe = load_recipe(STAGE2_RECIPE, [
+        f"model.llm.name={detect_llm_component(llm)}", f"model.llm.path={llm}", *ep.overrides(cfg),
+        f"train.max_steps={cfg.epochs * ep.steps}", f"train.warmup_steps={min(base, ep.steps)}"])
+    if (out / "model" / "manifest.json").exists():
+        run = out / "run.json"
+        same = json.dumps(recipe.raw, sort_keys=True, default=str)
+        if not run.exists() or json.dumps(json.loads(run.read_text()).get("recipe"), sort_keys=True) != same:
+            raise ConfigError(f"{out} holds a model trained with other settings (another --epochs, --epoch-fraction, "
+                              "--seed or world, or an older demo)", "pass --force to start over, or another --out")
+        echo(f"{out.name}: trained earlier, reused ({out / 'model'})")
+    else:
         resume = "latest" if (out / "checkpoints").exists() else None
         run_recipe(recipe, out, resume=resume, force=resume is None, progress=progress, echo=echo)
-    else:
-        echo(f"{out.name}: trained earlier, reused ({out / 'model'})")
     return {"model": str(out / "model"), "curve": epoch_curve([out], ep.steps)}
 
 
