@@ -99,3 +99,11 @@ def test_demo_refuses_a_destination_given_twice(tmp_path: Path) -> None:
                                        "--dst", "world-llama", *ARGS])
     assert result.exit_code != 0 and "twice" in result.output and not (tmp_path / "d").exists()
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_refuses_an_epoch_smaller_than_a_batch_before_training(tmp_path: Path) -> None:
+    # A quarter of the tiny world's 48 scenes is 12 images: not one batch of 32.
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--world-size", "tiny",
+                                       "--epoch-fraction", "0.25", "--no-progress"])
+    assert result.exit_code != 0 and "fewer than one batch of 32" in result.output
+    assert "--epoch-fraction" in result.output and not (tmp_path / "d" / "source").exists()

@@ -104,6 +104,9 @@ def epochs_of(world: Path, cfg: DemoConfig) -> Epochs:
 
     batch = load_recipe(STAGE2_RECIPE).train.batch_size
     images, steps = steps_per_epoch(world / "data" / "train.jsonl", cfg.epoch_fraction, cfg.seed, batch)
+    if images < batch:
+        raise ConfigError(f"an epoch of {cfg.epoch_fraction:g} of the world's training images is {images} images, "
+                          f"fewer than one batch of {batch}", "raise --epoch-fraction (1 on the tiny world)")
     return Epochs(world, cfg.epoch_fraction, cfg.seed, images, steps, batch)
 
 
