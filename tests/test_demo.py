@@ -75,6 +75,7 @@ def test_demo_reads_the_regime_and_table3_off_the_epoch_curves() -> None:
     assert "2.50x" in speedup_line(c, "world-opt-m") and "VPGTrans at epoch 2" in speedup_line(c, "world-opt-m")
     table = epoch_table(c)
     assert table[1].split()[:3] == ["1", "0.200", "0.600"] and "warm-up" in table[1] and len(table) == 7
+    assert "below TFS's first epoch (0.20)" in regime_line({**c, "vpgtrans": {"curve": _pts([0.1, 1.05])}})
     never = {**c, "speedup": table3_speedups(tfs, _pts([0.6, 0.8]), ["cider"])}
     assert "speed-up (Table 3" in speedup_line(never, "world-llama") and ": - (VPGTrans never reached" in \
         speedup_line(never, "world-llama")

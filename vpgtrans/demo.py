@@ -340,7 +340,12 @@ def regime_line(c: dict[str, Any], metric: str = CAPTION_METRIC) -> str:
     if warm is None or best is None:
         return f"regime: no {metric} logged"
     tfs_there = first_surpassing(c["tfs"]["curve"], metric, warm[metric], higher=True)
-    when = f"TFS's level after {_fmt_epoch(tfs_there['epoch'])} epoch(s)" if tfs_there else "above TFS's every epoch"
+    if tfs_there is None:
+        when = "above TFS's every epoch"
+    elif tfs_there is c["tfs"]["curve"][0] and tfs_there[metric] > warm[metric]:
+        when = f"below TFS's first epoch ({tfs_there[metric]:.2f})"
+    else:
+        when = f"TFS's level after {_fmt_epoch(tfs_there['epoch'])} epoch(s)"
     share = f"{warm[metric] / best[metric]:.0%} of TFS's best" if best[metric] else "TFS scored 0"
     return (f"regime (the paper's Fig. 3): in its warm-up epoch the projector alone, on the frozen inherited VPG, "
             f"reached {metric} {warm[metric]:.2f} = {when}, {share} ({best[metric]:.2f}, epoch "
