@@ -21,7 +21,8 @@ import click
               help="Val images captioned after every epoch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--world-size", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="World to build when none exists ('tiny' is a seconds-long smoke test).")
+              help="World to build when none exists ('tiny', with --epoch-fraction 1, is a seconds-long "
+                   "smoke test).")
 @click.option("--force", is_flag=True, help="Delete --out first and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo(out_dir: str, src: str, dst: tuple[str, ...], epochs: int, epoch_fraction: float, eval_images: int,
