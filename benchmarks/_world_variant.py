@@ -5,8 +5,9 @@
         --layers 4 --heads 8 --ffn 1024 --embed-proj 128 --lr-share 0.5          # a much larger OPT
 
 V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM (or the sizes
-given), W's tokenizer, the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x the build's steps. It
-uses the build's own functions (`vpgtrans.world.lms`), so a twin differs from the original only by what is asked.
+given), W's tokenizer, the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x
+the build's steps. It trains through the build's own `_train_lm`, so a twin differs from the original only by what
+is asked.
 Run it again with another --name to add more LMs to V; `benchmarks/_regime_probe.py --world V` then reads them all.
 """
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .config import help_field
 from .errors import ConfigError
-from .transfer.epochs import best_point, first_surpassing, table3_speedups
+from .transfer.epochs import best_point, epoch_curve, first_surpassing, steps_per_epoch, table3_speedups
 
 STEPS = ("world", "source", "transfer", "captions")
 DEFAULT_DST = ["world-opt-m"]
@@ -100,7 +100,6 @@ class Epochs:
 def epochs_of(world: Path, cfg: DemoConfig) -> Epochs:
     """The epoch: `epoch_fraction` of the world's training images at the recipe's batch size."""
     from .recipes import load_recipe
-    from .transfer.epochs import steps_per_epoch
 
     batch = load_recipe(STAGE2_RECIPE).train.batch_size
     images, steps = steps_per_epoch(world / "data" / "train.jsonl", cfg.epoch_fraction, cfg.seed, batch)
@@ -116,7 +115,6 @@ def train_tfs(cfg: DemoConfig, llm: str, ep: Epochs, out: Path, progress: bool,
     from .model import detect_llm_component
     from .recipes import load_recipe
     from .train.runner import run_recipe
-    from .transfer.epochs import epoch_curve
 
     base = load_recipe(STAGE2_RECIPE).train.warmup_steps  # LR warm-up: the recipe's, at most one epoch
     recipe = load_recipe(STAGE2_RECIPE, [
@@ -139,7 +137,6 @@ def run_vpgtrans(cfg: DemoConfig, dst: str, source: Path, tfs_best: float, ep: E
                  echo: Callable[[str], None]) -> dict[str, Any]:
     """VPGTrans source → dst on the epoch's data, evaluated every epoch, stopping once it reaches TFS's best."""
     from .recipes import load_recipe
-    from .transfer.epochs import epoch_curve
     from .transfer.options import TransferOptions
     from .transfer.race import TransferResult, transfer
 
@@ -221,7 +218,8 @@ def _check(cfg: DemoConfig) -> None:
     if cfg.epochs < 2:
         raise ConfigError(f"--epochs must be at least 2, got {cfg.epochs}", "e.g. --epochs 10 (the paper's)")
     if cfg.eval_images < 1 or cfg.val_samples < 1:
-        raise ConfigError("--eval-images must be at least 1", "e.g. --eval-images 64")
+        raise ConfigError(f"--eval-images and val_samples must be at least 1, got {cfg.eval_images} and "
+                          f"{cfg.val_samples}", "e.g. --eval-images 64")
     from .names import LLM_ALIASES, missing_error, missing_weights
 
     # Every LLM is checked before the world is built or the source trained; world models may still be unbuilt.
@@ -333,8 +331,9 @@ def _fmt_epoch(x: float) -> str:
     return f"{x:g}"
 
 
-def regime_line(c: dict[str, Any], metric: str = CAPTION_METRIC) -> str:
+def regime_line(c: dict[str, Any]) -> str:
     """The paper's Fig. 3 in one line: what the projector alone reached on the frozen inherited VPG in one epoch."""
+    metric = CAPTION_METRIC  # higher is better: the wording and the search below rely on it
     warm = next((p for p in c["vpgtrans"]["curve"] if metric in p), None)
     best = best_point(c["tfs"]["curve"], metric)
     if warm is None or best is None:
