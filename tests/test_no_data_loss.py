@@ -209,12 +209,22 @@ def source_model(tmp_path, tiny_paths):
 def test_two_transfers_at_once(tmp_path, tiny_paths, source_model):
     write_caption_set(tmp_path / "data", 8, 3, CAPTIONS[:2])
     out = tmp_path / "transfer"
+    # The winner holds its claim a second longer: a 2-step transfer can otherwise finish (and release) before the
+    # other racer has planned its own, which then meets a finished run instead of one in progress (seen when idle).
+    patch = textwrap.dedent("""
+        import vpgtrans.transfer.race as race
+        _transfer = race._transfer
+        def _held(*a, **k):
+            time.sleep(1)
+            return _transfer(*a, **k)
+        race._transfer = _held
+    """)
     winner, _ = _race(tmp_path, [
         "transfer", "--src", str(source_model), "--dst", str(tiny_paths["llama"]), "--data",
         str(tmp_path / "data" / "train.jsonl"), "--out", str(out), "--converter", "lstsq", "--no-progress",
         "--recipe", "vpgtrans_world", "train.batch_size=2", "train.max_steps=2", "train.eval_every=0",
         "train.save_every=0", "train.max_text_len=12", "eval.metrics=[val_loss]", "data.max_val_samples=4",
-        f"data.val={tmp_path / 'data' / 'train.jsonl'}"])
+        f"data.val={tmp_path / 'data' / 'train.jsonl'}"], patch)
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["finetune"]["steps"] == 2
     for stage in ("warmup", "finetune"):
