@@ -98,7 +98,8 @@ FOLDERS: dict[str, set[str]] = {
     "train": {"core", "data"},
     "transfer": {"core", "data", "train"},
     "formats": {"core", "vpgtrans_adapters"},  # never transfer/: what both read lives in hf_dirs
-    "world": {"core", "transfer"},  # transfer's token pairing scores the world's tokenizers
+    # transfer's token pairing scores the world's tokenizers; its stage-1 Q-Former is a recipe run (train, data)
+    "world": {"core", "data", "train", "transfer"},
     "serve": {"core", "vpgtrans_adapters"},
 }
 # The core modules that sit above folders, and which; every other core module imports no folder and none of these.

@@ -271,19 +271,58 @@ def test_crossval_cosine_tells_related_from_unrelated_spaces() -> None:
 
 
 @pytest.mark.slow
-def test_lms_trained_in_worker_processes_equal_the_inline_ones(tiny_world: Path, tmp_path: Path) -> None:
+def test_parts_trained_in_worker_processes_equal_the_inline_ones(tiny_world: Path, tmp_path: Path) -> None:
     import hashlib
     import shutil
 
-    from vpgtrans.world.build import _in_workers
+    from vpgtrans.world.build import _Lanes, _train_lm
+    from vpgtrans.world.stage1 import STAGE1_DIR, train_stage1
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_world, copy)
+    shutil.rmtree(copy / STAGE1_DIR)
     lines: list[str] = []
-    results = _in_workers([(str(copy), WorldConfig.preset("tiny"), 3, k) for k in range(len(LMS))], 2, lines.append)
+    cfg = WorldConfig.preset("tiny")
+    with _Lanes(2, lines.append) as pool:
+        jobs = [pool.submit(k, _train_lm, str(copy), cfg, 3, k) for k in range(len(LMS))]
+        stage1 = pool.submit(1, train_stage1, str(copy), cfg, 3)
+        results = [pool.result(job) for job in jobs]
+        stage1_report = pool.result(stage1)
     manifest = read_manifest(tiny_world)
     for name, res in zip(LMS, results):
         assert res["check"] == manifest["lm_context_check"][name]
         digest = hashlib.sha256((copy / name / "model.safetensors").read_bytes()).hexdigest()
         assert digest == manifest["files"][f"{name}/model.safetensors"]["sha256"]
+    weights = f"{STAGE1_DIR}/stage1.safetensors"
+    assert hashlib.sha256((copy / weights).read_bytes()).hexdigest() == manifest["files"][weights]["sha256"]
+    assert stage1_report["recall"] == manifest["stage1"]["recall"]
     assert any(line.startswith("[world] flant5: caption loss") for line in lines)  # progress came back
+    assert any(line.startswith(f"[world] {STAGE1_DIR}: val image→text recall@1") for line in lines)
+
+
+def test_the_world_ships_the_stage1_qformer_every_arm_starts_from(tiny_world: Path) -> None:
+    from vpgtrans.model import build_model
+    from vpgtrans.recipes import load_recipe
+    from vpgtrans.train.stage1 import init_vpg_from_stage1
+    from vpgtrans.world.stage1 import STAGE1_DIR
+
+    manifest = read_manifest(tiny_world)
+    assert set(manifest["stage1"]["recall"]) == {"i2t_r1", "t2i_r1"}
+    assert manifest["stage1"]["steps"] == WorldConfig.preset("tiny").stage1_steps
+    assert not (tiny_world / ".stage1-run").exists()  # its checkpoints and feature cache stay out of the world
+    assert sorted(p.name for p in (tiny_world / STAGE1_DIR).iterdir()) == ["stage1.json", "stage1.safetensors", "tokenizer"]
+    recipe = load_recipe("blip2_stage2_world", [f"model.vision.path={tiny_world / 'vit'}",
+                                                f"model.llm.path={tiny_world / 'opt-s'}"])
+    model = build_model(recipe.model)
+    assert init_vpg_from_stage1(model.vpg, tiny_world / STAGE1_DIR)  # the stage-2 VPG has its shape
+
+
+def test_a_changed_stage1_recipe_makes_a_built_world_stale(tiny_world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vpgtrans.world import stage1
+    from vpgtrans.world.build import is_current
+
+    cfg = WorldConfig.preset("tiny")
+    assert is_current(tiny_world, cfg, 3)
+    original = stage1.stage1_recipe_identity
+    monkeypatch.setattr(stage1, "stage1_recipe_identity", lambda: {**original(), "train": {"lr": 1.0}})
+    assert not is_current(tiny_world, cfg, 3)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from .config import help_field
 from .errors import ConfigError
 from .transfer.epochs import best_point, epoch_curve, first_surpassing, steps_per_epoch, table3_speedups
+from .world.stage1 import STAGE1_DIR
 
 STEPS = ("world", "source", "transfer", "captions")
 DEFAULT_DST = ["world-opt-m"]
@@ -68,6 +69,9 @@ def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
     path = world_dir()
     manifest = read_manifest(path)
     if is_complete(path, manifest):
+        if not (path / STAGE1_DIR / "stage1.json").exists():
+            raise ConfigError(f"the world at {path} predates the stage-1 Q-Former every arm starts from "
+                              f"({STAGE1_DIR}/)", "rebuild it: vpgtrans world build --force")
         echo(f"using the world at {path} (seed {manifest.get('seed')}, built in {manifest.get('build_seconds')}s)")
         return path
     took = "7-15 minutes on a 2-core CPU, longer beside other jobs" if size == "full" else "seconds"
@@ -111,7 +115,7 @@ def epochs_of(world: Path, cfg: DemoConfig) -> Epochs:
 
 def train_tfs(cfg: DemoConfig, llm: str, ep: Epochs, out: Path, progress: bool,
               echo: Callable[[str], None]) -> dict[str, Any]:
-    """BLIP-2 stage 2 from a fresh Q-Former and projector on `llm` for `epochs` epochs; its model and curve."""
+    """BLIP-2 stage 2 from the world's stage-1 Q-Former and a fresh projector on `llm`; its model and curve."""
     from .model import detect_llm_component
     from .recipes import load_recipe
     from .train.runner import run_recipe
@@ -119,7 +123,8 @@ def train_tfs(cfg: DemoConfig, llm: str, ep: Epochs, out: Path, progress: bool,
     base = load_recipe(STAGE2_RECIPE).train.warmup_steps  # LR warm-up: the recipe's, at most one epoch
     recipe = load_recipe(STAGE2_RECIPE, [
         f"model.llm.name={detect_llm_component(llm)}", f"model.llm.path={llm}", *ep.overrides(cfg),
-        f"train.max_steps={cfg.epochs * ep.steps}", f"train.warmup_steps={min(base, ep.steps)}"])
+        f"train.max_steps={cfg.epochs * ep.steps}", f"train.warmup_steps={min(base, ep.steps)}",
+        f"train.init_from={ep.world / STAGE1_DIR}"])  # as in the paper: every arm starts from stage 1
     if (out / "model" / "manifest.json").exists():
         run = out / "run.json"
         same = json.dumps(recipe.raw, sort_keys=True, default=str)

@@ -39,6 +39,7 @@ from ..registry import get as get_component
 DEC_TOKEN = "[DEC]"
 STAGE1_WEIGHTS = "stage1.safetensors"
 STAGE1_MANIFEST = "stage1.json"
+STAGE1_TOKENIZER = "tokenizer"
 _TEXT_ONLY_PREFIXES = ("text_embeddings.",)
 
 
@@ -264,13 +265,18 @@ def _is_text_only(key: str) -> bool:
 
 
 def save_stage1(model: Stage1Model, out_dir: str | Path) -> Path:
-    """Write stage1.safetensors (whole stage-1 model) and stage1.json atomically."""
+    """Write stage1.safetensors (whole stage-1 model), its tokenizer and stage1.json atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = model.manifest()
+    # The tokenizer (with the specials stage 1 added) travels inside the dir, named relative to it: a stage-1
+    # dir stays loadable wherever it is moved (the world build trains it in a temporary dir).
+    meta["vpg"]["tokenizer"] = STAGE1_TOKENIZER
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / STAGE1_WEIGHTS), metadata={"format": "pt"})
-        (tmp / STAGE1_MANIFEST).write_text(json.dumps(model.manifest(), indent=2, default=str))
+        model.tokenizer.save_pretrained(str(tmp / STAGE1_TOKENIZER))
+        (tmp / STAGE1_MANIFEST).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir)
 
 
@@ -287,6 +293,8 @@ def load_stage1(model_dir: str | Path) -> Stage1Model:
     vpg = dict(meta["vpg"])
     # Weights come from the file; don't re-read the BERT checkpoint (its tokenizer is still needed).
     vpg["tokenizer"] = vpg.get("tokenizer") or vpg.get("init_from")
+    if vpg["tokenizer"] and (model_dir / vpg["tokenizer"]).is_dir():  # saved inside the dir (relative name)
+        vpg["tokenizer"] = str(model_dir / vpg["tokenizer"])
     vpg["init_from"] = None
     model = Stage1Model(vpg, embed_dim=meta["embed_dim"], max_text_len=meta["max_text_len"],
                         label_smoothing=meta["label_smoothing"])

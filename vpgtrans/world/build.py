@@ -11,6 +11,8 @@ Layout of ``<out>``::
     opt-s/ opt-m/              OPTForCausalLM (one shared tokenizer, like real OPT sizes)
     llama/                     LlamaForCausalLM + its own tokenizer
     flant5/                    T5ForConditionalGeneration + its own tokenizer
+    qformer-stage1/            stage1.json + stage1.safetensors: the Q-Former after BLIP-2 stage 1 (ITC, ITM, ITG)
+                               on the world's images; every demo and benchmark arm starts from it, as in the paper
 
 Each JSONL line is one image::
 
@@ -42,20 +44,23 @@ from ..paths import world_dir
 from .config import WorldConfig
 from .scene import all_words, describe, rng_for, sample_scene
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the stage-1 Q-Former is part of the world
 MANIFEST = "world.json"
 SPLITS = ("train", "val", "test")
 LM_MAX_LEN = 256
 TOKENIZER_VOCAB = {"opt": 1000, "llama": 800, "t5": 600}
+_LM_SECONDS = {"llama": 146, "flant5": 140, "opt-m": 122, "opt-s": 94}  # one idle thread, for the job order
 
 
 def _identity(cfg: WorldConfig, seed: int) -> dict[str, Any]:
     from .lms import lm_specs
+    from .stage1 import stage1_recipe_identity
 
     # The LM recipes live in code, not in the config: without them here, a world built before a change to
     # the LM sizes/steps would still count as current and silently be reused.
     lms = {"specs": [dataclasses.asdict(s) for s in lm_specs(cfg)], "vocab": TOKENIZER_VOCAB, "max_len": LM_MAX_LEN}
-    return {"format": FORMAT_VERSION, "seed": seed, "config": dataclasses.asdict(cfg), "lms": lms}
+    return {"format": FORMAT_VERSION, "seed": seed, "config": dataclasses.asdict(cfg), "lms": lms,
+            "stage1_recipe": stage1_recipe_identity()}
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -74,7 +79,8 @@ def is_complete(out: Path, manifest: dict[str, Any] | None) -> bool:
 def is_current(out: Path, cfg: WorldConfig, seed: int) -> bool:
     """True when `out` holds a complete world built from this config and seed."""
     manifest = read_manifest(out)
-    if not manifest or {k: manifest.get(k) for k in ("format", "seed", "config", "lms")} != _identity(cfg, seed):
+    identity = _identity(cfg, seed)
+    if not manifest or {k: manifest.get(k) for k in identity} != identity:
         return False
     return is_complete(out, manifest)
 
@@ -138,27 +144,85 @@ def _build_into(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str
     import torch
 
     threads = torch.get_num_threads()
-    # One thread for the ViT, as for every LM: the float sums then run in one order on every machine, so a
-    # seeded world is the same everywhere (with 2 threads the ViT, hence every VPG trained on it, differed),
-    # and a busy machine does not slow it down with threads waiting for cores (measured 6x on the ViT phase).
+    # One thread for every part (ViT, LMs, stage-1 Q-Former), each in its own process when there are cores: the
+    # float sums then run in one order on every machine, so a seeded world is the same everywhere (with 2 threads
+    # the ViT, hence every VPG trained on it, differed), and a busy machine does not slow a part down with threads
+    # waiting for cores (measured 6x on the ViT phase).
     torch.set_num_threads(1)
     timings: dict[str, float] = {}
     try:
         t = time.time()
         arrays = _write_data(root / "data", cfg, seed, progress)
         timings["data"] = round(time.time() - t, 1)
+        tokenizers = _write_tokenizers(root, cfg, seed)
         t = time.time()
-        vit_report = _build_vit(root / "vit", cfg, seed, arrays, progress)
-        timings["vit"] = round(time.time() - t, 1)
-        t = time.time()
-        lm_report = _build_lms(root, cfg, seed, progress, timings)
-        timings["lms"] = round(time.time() - t, 1)
+        with _Lanes(_lanes(cfg), progress) as pool:
+            report = _train_parts(pool, root, cfg, seed, arrays, tokenizers, timings)
+        timings["parts"] = round(time.time() - t, 1)
     finally:
         torch.set_num_threads(threads)
     sizes = {f"n_{s}": getattr(cfg, f"n_{s}") for s in SPLITS}
+    lm_report = report["lms"]
     converters = lm_report.pop("converters")
-    return {"sizes": {**sizes, **lm_report.pop("sizes")}, "timings": timings, "vit_probe": vit_report,
-            "lm_context_check": lm_report, "converter_cosines": converters}
+    return {"sizes": {**sizes, **lm_report.pop("sizes")}, "timings": timings, "vit_probe": report["vit"],
+            "stage1": report["stage1"], "lm_context_check": lm_report, "converter_cosines": converters}
+
+
+def _lanes(cfg: WorldConfig) -> int:
+    """Worker lanes for the world's parts: one per core, none for a tiny world (starting them costs more)."""
+    if cfg.lm_scale == "tiny":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(len(lm_specs_of(cfg)) + 1, cores))
+
+
+def lm_specs_of(cfg: WorldConfig) -> list[Any]:
+    """The world's LMs (imported late: torch loads only when building)."""
+    from .lms import lm_specs
+
+    return lm_specs(cfg)
+
+
+def _train_parts(pool: _Lanes, root: Path, cfg: WorldConfig, seed: int, arrays: dict[str, Any],
+                 tokenizers: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The ViT, the LMs, the stage-1 Q-Former (after the ViT) and the converter report (after the LMs).
+
+    Lane 0 trains the ViT, then the shortest LM, then the stage-1 Q-Former (it needs the ViT); the other LMs
+    go round the other lanes, longest first; the converter report runs in this process once every LM is
+    done, while the stage-1 Q-Former trains. On 2 cores (one-thread seconds, idle: ViT 134, LMs 94-146,
+    stage 1 ~280, converters ~95) both lanes then end near the same time and no core idles through the
+    single-threaded tails.
+    """
+    from .stage1 import train_stage1
+
+    specs = lm_specs_of(cfg)
+    longest_first = sorted(range(len(specs)), key=lambda k: -_LM_SECONDS.get(specs[k].name, 0.0))
+    pool.relay(f"[world] the ViT, the LMs ({', '.join(s.name for s in specs)}) and the stage-1 Q-Former in "
+               f"{pool.lanes} worker process(es), one thread each")
+    vit = pool.submit(0, _train_vit, str(root), cfg, seed, arrays)
+    lms = {longest_first[-1]: pool.submit(0, _train_lm, str(root), cfg, seed, longest_first[-1])}
+    others = max(1, pool.lanes - 1)
+    for i, k in enumerate(longest_first[:-1]):
+        lms[k] = pool.submit(1 + i % others, _train_lm, str(root), cfg, seed, k)
+    vit_report = pool.result(vit)
+    timings["vit"] = vit_report.pop("seconds")
+    stage1 = pool.submit(0, train_stage1, str(root), cfg, seed)
+    results = [pool.result(lms[k]) for k in range(len(specs))]
+    lm_report = _lm_report(root, cfg, specs, tokenizers, results, timings, pool.relay)
+    stage1_report = pool.result(stage1)
+    timings["stage1"] = stage1_report["seconds"]
+    timings["stage1_cpu"] = stage1_report["cpu_seconds"]
+    return {"vit": vit_report, "lms": lm_report, "stage1": stage1_report}
+
+
+def _train_vit(root: str, cfg: WorldConfig, seed: int, arrays: dict[str, Any],
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    t = time.time()
+    probe = _build_vit(Path(root) / "vit", cfg, seed, arrays, log)
+    return {**probe, "seconds": round(time.time() - t, 1)}
 
 
 def _write_data(data: Path, cfg: WorldConfig, seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -207,20 +271,15 @@ def _build_vit(out: Path, cfg: WorldConfig, seed: int, arrays: dict[str, Any],
     return probe
 
 
-def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str], None],
-               timings: dict[str, float]) -> dict[str, Any]:
-    """Tokenizers here, then the four LMs in parallel worker processes, then the converter report."""
-    from collections import Counter
-
-    from .fidelity import pair_report, report_lines
+def _write_tokenizers(root: Path, cfg: WorldConfig, seed: int) -> dict[str, Any]:
+    """Train one tokenizer per LM family and save it into every LM's directory; {family: tokenizer}."""
     from .lms import lm_specs, text_samples
     from .tokenizers import check_whole_words, llama_tokenizer, opt_tokenizer, t5_tokenizer, training_corpus
 
     makers = {"opt": opt_tokenizer, "llama": llama_tokenizer, "t5": t5_tokenizer}
     words = all_words(cfg)
     tokenizers: dict[str, Any] = {}
-    specs = lm_specs(cfg)
-    for spec in specs:
+    for spec in lm_specs(cfg):
         if spec.family not in tokenizers:
             steps = max(1, int(round(cfg.lm_steps * spec.step_share)))
             samples = text_samples(cfg, seed, min(steps * cfg.lm_batch, 5000), spec.family)
@@ -229,22 +288,20 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
             check_whole_words(tok, words, spec.name)
             tokenizers[spec.family] = tok
         tokenizers[spec.family].save_pretrained(root / spec.name)
-    # Each LM trains on one thread, in its own process when there are cores for it: tiny models gain
-    # nothing from a second thread, and one thread per LM keeps the weights the same on every machine.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # A tiny world (tests) trains in seconds: starting worker processes would cost more than it saves.
-    workers = 1 if cfg.lm_scale == "tiny" else max(1, min(len(specs), cores))
-    jobs = [(str(root), cfg, seed, k) for k in range(len(specs))]
-    progress(f"[world] LMs: {', '.join(s.name for s in specs)} in {workers} worker process(es), one thread each")
-    if workers == 1:
-        results = [_train_lm(*job, log=progress) for job in jobs]
-    else:
-        results = _in_workers(jobs, workers, progress)
+    return tokenizers
+
+
+def _lm_report(root: Path, cfg: WorldConfig, specs: list[Any], tokenizers: dict[str, Any],
+               results: list[dict[str, Any]], timings: dict[str, float],
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """Context checks and sizes of the trained LMs, then the converter report over every ordered pair."""
+    from collections import Counter
+
+    from .fidelity import pair_report, report_lines, token_counts
+
     report: dict[str, Any] = {"sizes": {}}
     spaces: dict[str, dict[str, Any]] = {}
     caps = [c for line in (root / "data" / "train.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
-    from .fidelity import token_counts
-
     for spec, res in zip(specs, results):
         report[spec.name] = res["check"]
         report["sizes"][spec.name] = {"params": res["params"], "vocab": res["vocab"]}
@@ -268,23 +325,65 @@ def _build_lms(root: Path, cfg: WorldConfig, seed: int, progress: Callable[[str]
     return report
 
 
-def _in_workers(jobs: list[tuple], workers: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """`_train_lm` over `jobs` in spawned processes, their progress lines relayed as they come."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+class _Lanes:
+    """Jobs in spawned one-thread worker processes, one FIFO lane each, their progress lines relayed.
 
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        futures = [pool.submit(_train_lm, *job, log=queue.put) for job in jobs]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-            while not queue.empty():
-                progress(queue.get())
-            for f in done:
-                f.result()  # a failed LM fails the build now, not after the others finish
-        return [f.result() for f in futures]
+    With one lane every job runs in this process, at once. Lanes (not a shared pool) fix which jobs share a
+    core, so the build can place the ViT → stage-1 chain beside the LMs by plan instead of by arrival order.
+    """
+
+    def __init__(self, lanes: int, progress: Callable[[str], None]):
+        self.lanes, self.progress = lanes, progress
+        self._stack: Any = None
+
+    def __enter__(self) -> "_Lanes":
+        if self.lanes > 1:
+            import contextlib
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")
+            self._stack = contextlib.ExitStack()
+            manager = self._stack.enter_context(ctx.Manager())
+            self._pools = [self._stack.enter_context(ProcessPoolExecutor(1, mp_context=ctx))
+                           for _ in range(self.lanes)]
+            self._queue = manager.Queue()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stack is not None:
+            if exc[0] is not None:  # a failed part fails the build now, not after the others finish
+                for pool in self._pools:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            self._stack.close()
+
+    def submit(self, lane: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Queue `fn(*args, log=...)` on `lane` (modulo the lanes there are); with one lane it runs now."""
+        from concurrent.futures import Future
+
+        if self.lanes > 1:
+            return self._pools[lane % self.lanes].submit(fn, *args, log=self._queue.put)
+        done: Future = Future()
+        done.set_result(fn(*args, log=self.progress))
+        return done
+
+    def relay(self, line: str | None = None) -> None:
+        """Print the workers' lines that have come in, then `line`."""
+        if self.lanes > 1:
+            while not self._queue.empty():
+                self.progress(self._queue.get())
+        if line is not None:
+            self.progress(line)
+
+    def result(self, future: Any) -> Any:
+        """Wait for one job, relaying progress; a job's error is raised here."""
+        from concurrent.futures import wait
+
+        while not future.done():
+            wait([future], timeout=1.0)
+            self.relay()
+        self.relay()
+        return future.result()
 
 
 def _train_lm(root: str, cfg: WorldConfig, seed: int, k: int, log: Callable[[str], None] = print, *,

@@ -42,6 +42,9 @@ class WorldConfig:
     lm_batch: int = help_field(32, help="LM pretraining batch size")
     lm_lr: float = help_field(3e-3, help="peak AdamW learning rate for LM pretraining")
     eval_samples: int = help_field(256, help="held-out samples for the context-vs-shuffled LM check")
+    # The stage-1 Q-Former (recipes/blip2_stage1_world.yaml holds the rest of its recipe).
+    stage1_steps: int = help_field(400, help="BLIP-2 stage-1 steps of the Q-Former every arm starts from")
+    stage1_batch: int = help_field(64, help="stage-1 batch size (ITC's negatives are the batch's other images)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= 3:
@@ -70,5 +73,5 @@ class WorldConfig:
         if size == "tiny":
             return replace(cls(), n_train=48, n_val=12, n_test=12, n_text_scenes=400, vit_hidden=32, vit_layers=1,
                            vit_steps=4, vit_batch=16, lm_scale="tiny", lm_steps=8, lm_batch=16, eval_samples=16,
-                           captions_per_image=2)
+                           captions_per_image=2, stage1_steps=4, stage1_batch=16)
         raise ConfigError(f"world size '{size}' is unknown", "use 'full' or 'tiny'")
