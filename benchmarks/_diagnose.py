@@ -678,7 +678,7 @@ def main(args: Any, results: Path, protocol: bool = False) -> int:
         s = replace(s, llms=tuple(dict.fromkeys((*s.llms, s.src, s.dst))))
     missing = [] if protocol else [n for n in s.llms if not (world / n).is_dir()]  # the protocol checks its pairs
     if missing:
-        have = sorted(p.name for p in world.iterdir() if p.is_dir() and p.name not in ("data", "vit"))
+        have = sorted(p.name for p in world.iterdir() if p.is_dir() and p.name not in ("data", "vit", "qformer-stage1"))
         print(f"error: no world LLM {', '.join(missing)} in {world} — use --llms/--src/--dst with: {', '.join(have)}",
               file=sys.stderr)
         return 2

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                if getattr(a, k) is not None}
     spec = replace(specs[a.like], name=a.name, **changes)
     a.out.mkdir(parents=True, exist_ok=True)
-    for d in ("data", "vit"):
-        if not (a.out / d).exists():
+    for d in ("data", "vit", "qformer-stage1"):  # the stage-1 Q-Former every arm starts from, when built
+        if (a.world / d).exists() and not (a.out / d).exists():
             (a.out / d).symlink_to((a.world / d).resolve())
     AutoTokenizer.from_pretrained(a.world / a.like).save_pretrained(a.out / a.name)
     # The build's own LM training (same text, schedule and checks), with this spec, seed and step multiple.

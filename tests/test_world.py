@@ -326,3 +326,22 @@ def test_a_changed_stage1_recipe_makes_a_built_world_stale(tiny_world: Path, mon
     original = stage1.stage1_recipe_identity
     monkeypatch.setattr(stage1, "stage1_recipe_identity", lambda: {**original(), "train": {"lr": 1.0}})
     assert not is_current(tiny_world, cfg, 3)
+
+
+def test_stage1_training_reports_its_steps_while_it_runs(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from vpgtrans.world.stage1 import _report_steps
+
+    log_file, lines, stop = tmp_path / "log.jsonl", [], threading.Event()
+    log_file.write_text(json.dumps({"step": 40, "loss": 5.25, "lr": 1e-3}) + "\n")
+    watcher = threading.Thread(target=_report_steps, args=(log_file, 400, lines.append, stop, 0.01))
+    watcher.start()
+    deadline = time.time() + 5
+    while not lines and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # ten more ticks
+    stop.set()
+    watcher.join()
+    assert len(lines) == 1 and "step 40/400 loss 5.250" in lines[0]  # once per new step, not once per tick

@@ -1,7 +1,8 @@
 """`vpgtrans demo`: the paper's experiment (arXiv 2305.01278, Table 3) in miniature on the synthetic world.
 
-world (built if absent) → a VPG trained on the source LLM (BLIP-2 stage 2, 10 epochs) → on each destination LLM
-(by default the paper's headline kind, a larger OPT): TFS, a VPG trained from scratch for 10 epochs, beside
+world (built if absent, with its stage-1 Q-Former: every arm starts from it, as in the paper) → a VPG trained on
+the source LLM (BLIP-2 stage 2, 10 epochs) → on each destination LLM (by default the paper's headline kind, a
+larger OPT): TFS, a VPG trained there from the stage-1 Q-Former for 10 epochs, beside
 VPGTrans (inherit the source VPG → converter-merged projector → one warm-up epoch, its epoch 1 → fine-tuning),
 both scored on captions after every epoch → the regime line (what the projector alone got in the warm-up
 epoch), the epochs table and Table 3's speed-up → captions next to the truth, curves PNG.
@@ -282,9 +283,9 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
     comparisons: dict[str, dict[str, Any]] = {}
     for i, dst in enumerate(cfg.dst, 1):
         which = f" ({i} of {len(cfg.dst)})" if len(cfg.dst) > 1 else ""
-        t = _stage(echo, 3, f"the paper's protocol on {dst}{which}: TFS (a VPG from scratch, {cfg.epochs} epochs), "
-                            f"then VPGTrans from {cfg.src} (warm-up epoch, fine-tuning) until it reaches TFS's best "
-                            f"{CAPTION_METRIC}; captions scored after every epoch")
+        t = _stage(echo, 3, f"the paper's protocol on {dst}{which}: TFS (a VPG trained from the stage-1 Q-Former, "
+                            f"{cfg.epochs} epochs), then VPGTrans from {cfg.src} (warm-up epoch, fine-tuning) until it "
+                            f"reaches TFS's best {CAPTION_METRIC}; captions scored after every epoch")
         where = transfer_dir(out, dst)
         tfs = train_tfs(cfg, dst, ep, where / "tfs", progress, echo)
         best = best_point(tfs["curve"], CAPTION_METRIC)

@@ -10,7 +10,9 @@ its only text side is a small Q-Former text encoder over the world-opt-s tokeniz
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +41,7 @@ def stage1_overrides(root: Path, cfg: WorldConfig, seed: int, work: Path) -> lis
             f"model.vision.path={root / 'vit'}", f"model.vpg.tokenizer={root / 'opt-s'}",
             f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
             f"train.batch_size={cfg.stage1_batch}", f"train.eval_every={steps}", f"train.save_every={steps}",
-            f"train.log_every={max(1, steps // 5)}", f"train.seed={seed}", f"data.cache_dir={work / 'cache'}"]
+            f"train.log_every={max(1, steps // 10)}", f"train.seed={seed}", f"data.cache_dir={work / 'cache'}"]
 
 
 def train_stage1(root: str, cfg: WorldConfig, seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -57,11 +59,16 @@ def train_stage1(root: str, cfg: WorldConfig, seed: int, log: Callable[[str], No
     log(f"[world] {STAGE1_DIR}: BLIP-2 stage 1 (ITC + ITM + ITG) on the world ViT, {cfg.stage1_steps} steps "
         f"of {cfg.stage1_batch} images")
 
-    def echo(line: str) -> None:
-        if line.lstrip().startswith("step"):  # the trainer's log lines; the plan lines are the recipe's
-            log(f"  {STAGE1_DIR} {line.strip()}")
-
-    run = run_recipe(recipe, work / "run", force=True, progress=False, echo=echo)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_report_steps, args=(work / "run" / "log.jsonl", cfg.stage1_steps, log, stop),
+                               daemon=True)
+    watcher.start()
+    try:
+        # The runner's plan lines are the recipe's business; the world build reports steps from its log instead.
+        run = run_recipe(recipe, work / "run", force=True, progress=False, echo=lambda line: None)
+    finally:
+        stop.set()
+        watcher.join()
     trained = work / "run" / "stage1"
     if not (trained / "stage1.json").exists():
         raise VpgtransError(f"stage-1 training wrote no Q-Former into {trained}", "rebuild the world with --force")
@@ -74,3 +81,20 @@ def train_stage1(root: str, cfg: WorldConfig, seed: int, log: Callable[[str], No
         f"({time.time() - t:.0f}s)")
     return {"steps": cfg.stage1_steps, "batch_size": cfg.stage1_batch, "recall": recall,
             "seconds": round(time.time() - t, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def _report_steps(log_file: Path, total: int, log: Callable[[str], None], stop: threading.Event,
+                  every: float = 30.0) -> None:
+    """Every `every` seconds, the last logged step and loss: minutes of training must not look hung."""
+    t0, last = time.time(), None
+    while not stop.wait(every):
+        try:
+            rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            continue
+        row = next((r for r in reversed(rows) if "loss" in r), None)
+        if row and row["step"] != last:
+            last = row["step"]
+            eta = (time.time() - t0) / last * (total - last)
+            log(f"  {STAGE1_DIR}    step {last}/{total} loss {row['loss']:.3f} ({time.time() - t0:.0f}s, "
+                f"ETA {eta:.0f}s)")
