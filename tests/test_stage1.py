@@ -157,6 +157,29 @@ def test_hard_negatives_never_pick_a_positive(stage1, monkeypatch):
         assert torch.allclose(weights.sum(1), torch.ones(4))
 
 
+def test_itm_share_scores_matching_on_the_first_rows_only(stage1, monkeypatch):
+    from vpgtrans.errors import ConfigError
+    from vpgtrans.train.config import TrainConfig
+
+    seen = []
+    real = Stage1Model._itm_loss
+
+    def spy(self, features, ids, mask, logits, positive):
+        seen.append((features.shape[0], ids.shape[0], tuple(logits.shape), tuple(positive.shape)))
+        return real(self, features, ids, mask, logits, positive)
+
+    monkeypatch.setattr(Stage1Model, "_itm_loss", spy)
+    captions = CAPTIONS * 2
+    full = stage1.losses(_feats(b=8), captions)
+    stage1.itm_share = 0.25
+    share = stage1.losses(_feats(b=8), captions)
+    assert seen == [(8, 8, (8, 8), (8, 8)), (2, 2, (2, 2), (2, 2))]
+    assert torch.isfinite(share["itm"]) and share["itc"].shape == full["itc"].shape
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="itm_share"):
+            TrainConfig(itm_share=bad)
+
+
 def test_dec_token_and_tied_lm_head(stage1):
     assert stage1.tokenizer.convert_ids_to_tokens(stage1.dec_token_id) == "[DEC]"
     emb = stage1.vpg.text_embeddings.word_embeddings

@@ -38,6 +38,8 @@ class TrainConfig:
     keep_checkpoints: int = help_field(2, help="how many step checkpoints to keep (latest always kept)")
     seed: int = help_field(42, help="seed of weights init, data order and dropout")
     max_text_len: int = help_field(64, help="longest target in tokens")
+    itm_share: float = help_field(1.0, help="BLIP-2 stage 1: share of each batch the ITM loss is computed on (its "
+                                            "positives, with hard negatives drawn among them); 1 = all, as BLIP-2")
     mixed_precision: str = help_field("no", help="no, fp16 or bf16 (fp16 needs a GPU; CPU falls back to fp32)")
     num_workers: int = help_field(0, help="DataLoader worker processes")
     gradient_checkpointing: bool = help_field(False, help="recompute the frozen LLM's layers in the backward pass: "
@@ -86,6 +88,8 @@ class TrainConfig:
                 raise bad(name, ">= 0", "0")
         if self.max_text_len < 1:
             raise bad("max_text_len", ">= 1", "64")
+        if not 0 < self.itm_share <= 1:
+            raise bad("itm_share", "in (0, 1]", "1")
         if not 0 <= self.seed < 2 ** 32:
             raise bad("seed", "in [0, 2**32)", "42")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1

@@ -384,7 +384,8 @@ def _run_stage1(recipe: Any, out: Path, *, resume: str | None, force: bool, dry_
         echo(f"note: {note}")
     set_seed(t.seed)
     vision = get_component("vision", vname).component.build(vcfg).to(accelerator.device).eval()
-    model = Stage1Model({"name": gname, **gcfg}, vision_width=vision.hidden_size, max_text_len=t.max_text_len)
+    model = Stage1Model({"name": gname, **gcfg}, vision_width=vision.hidden_size, max_text_len=t.max_text_len,
+                        itm_share=t.itm_share)
     if t.init_from and not resume:
         echo(f"Q-Former initialised from {t.init_from} ({len(init_vpg_from_stage1(model.vpg, t.init_from))} tensors)")
     model.to(accelerator.device)

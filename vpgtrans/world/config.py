@@ -43,7 +43,7 @@ class WorldConfig:
     lm_lr: float = help_field(3e-3, help="peak AdamW learning rate for LM pretraining")
     eval_samples: int = help_field(256, help="held-out samples for the context-vs-shuffled LM check")
     # The stage-1 Q-Former (recipes/blip2_stage1_world.yaml holds the rest of its recipe).
-    stage1_steps: int = help_field(400, help="BLIP-2 stage-1 steps of the Q-Former every arm starts from")
+    stage1_steps: int = help_field(600, help="BLIP-2 stage-1 steps of the Q-Former every arm starts from")
     stage1_batch: int = help_field(64, help="stage-1 batch size (ITC's negatives are the batch's other images)")
 
     def __post_init__(self) -> None:
