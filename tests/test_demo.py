@@ -28,9 +28,13 @@ def test_demo_runs_every_stage_then_continues(tmp_path: Path) -> None:
     assert summary["captions"]["samples"][0]["true"]
     c = summary["transfers"]["world-opt-m"]
     where = out / "transfer" / "world-opt-m"
-    # TFS: stage 2 from a fresh VPG, every epoch on all 48 scenes, evaluated after each of its 3 epochs.
+    # TFS: stage 2 from the world's stage-1 Q-Former (as the source), every epoch on all 48 scenes, evaluated
+    # after each of its 3 epochs.
     tfs_run = json.loads((where / "tfs" / "run.json").read_text())
     assert tfs_run["data"]["train_examples"] == 48 and [p["epoch"] for p in c["tfs"]["curve"]] == [1, 2, 3]
+    for arm in (where / "tfs", out / "source"):
+        init = json.loads((arm / "run.json").read_text())["recipe"]["train"]["init_from"]
+        assert Path(init).name == "qformer-stage1" and (Path(init) / "stage1.safetensors").is_file()
     # VPGTrans: its warm-up is its epoch 1 (one step, the projector alone at the world recipe's 25x LR); it stops
     # at TFS's best caption CIDEr, and the speed-up is Table 3's: TFS's epoch of its best ÷ VPGTrans's reaching it.
     warm = json.loads((where / "vpgtrans" / "warmup" / "run.json").read_text())
@@ -108,3 +112,14 @@ def test_demo_refuses_an_epoch_smaller_than_a_batch_before_training(tmp_path: Pa
                                        "--epoch-fraction", "0.25", "--no-progress"])
     assert result.exit_code != 0 and "fewer than one batch of 32" in result.output
     assert "--epoch-fraction" in result.output and not (tmp_path / "d" / "source").exists()
+
+
+def test_demo_refuses_a_world_built_before_the_stage1_qformer(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    (home / "world").mkdir(parents=True)
+    (home / "world" / "world.json").write_text(json.dumps({"format": 2, "seed": 0, "files": {}}))
+    monkeypatch.setenv("VPGTRANS_HOME", str(home))
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), *ARGS])
+    assert result.exit_code != 0 and "predates the stage-1 Q-Former" in result.output
+    assert "vpgtrans world build --force" in result.output and not (tmp_path / "d" / "source").exists()
