@@ -75,7 +75,7 @@ def ensure_world(size: str, echo: Callable[[str], None]) -> Path:
                               f"({STAGE1_DIR}/)", "rebuild it: vpgtrans world build --force")
         echo(f"using the world at {path} (seed {manifest.get('seed')}, built in {manifest.get('build_seconds')}s)")
         return path
-    took = "7-15 minutes on a 2-core CPU, longer beside other jobs" if size == "full" else "seconds"
+    took = "10-15 minutes on a 2-core CPU, longer beside other jobs" if size == "full" else "seconds"
     echo(f"no world at {path}: building it ({took}; set VPGTRANS_HOME to build elsewhere)")
     return build_world(path, progress=echo, config=WorldConfig.preset(size))
 
