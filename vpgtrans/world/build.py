@@ -49,7 +49,7 @@ MANIFEST = "world.json"
 SPLITS = ("train", "val", "test")
 LM_MAX_LEN = 256
 TOKENIZER_VOCAB = {"opt": 1000, "llama": 800, "t5": 600}
-# 3 folds, not 5: the report ran 126 s of the build's critical path once the stage-1 Q-Former joined it (~75 now).
+# 3 folds, not 5: the report ran 126 s of the build's critical path once the stage-1 Q-Former joined it (39 s now).
 CONVERTER_FOLDS = 3
 _LM_SECONDS = {"llama": 146, "flant5": 140, "opt-m": 122, "opt-s": 94}  # one idle thread, for the job order
 
@@ -175,10 +175,10 @@ def _lanes(cfg: WorldConfig) -> int:
     if cfg.lm_scale == "tiny":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(len(lm_specs_of(cfg)) + 1, cores))
+    return max(1, min(len(_lm_specs(cfg)) + 1, cores))
 
 
-def lm_specs_of(cfg: WorldConfig) -> list[Any]:
+def _lm_specs(cfg: WorldConfig) -> list[Any]:
     """The world's LMs (imported late: torch loads only when building)."""
     from .lms import lm_specs
 
@@ -191,12 +191,12 @@ def _train_parts(pool: _Lanes, root: Path, cfg: WorldConfig, seed: int, arrays: 
 
     Lane 0 trains the ViT, then the stage-1 Q-Former (it needs the ViT); the LMs go round the other lanes,
     longest first; the converter report runs in this process once every LM is done, while the stage-1 Q-Former
-    may still train. On 2 cores (one-thread seconds beside each other: ViT 142, stage 1 ~330, LMs 84-142 each,
-    converter report ~75) the two lanes end close together and no core idles through a long single tail.
+    may still train. Measured on 2 idle cores: ViT 144 s then stage 1 312 s on one lane, the LMs 152 + 126 + 111 +
+    78 s on the other, the report 39 s: 545 s in all (the order before, with opt-s ahead of stage 1, took 607 s).
     """
     from .stage1 import train_stage1
 
-    specs = lm_specs_of(cfg)
+    specs = _lm_specs(cfg)
     longest_first = sorted(range(len(specs)), key=lambda k: -_LM_SECONDS.get(specs[k].name, 0.0))
     pool.relay(f"[world] the ViT, the LMs ({', '.join(s.name for s in specs)}) and the stage-1 Q-Former in "
                f"{pool.lanes} worker process(es), one thread each")
