@@ -30,12 +30,12 @@ from typing import Any, Callable
 
 from vpgtrans.transfer.epochs import best_point as best
 from vpgtrans.transfer.epochs import epoch_curve, steps_per_epoch
+from vpgtrans.world.stage1 import STAGE1_RECIPE, stage1_overrides
 
 HIGHER = ("cider", "attribute_accuracy", "vqa_accuracy")  # every other metric here (val_loss) is better lower
 METRICS = ("cider", "attribute_accuracy", "vqa_accuracy", "val_loss")
 STAGE2_RECIPE = "blip2_stage2_world"  # TFS = the source's own recipe (stage 2), as in the paper
 TRANSFER_RECIPE = "vpgtrans_world"
-STAGE1_RECIPE = "blip2_stage1_world"
 # Working definition of the paper's regime (issue 29), refined where the JSON's "regime" says so.
 REGIME_WITHIN = 0.95  # only-linear reaches ≥ 95% of TFS's best ...
 REGIME_EPOCHS = 2  # ... within this many epochs ...
@@ -200,14 +200,9 @@ def stage1_qformer(s: DiagSettings, work: Path) -> dict[str, Any]:
     done = _cached(out, key)
     if done:
         return done["info"]
-    w = Path(s.world)
-    recipe = load_recipe(STAGE1_RECIPE, [
-        f"data.train={w / 'data' / 'train.jsonl'}", f"data.val={w / 'data' / 'val.jsonl'}",
-        f"model.vision.path={w / 'vit'}", f"model.vpg.tokenizer={s.llm_dir(s.src)}",
-        f"train.max_steps={s.stage1_steps}", f"train.warmup_steps={max(1, s.stage1_steps // 10)}",
-        f"train.eval_every={s.stage1_steps}", f"train.log_every={max(1, s.stage1_steps // 10)}",
-        f"train.save_every={s.stage1_steps}", f"train.batch_size={s.batch_size}", "train.seed=1234",
-        f"data.cache_dir={work / 'cache'}"])
+    # The world build's own overrides, with this benchmark's steps, batch (its stage-2 batch), seed and tokenizer.
+    recipe = load_recipe(STAGE1_RECIPE, stage1_overrides(Path(s.world), steps=s.stage1_steps, batch=s.batch_size,
+                                                         seed=1234, work=work, tokenizer=s.llm_dir(s.src)))
     started = time.perf_counter()
     with _logged(out):
         run = run_recipe(recipe, out / "run", force=True, progress=False, echo=_quiet)

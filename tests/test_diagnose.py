@@ -180,3 +180,23 @@ def test_seeded_runs_repeat_to_the_digit(bench, tiny_world, tmp_path):
     lin = [diag.linear(s, "opt-s", "llama", first["model"], 1, 5.0, False, tmp_path / w, "x")["curve"] for w in "cd"]
     assert [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[0]] == \
         [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[1]]
+
+
+@pytest.mark.slow
+def test_a_world_without_its_stage1_gets_one_trained_once(bench, tiny_world, tmp_path):
+    _, diag = bench
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for part in Path(tiny_world).iterdir():  # the same world, minus the Q-Former it ships
+        if part.name != "qformer-stage1":
+            (bare / part.name).symlink_to(part)
+    s = diag.settings_from(str(bare), False, **{k: type(getattr(diag.DiagSettings(world=""), k))(v) for k, v in
+                                                (kv.split("=") for kv in TINY)})
+    info = diag.stage1_qformer(s, tmp_path / "w")
+    assert info["origin"].startswith("trained here (2 steps")
+    stage1 = json.loads((Path(info["path"]) / "stage1.json").read_text())
+    assert stage1 and (Path(info["path"]) / "tokenizer").is_dir()
+    logged = [json.loads(line) for line in (Path(info["path"]).parent / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged if "step" in r) == 2  # the benchmark's steps, not the world's
+    assert diag.stage1_qformer(s, tmp_path / "w") == info  # cached under the world's id: not trained again
+    assert diag.stage1_qformer(s, tmp_path / "w")["path"] != str(Path(tiny_world) / "qformer-stage1")

@@ -34,13 +34,13 @@ def stage1_recipe_identity() -> dict[str, Any]:
     return {"model": raw.get("model"), "train": raw.get("train"), "eval": raw.get("eval"), "data": data}
 
 
-def stage1_overrides(root: Path, cfg: WorldConfig, seed: int, work: Path) -> list[str]:
-    """The recipe's world paths point into the world being built; steps and batch come from the world config."""
-    steps = cfg.stage1_steps
+def stage1_overrides(root: Path, *, steps: int, batch: int, seed: int, work: Path,
+                     tokenizer: Path | None = None) -> list[str]:
+    """The recipe's world paths pointed into the world at `root`, with its steps, batch, seed and run dir."""
     return [f"data.train={root / 'data' / 'train.jsonl'}", f"data.val={root / 'data' / 'val.jsonl'}",
-            f"model.vision.path={root / 'vit'}", f"model.vpg.tokenizer={root / 'opt-s'}",
+            f"model.vision.path={root / 'vit'}", f"model.vpg.tokenizer={tokenizer or root / 'opt-s'}",
             f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-            f"train.batch_size={cfg.stage1_batch}", f"train.eval_every={steps}", f"train.save_every={steps}",
+            f"train.batch_size={batch}", f"train.eval_every={steps}", f"train.save_every={steps}",
             f"train.log_every={max(1, steps // 10)}", f"train.seed={seed}", f"data.cache_dir={work / 'cache'}"]
 
 
@@ -55,7 +55,8 @@ def train_stage1(root: str, cfg: WorldConfig, seed: int, log: Callable[[str], No
     t, cpu = time.time(), time.process_time()
     root_path = Path(root)
     work = root_path / ".stage1-run"
-    recipe = load_recipe(STAGE1_RECIPE, stage1_overrides(root_path, cfg, seed, work))
+    recipe = load_recipe(STAGE1_RECIPE, stage1_overrides(
+        root_path, steps=cfg.stage1_steps, batch=cfg.stage1_batch, seed=seed, work=work))
     log(f"[world] {STAGE1_DIR}: BLIP-2 stage 1 (ITC + ITM + ITG) on the world ViT, {cfg.stage1_steps} steps "
         f"of {cfg.stage1_batch} images")
 
