@@ -17,7 +17,7 @@ import click
               help="Epochs of TFS and of the source (the paper's 10); VPGTrans's cap, warm-up included.")
 @click.option("--epoch-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,
               help="Share of the world's training images one epoch passes over.")
-@click.option("--eval-images", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--eval-images", type=click.IntRange(1), default=256, show_default=True,
               help="Val images captioned after every epoch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--world-size", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
