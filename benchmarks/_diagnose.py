@@ -50,6 +50,14 @@ def recipe_warmup_scale(recipe: str) -> float:
     return default_warmup_scale({}, "", load_recipe(recipe).transfer.warmup_lr_scale)[0]  # no surrogate source
 
 
+def recipe_warmup_batch(recipe: str) -> int | None:
+    """The warm-up batch size `vpgtrans transfer` uses with `recipe` (its transfer.warmup_batch_size; None: the
+    training batch)."""
+    from vpgtrans.recipes import load_recipe
+
+    return load_recipe(recipe).transfer.warmup_batch_size
+
+
 @dataclass(frozen=True)
 class DiagSettings:
     """Everything that decides the diagnostic's numbers (and keys its cache)."""
@@ -66,9 +74,10 @@ class DiagSettings:
     lr: float = 1e-4  # the stage-2 recipe's peak LR (cosine to min_lr); the warm-ups multiply it
     min_lr: float = 1e-5
     lr_warmup_steps: int = 200  # TFS's linear LR warm-up (the recipe's)
-    # The world transfer recipe's warm-up multiplier (25x: a world epoch is ~4x shorter than the paper's, whose 5x
-    # warm-up ran ~810 steps) for only-linear and VPGTrans's warm-up alike.
+    # The world transfer recipe's warm-up LR multiplier (25x: a world epoch is ~4x shorter than the paper's, whose 5x
+    # warm-up ran ~810 steps) and warm-up batch (None: batch_size), for only-linear and VPGTrans's warm-up alike.
     linear_lr_scale: float = field(default_factory=lambda: recipe_warmup_scale(TRANSFER_RECIPE))
+    linear_batch_size: int | None = field(default_factory=lambda: recipe_warmup_batch(TRANSFER_RECIPE))
     table2_lr_scale: float = 1.0
     batch_size: int = 32
     val_samples: int = 128  # val captions for val_loss
@@ -267,7 +276,8 @@ def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, 
     from vpgtrans.transfer.race import prepare, run_stage
 
     _, per_epoch = per_epoch_steps(s)
-    key = _inherit_key(s, name, src, dst, source_model, epochs=epochs, lr_scale=lr_scale, converter=converter)
+    key = _inherit_key(s, name, src, dst, source_model, epochs=epochs, lr_scale=lr_scale, converter=converter,
+                       warmup_batch=s.linear_batch_size)
     out = work / name / f"{src}-to-{dst}"
     done = _cached(out, key)
     if done:
@@ -280,7 +290,8 @@ def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, 
         plan = plan_transfer(TransferOptions(src=source_model, dst=str(s.llm_dir(dst)), out=str(out / "run"),
                                              recipe=TRANSFER_RECIPE, overrides=tuple(overrides),
                                              converter="linear-cosine", converter_seed=s.seed,
-                                             warmup_lr_scale=lr_scale, warmup_epochs=float(epochs), force=True))
+                                             warmup_lr_scale=lr_scale, warmup_batch_size=s.linear_batch_size,
+                                             warmup_epochs=float(epochs), force=True))
         prepared = prepare(plan, fit=converter, echo=_quiet)
         fit = None
         if prepared.fit is not None:
@@ -293,7 +304,7 @@ def linear(s: DiagSettings, src: str, dst: str, source_model: str, epochs: int, 
     shutil.rmtree(stage_dir / "model", ignore_errors=True)
     return _save_result(out, {"key": key, "arm": name, "src": src, "dst": dst, "lr_scale": lr_scale,
                               "converter": converter, "converter_fit": fit, "per_epoch": per_epoch,
-                              "curve": epoch_curve([stage_dir], per_epoch),
+                              "curve": epoch_curve([stage_dir], per_epoch, s.batch_size),
                               "seconds": round(time.perf_counter() - started, 1)})
 
 
@@ -309,7 +320,7 @@ def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: f
 
     _, full_epoch = per_epoch_steps(s)
     key = _inherit_key(s, name, src, dst, source_model, epochs=s.tfs_epochs, lr_scale=s.linear_lr_scale,
-                       fraction=fraction)
+                       fraction=fraction, warmup_batch=s.linear_batch_size)
     out = work / name / f"{src}-to-{dst}-s{s.seed}"
     done = _cached(out, key)
     if done:
@@ -323,7 +334,8 @@ def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: f
         result = transfer(TransferOptions(
             src=source_model, dst=str(s.llm_dir(dst)), out=str(out / "run"), recipe=TRANSFER_RECIPE,
             overrides=tuple(overrides), data_fraction=round(fraction * s.data_fraction, 6), converter="linear-cosine",
-            converter_seed=s.seed, warmup_lr_scale=s.linear_lr_scale, warmup_epochs=1.0,
+            converter_seed=s.seed, warmup_lr_scale=s.linear_lr_scale, warmup_batch_size=s.linear_batch_size,
+            warmup_epochs=1.0,
             budget_steps=s.tfs_epochs * full_epoch, force=True), echo=_quiet)
         dirs = [Path(result.stages[n].dir) for n in ("warmup", "finetune")]
     curve = epoch_curve(dirs, full_epoch)
@@ -543,7 +555,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     ms = f3["metrics"]
     lines += [f"\nFig. 3 — TFS on {s['dst']} (stage-2 recipe from the stage-1 Q-Former, cosine {s['lr']:g} → "
               f"{s['min_lr']:g}) vs only-linear ({s['src']} VPG frozen, fresh projector alone, constant "
-              f"{s['lr'] * s['linear_lr_scale']:g}); 'share' = only-linear ÷ TFS's best",
+              f"{s['lr'] * s['linear_lr_scale']:g}, batch {s.get('linear_batch_size') or s['batch_size']}); "
+              "'share' = only-linear ÷ TFS's best",
               f"{'epoch':>5}" + "".join(f"{'TFS ' + m[:8]:>14}{'lin ' + m[:8]:>14}" for m in ms)
               + f"{'share cider':>13}"]
     for r in f3["rows"]:

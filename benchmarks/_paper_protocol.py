@@ -354,7 +354,8 @@ def epoch_table_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"\nthe paper's protocol in epochs: every arm from the stage-1 Q-Former ({result['stage1']['origin']}"
              f"{dg._recall(result['stage1'])}); "
              f"TFS {s['tfs_epochs']} epochs on {result['training_images']} images (cosine {s['lr']:g} → {s['min_lr']:g}); "
-             f"VPGTrans: converter-merged projector, 1 warm-up epoch at {s['linear_lr_scale']:g}x (its epoch 1), "
+             f"VPGTrans: converter-merged projector, 1 warm-up epoch at {s['linear_lr_scale']:g}x, "
+             f"batch {s.get('linear_batch_size') or s['batch_size']} (its epoch 1), "
              f"fine-tuning; metrics on {s['eval_images']} val images after every epoch; seeds {result['seeds']}",
              f"{'pair':<14}{'row':<16}{'metric':<20}{'paper':>7}  {'epochs, per seed':<30}{'samples, per seed':<30}"]
     paper_of = {(e["pair"], e["metric"]): e for e in result["table3"]}

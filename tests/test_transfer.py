@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 
 from vpgtrans.checkpoint import save_model
 from vpgtrans.cli import main
+from vpgtrans.errors import ConfigError
 from vpgtrans.model import build_model
 from vpgtrans.testing import tiny_spec, write_caption_set
 from vpgtrans.train import read_log
+from vpgtrans.train.config import count_steps
 from vpgtrans.transfer import race
 from vpgtrans.transfer.merge import merged_equals
 from vpgtrans.transfer.options import TransferOptions
@@ -45,7 +47,8 @@ def world(tmp_path_factory, tiny_paths):
 
 def _plan(world, dst="opt", src="opt", **kw):
     return plan_transfer(TransferOptions(src=str(world["src"][src]), dst=str(world["paths"][dst]), data=world["data"],
-                                         out=kw.pop("out", world["root"] / "unused"), overrides=world["overrides"],
+                                         out=kw.pop("out", world["root"] / "unused"),
+                                         overrides=kw.pop("overrides", world["overrides"]),
                                          converter=kw.pop("converter", "lstsq"), recipe="vpgtrans_world", **kw))
 
 
@@ -191,3 +194,31 @@ def test_the_ablation_options_are_honoured_by_the_python_api(world, tmp_path):
     assert all(not torch.equal(warm[k], saved[k]) for k in saved if k.startswith("vpg.") and saved[k].numel() > 1)
     assert not (out / "converter").exists() and result.converter == {"converter": None}
     assert result.stages["warmup"].steps == 2 and result.stages["finetune"].steps == 1  # 3 steps in all
+
+
+def test_the_warmup_batch_covers_one_training_epoch_and_counts_in_the_budget(world, tmp_path):
+    """A warm-up at its own batch (a recipe's transfer.warmup_batch_size, or the option): one warm-up epoch sees one
+    training epoch's samples, is evaluated once at its end, and spends its samples' worth of a step budget counted
+    in training batches."""
+    own = [*world["overrides"], "transfer.warmup_batch_size=8"]
+    plan = _plan(world, dst="opt-m", out=tmp_path / "t", overrides=[*own, "train.eval_every=4"], budget_steps=6)
+    w = plan.warmup.train
+    assert w.batch_size == 8 and plan.warmup_steps == 1  # 8 examples: 4 training batches of 2, one warm-up batch
+    assert w.eval_every == 1 and plan.finetune.train.batch_size == 2
+    assert plan.finetune.train.max_steps == 6 - 4  # the warm-up's 8 samples are 4 of the budget's batches of 2
+    given = _plan(world, dst="opt-m", out=tmp_path / "g", overrides=own, warmup_batch_size=3)
+    assert given.warmup.train.batch_size == 3
+    assert count_steps(given.warmup.train, 8)[0] == 2  # 8 samples of training epoch: 2 batches of 3 (floored)
+    race.transfer(TransferOptions(src=str(world["src"]["opt"]), dst=str(world["paths"]["opt-m"]), data=world["data"],
+                                  out=tmp_path / "r", overrides=(*own, "train.eval_every=4"), converter="lstsq",
+                                  recipe="vpgtrans_world", warmup_batch_size=4), echo=lambda _: None)
+    rows = read_log(tmp_path / "r" / "warmup" / "log.jsonl")
+    assert [r["step"] for r in rows if "val_loss" in (r.get("metrics") or {})] == [2]  # 8 samples, one evaluation
+    from vpgtrans.transfer.epochs import epoch_curve
+
+    curve = epoch_curve([tmp_path / "r" / "warmup", tmp_path / "r" / "finetune"], per_epoch=4, batch_size=2)
+    assert curve[0]["epoch"] == 1.0 and curve[0]["samples"] == 8  # by samples: the warm-up is epoch 1
+    with pytest.raises(ConfigError, match="--warmup-batch-size must be at least 1"):
+        _plan(world, out=tmp_path / "z", warmup_batch_size=0)
+    with pytest.raises(ConfigError, match="'warmup_batch_size' must be >= 1"):
+        _plan(world, out=tmp_path / "z", overrides=[*own, "transfer.warmup_batch_size=0"])

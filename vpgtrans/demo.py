@@ -156,7 +156,7 @@ def run_vpgtrans(cfg: DemoConfig, dst: str, source: Path, tfs_best: float, ep: E
                                       budget_steps=cfg.epochs * ep.steps, until=f"{CAPTION_METRIC}>={tfs_best:g}",
                                       resume=out.exists(), progress=progress), echo=echo)
     assert isinstance(result, TransferResult)  # not a dry run
-    curve = epoch_curve([Path(result.stages[n].dir) for n in ("warmup", "finetune")], ep.steps)
+    curve = epoch_curve([Path(result.stages[n].dir) for n in ("warmup", "finetune")], ep.steps, ep.batch_size)
     return {"model": result.model_dir, "curve": curve, "warmup_steps": result.stages["warmup"].steps,
             "warmup_lr": result.stages["warmup"].lr, "converter": {k: result.converter.get(k) for k in
                                                                    ("n_pairs", "dst_coverage", "heldout_cosine")}}

@@ -34,6 +34,9 @@ from ..threads import THREADS_HELP
               help="Warm-up LR = this × the recipe's LR. Default: the recipe's transfer.warmup_lr_scale, else 5 (the "
                    "paper's); 1 when the source was trained on a surrogate of DST (`vpgtrans surrogate`), whose "
                    "projector already fits DST's embeddings.")
+@click.option("--warmup-batch-size", type=click.IntRange(min=1), default=None,
+              help="Warm-up batch size. Default: the recipe's transfer.warmup_batch_size, else its train.batch_size "
+                   "(the warm-up epoch still sees one training epoch's samples).")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True, help="Length of the warm-up in epochs.")
 @click.option("--lora", is_flag=True, help="Also train a LoRA adapter on the LLM while fine-tuning.")
 @click.option("--until", default=None, metavar="METRIC>=VALUE", help="Stop fine-tuning once a metric reaches a target.")

@@ -23,13 +23,17 @@ def steps_per_epoch(train_file: str | Path, fraction: float, seed: int, batch_si
     return used, max(1, used // batch_size)
 
 
-def epoch_curve(run_dirs: Sequence[Path], per_epoch: int) -> list[dict[str, Any]]:
-    """One point per evaluation: epoch (steps ÷ steps per epoch), step, samples, wall time, every logged metric."""
+def epoch_curve(run_dirs: Sequence[Path], per_epoch: int, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """One point per evaluation: epoch, step, samples, wall time, every logged metric.
+
+    The epoch is steps ÷ `per_epoch`, or with `batch_size` samples ÷ (`per_epoch` x `batch_size`): stages trained
+    with different batches (a warm-up with its own) then share one axis."""
     out = []
     for row in rep.joined_rows(list(run_dirs)):
         m = row.get("metrics") or {}
         if "val_loss" in m or "cider" in m:
-            out.append({"epoch": round(row["step"] / per_epoch, 3), "step": row["step"],
+            epoch = row["samples"] / (per_epoch * batch_size) if batch_size else row["step"] / per_epoch
+            out.append({"epoch": round(epoch, 3), "step": row["step"],
                         "samples": row["samples"], "wall_time": row["wall_time"],
                         **{k: round(float(v), 5) for k, v in m.items() if isinstance(v, (int, float))}})
     return out

@@ -35,6 +35,8 @@ class TransferOptions:
     warmup_lr_scale: float | None = help_field(None, help="warm-up LR = this x the recipe's LR; default the "
                                                           "recipe's transfer.warmup_lr_scale, else 5 (the paper's), "
                                                           "1 for a source trained on a surrogate of dst")
+    warmup_batch_size: int | None = help_field(None, help="warm-up batch size; default the recipe's "
+                                                          "transfer.warmup_batch_size, else its train.batch_size")
     warmup_epochs: float = help_field(1.0, help="length of the warm-up in epochs of the (fraction of the) data")
     warmup_steps: int | None = help_field(None, help="pin the warm-up to this many steps instead of warmup_epochs")
     budget_steps: int | None = help_field(None, help="cap on warm-up + fine-tuning steps together (fine-tuning "

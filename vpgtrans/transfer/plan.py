@@ -94,6 +94,9 @@ def _source_parts(source: Any, base: Any, src_llm: str | None) -> tuple[dict, di
 def _check_options(o: TransferOptions) -> None:
     if o.warmup_lr_scale is not None and o.warmup_lr_scale <= 0:
         raise ConfigError(f"--warmup-lr-scale must be positive, got {o.warmup_lr_scale}", "e.g. --warmup-lr-scale 5")
+    if o.warmup_batch_size is not None and o.warmup_batch_size < 1:
+        raise ConfigError(f"--warmup-batch-size must be at least 1, got {o.warmup_batch_size}",
+                          "e.g. --warmup-batch-size 8")
     if o.warmup_epochs <= 0:
         raise ConfigError(f"--warmup-epochs must be positive, got {o.warmup_epochs}", "e.g. --warmup-epochs 1")
     for name in ("warmup_steps", "budget_steps"):
@@ -163,17 +166,25 @@ def plan_transfer(options: TransferOptions) -> TransferPlan:
         st.default_warmup_scale(llm_src, dst, base.transfer.warmup_lr_scale)
     out = Path(o.out).expanduser()
     folders = st.stage_folders(out)
-    warmup = st.warmup_recipe(raw, base, folders[st.WARMUP], lr_scale=scale, epochs=o.warmup_epochs)
+    warmup_batch = o.warmup_batch_size or base.transfer.warmup_batch_size or base.train.batch_size
+    warmup = st.warmup_recipe(raw, base, folders[st.WARMUP], lr_scale=scale, epochs=o.warmup_epochs,
+                              batch_size=warmup_batch)
     finetune = st.finetune_recipe(raw, base, folders[st.FINETUNE], until=o.until)
     if o.until_in_warmup:
         warmup = st.with_train(warmup, until=finetune.train.until)
     n_train = None
-    if o.compare_scratch or o.warmup_steps is not None or o.budget_steps is not None:
+    own_batch = warmup.train.batch_size != base.train.batch_size
+    if o.compare_scratch or o.warmup_steps is not None or o.budget_steps is not None or own_batch:
         n_train = 0 if no_data else len(load_records(base.data, "train"))
+    if own_batch and o.warmup_steps is None and n_train:
+        # A warm-up epoch at its own batch sees the samples of a training epoch (floored to whole training batches),
+        # so its evaluation lands where the next stage's epochs do: epoch 1 of the transfer, not 1.016.
+        warmup = st.pin_warmup_steps(warmup, st.same_samples_steps(o.warmup_epochs, n_train, base, warmup), n_train)
     scratch = None
     if o.compare_scratch:
         # As many steps as warm-up and fine-tuning on VPGTrans's share of the data (scratch then sees all of it).
-        total = count_steps(warmup.train, n_train)[0] + count_steps(finetune.train, n_train)[0]
+        total = st.in_batches(count_steps(warmup.train, n_train)[0], warmup, finetune) + \
+            count_steps(finetune.train, n_train)[0]
         scratch = st.scratch_recipe(raw, base, total)
     warm_steps = None
     if o.warmup and n_train is not None and (o.warmup_steps is not None or o.budget_steps is not None):
@@ -183,7 +194,8 @@ def plan_transfer(options: TransferOptions) -> TransferPlan:
         else:
             warm_steps = st.warmup_length(warmup, n_train)
     if o.budget_steps is not None:
-        spent = warm_steps if o.warmup else 0
+        # The budget is in fine-tuning steps: a warm-up with another batch size spends its samples' worth of them.
+        spent = st.in_batches(warm_steps, warmup, finetune) if o.warmup else 0
         # Fine-tuning has the recipe's schedule over what is left of the budget (at least one step).
         finetune = st.with_train(finetune, max_steps=max(1, o.budget_steps - (spent or 0)))
         if o.warmup and (spent or 0) >= o.budget_steps:

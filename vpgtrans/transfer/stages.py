@@ -58,12 +58,34 @@ def _stage_raw(raw: dict[str, Any], name: str, **train: Any) -> dict[str, Any]:
     return out
 
 
-def warmup_recipe(raw: dict[str, Any], base: Recipe, folder: str, *, lr_scale: float, epochs: float) -> Recipe:
-    """The warm-up: only the projector, constant LR `lr_scale` x the recipe's, for `epochs` epochs."""
+def warmup_recipe(raw: dict[str, Any], base: Recipe, folder: str, *, lr_scale: float, epochs: float,
+                  batch_size: int | None = None) -> Recipe:
+    """The warm-up: only the projector, constant LR `lr_scale` x the recipe's, for `epochs` epochs of `batch_size`
+    (default the recipe's) batches."""
+    t = base.train
+    batch = batch_size or t.batch_size
+    # Evaluations, logs and checkpoints land after the same numbers of samples as with the recipe's batch.
+    every = {k: max(1, round(getattr(t, k) * t.batch_size / batch)) if getattr(t, k) else getattr(t, k)
+             for k in ("eval_every", "log_every", "save_every")}
     # The recipe is named after its folder: a run started as stage1/ keeps its name (and fingerprint) on resume.
-    return build_recipe(_stage_raw(raw, folder, lr=base.train.lr * lr_scale, schedule="constant", warmup_steps=0,
-                                   trainable=["projector"], epochs=epochs, max_steps=None, until=None),
+    return build_recipe(_stage_raw(raw, folder, lr=t.lr * lr_scale, schedule="constant", warmup_steps=0,
+                                   trainable=["projector"], epochs=epochs, max_steps=None, until=None,
+                                   batch_size=batch, **every),
                         name=folder, source=base.source)
+
+
+def same_samples_steps(epochs: float, n_train: int, base: Recipe, stage: Recipe) -> int:
+    """Steps of `stage` that see the samples of `epochs` epochs of `base` on `n_train` examples (at least one)."""
+    per_epoch = (n_train // base.train.batch_size) * base.train.batch_size
+    return max(1, int(epochs * per_epoch // (stage.train.batch_size * stage.train.grad_accum)))
+
+
+def in_batches(steps: int | None, stage: Recipe, other: Recipe) -> int:
+    """`steps` of `stage` counted in `other`'s batches (the samples they see, rounded up)."""
+    if not steps:
+        return 0
+    b, ob = stage.train.batch_size * stage.train.grad_accum, other.train.batch_size * other.train.grad_accum
+    return steps if b == ob else -(-steps * b // ob)
 
 
 def finetune_recipe(raw: dict[str, Any], base: Recipe, folder: str, *, until: str | None) -> Recipe:
