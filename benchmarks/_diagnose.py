@@ -264,6 +264,8 @@ def _run_key(s: DiagSettings) -> dict[str, Any]:
 
 def _inherit_key(s: DiagSettings, name: str, src: str, dst: str, source_model: str, **extra: Any) -> dict[str, Any]:
     """Cache key of an arm that inherits `source_model`'s VPG: a retrained source invalidates it."""
+    if extra.get("warmup_batch") is None:
+        extra.pop("warmup_batch", None)  # the training batch, as every run cached before the option existed
     return {"world_id": world_id(s.world), "arm": name, "src": src, "dst": dst, "source": source_model,
             "source_mtime": (Path(source_model) / "manifest.json").stat().st_mtime, **_run_key(s), **extra}
 
@@ -657,6 +659,23 @@ def add_arguments(ap: Any) -> None:
                                          "HOME/world)")
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as typed settings; ValueError with a one-line message for a bad one."""
+    given: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in SETTABLE:
+            raise ValueError(f"--set {key}: not a diagnose setting — use one of {', '.join(SETTABLE)}")
+        default = getattr(DiagSettings(world=""), key)
+        kind = int if default is None else type(default)  # the one optional setting, linear_batch_size, is an int
+        try:
+            given[key] = None if default is None and value.lower() in ("none", "null") else kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item}: {key} takes a{'n' if kind is int else ''} {kind.__name__}, "
+                             f"e.g. {key}={default if default is not None else 8}") from None
+    return given
+
+
 def main(args: Any, results: Path, protocol: bool = False) -> int:
     """`--diagnose` (or, with `protocol`, `--protocol paper`): check the inputs, run, print, write the JSON (+ PNG)."""
     import sys
@@ -669,20 +688,11 @@ def main(args: Any, results: Path, protocol: bool = False) -> int:
               file=sys.stderr)
         return 2
     llms = tuple(x.strip() for x in args.llms.split(",") if x.strip()) if args.llms else None
-    given: dict[str, Any] = {}
-    settable = SETTABLE
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in settable:
-            print(f"error: --set {key}: not a diagnose setting — use one of {', '.join(settable)}", file=sys.stderr)
-            return 2
-        default = getattr(DiagSettings(world=""), key)
-        try:
-            given[key] = type(default)(value)
-        except ValueError:
-            print(f"error: --set {item}: {key} takes a {type(default).__name__}, e.g. {key}={default}",
-                  file=sys.stderr)
-            return 2
+    try:
+        given = parse_sets(args.set)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     s = settings_from(str(world), args.quick, llms=llms, src=args.src, dst=args.dst, stage1=args.stage1, **given)
     if s.src not in s.llms or s.dst not in s.llms:
         s = replace(s, llms=tuple(dict.fromkeys((*s.llms, s.src, s.dst))))
@@ -693,8 +703,9 @@ def main(args: Any, results: Path, protocol: bool = False) -> int:
               file=sys.stderr)
         return 2
     bad = [f"{k}={getattr(s, k)}" for k in ("tfs_epochs", "linear_epochs", "matrix_epochs", "table2_epochs",
-                                              "batch_size", "eval_images", "val_samples", "stage1_steps")
-           if getattr(s, k) < 1] + [f"{k}={getattr(s, k)}" for k in ("data_fraction", "small_fraction") if not 0 < getattr(s, k) <= 1]
+                                              "batch_size", "eval_images", "val_samples", "stage1_steps",
+                                              "linear_batch_size") if getattr(s, k) is not None and getattr(s, k) < 1]
+    bad += [f"{k}={getattr(s, k)}" for k in ("data_fraction", "small_fraction") if not 0 < getattr(s, k) <= 1]
     if bad:
         print(f"error: --set {', '.join(bad)}: epochs, sizes and steps must be >= 1, fractions in (0, 1]",
               file=sys.stderr)

@@ -100,6 +100,8 @@ def test_share_is_directional(bench):
     (["--llms", "opt-s,gpt9"], "no world LLM gpt9"),
     (["--set", "tfs_epochs=0"], "must be >= 1"),
     (["--set", "nonsense=1"], "not a diagnose setting"),
+    (["--set", "linear_batch_size=x"], "linear_batch_size takes an int"),
+    (["--set", "linear_batch_size=0"], "must be >= 1"),
     (["--set", "batch_size=64"], "less than one batch"),
     (["--stage1", "/"], "not a stage-1 Q-Former dir"),
     (["--full"], "--diagnose runs alone"),
@@ -200,3 +202,30 @@ def test_a_world_without_its_stage1_gets_one_trained_once(bench, tiny_world, tmp
     assert max(r["step"] for r in logged if "step" in r) == 2  # the benchmark's steps, not the world's
     assert diag.stage1_qformer(s, tmp_path / "w") == info  # cached under the world's id: not trained again
     assert diag.stage1_qformer(s, tmp_path / "w")["path"] != str(Path(tiny_world) / "qformer-stage1")
+
+
+@pytest.mark.slow
+def test_recipe_control_starts_from_the_stage1_qformer_with_the_transfer_recipe(bench, tiny_world, tmp_path, capsys):
+    """benchmarks/recipe_control.py: VPGTrans's recipe from a source whose VPG is the untrained stage-1 Q-Former."""
+    import torch
+
+    import recipe_control
+    from vpgtrans.checkpoint import load_model
+    from vpgtrans.model import build_model
+    from vpgtrans.train.runner import init_weights
+
+    _, diag = bench
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    out = tmp_path / "rc.json"
+    assert recipe_control.main(["--world", str(tiny_world), "--work", str(tmp_path / "w"), "--pairs", "opt-s>llama",
+                                "--seed-list", "0", "--results", str(out), *sets]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["pair"] == "opt-s>llama" and {"cider", "val_loss", "warmup_share"} <= set(row["control"])
+    assert "control captions" in capsys.readouterr().out
+    # The control's source: exactly the stage-1 Q-Former's weights in its VPG, nothing trained on an LLM.
+    source = load_model(tmp_path / "w" / "stage1-source" / "opt-s-s0")
+    fresh = build_model(source.spec)
+    init_weights(fresh, str(Path(tiny_world) / "qformer-stage1"))
+    assert all(torch.equal(v, fresh.vpg.state_dict()[k]) for k, v in source.vpg.state_dict().items())
+    assert recipe_control.main(["--world", str(tmp_path / "nowhere"), "--results", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
