@@ -142,6 +142,18 @@ def test_bad_input_malformed_json_document(tmp_path):
         _load_json(path)
 
 
+def test_bad_input_json_lines_given_as_one_document_says_which_format(tmp_path):
+    from vpgtrans.data.readers import _load_json
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"image": "a.png", "caption": "a"}\n{"image": "b.png", "caption": "b"}\n')
+    with pytest.raises(DataError, match=r"one JSON object per line .*data.format=jsonl"):
+        _load_json(path)
+    path.write_text('{"image": "a.png", "caption": "a"}\n{"image": "b.png", "caption": \n')  # line 2 broken: say so
+    with pytest.raises(DataError, match=r"line 2: malformed JSON"):
+        _load_json(path)
+
+
 def test_bad_input_long_caption_is_truncated_and_trains(data, tiny_paths):
     root, rows = data
     long_rows = [dict(r, caption=" ".join(["a very long caption"] * 200)) for r in rows]
