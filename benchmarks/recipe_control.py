@@ -81,9 +81,10 @@ def run(s: dg.DiagSettings, pairs: list[tuple[str, str]], seeds: list[int], work
                    "control_curve": ctrl["curve"]}
             rows.append(row)
             v, c = row["vpgtrans"], row["control"]
+            x = lambda r: "-" if r is None else f"{r:.2f}x"  # noqa: E731 - "-": never reached (Table 3's dash)
             print(f"{row['pair']} seed {seed}: TFS best CIDEr {row['tfs_best_cider']} | VPGTrans captions "
-                  f"{v['cider']}x val_loss {v['val_loss']}x warm-up {v['warmup_share']:.0%} | control captions "
-                  f"{c['cider']}x val_loss {c['val_loss']}x warm-up {c['warmup_share']:.0%}", flush=True)
+                  f"{x(v['cider'])} val_loss {x(v['val_loss'])} warm-up {v['warmup_share']:.0%} | control captions "
+                  f"{x(c['cider'])} val_loss {x(c['val_loss'])} warm-up {c['warmup_share']:.0%}", flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(s) | {"llms": list(s.llms)},
             "stage1": stage1, "rows": rows, "total_s": round(time.perf_counter() - started, 1)}
 
