@@ -340,9 +340,8 @@ def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: f
             warmup_epochs=1.0,
             budget_steps=s.tfs_epochs * full_epoch, force=True), echo=_quiet)
         dirs = [Path(result.stages[n].dir) for n in ("warmup", "finetune")]
-    curve = epoch_curve(dirs, full_epoch)
-    for p in curve:  # a full-data epoch's worth of samples: exact on all the data, shares of one on a fraction
-        p["epoch"] = round(p["samples"] / (full_epoch * s.batch_size), 3)
+    # Epochs by samples, a full-data epoch's worth each: exact on all the data, shares of one on a fraction.
+    curve = epoch_curve(dirs, full_epoch, s.batch_size)
     shutil.rmtree(out / "run" / "model", ignore_errors=True)
     for d in dirs:
         for sub in ("checkpoints", "model"):

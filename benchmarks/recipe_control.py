@@ -53,9 +53,13 @@ def table3(tfs_curve: list[dict[str, Any]], curve: list[dict[str, Any]]) -> dict
     from vpgtrans.transfer.epochs import table3_speedups
 
     sp = table3_speedups(tfs_curve, curve, ["cider", "val_loss"])
-    best = max(p["cider"] for p in tfs_curve)
     return {"cider": sp["cider"]["speedup_epochs"], "val_loss": sp["val_loss"]["speedup_epochs"],
-            "warmup_share": round(curve[0]["cider"] / best, 3), "best_cider": round(max(p["cider"] for p in curve), 3)}
+            "warmup_share": round(curve[0]["cider"] / sp["cider"]["tfs_best"], 3),
+            "best_cider": round(max(p["cider"] for p in curve), 3)}
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"  # "-": never reached (Table 3's dash)
 
 
 def run(s: dg.DiagSettings, pairs: list[tuple[str, str]], seeds: list[int], work: Path) -> dict[str, Any]:
@@ -76,15 +80,14 @@ def run(s: dg.DiagSettings, pairs: list[tuple[str, str]], seeds: list[int], work
             tfs = dg.tfs(ss, dst, stage1, work)
             ours = dg.vpgtrans(ss, src, dst, source, 1.0, work, "vpgtrans")
             ctrl = dg.vpgtrans(ss, src, dst, control_source, 1.0, work, ARM)
+            v, c = table3(tfs["curve"], ours["curve"]), table3(tfs["curve"], ctrl["curve"])
             row = {"pair": f"{src}>{dst}", "seed": seed, "tfs_best_cider": round(max(p["cider"] for p in tfs["curve"]), 3),
-                   "vpgtrans": table3(tfs["curve"], ours["curve"]), "control": table3(tfs["curve"], ctrl["curve"]),
-                   "control_curve": ctrl["curve"]}
+                   "vpgtrans": v, "control": c, "control_curve": ctrl["curve"]}
             rows.append(row)
-            v, c = row["vpgtrans"], row["control"]
-            x = lambda r: "-" if r is None else f"{r:.2f}x"  # noqa: E731 - "-": never reached (Table 3's dash)
             print(f"{row['pair']} seed {seed}: TFS best CIDEr {row['tfs_best_cider']} | VPGTrans captions "
-                  f"{x(v['cider'])} val_loss {x(v['val_loss'])} warm-up {v['warmup_share']:.0%} | control captions "
-                  f"{x(c['cider'])} val_loss {x(c['val_loss'])} warm-up {c['warmup_share']:.0%}", flush=True)
+                  f"{_ratio(v['cider'])} val_loss {_ratio(v['val_loss'])} warm-up {v['warmup_share']:.0%} | control "
+                  f"captions {_ratio(c['cider'])} val_loss {_ratio(c['val_loss'])} warm-up {c['warmup_share']:.0%}",
+                  flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(s) | {"llms": list(s.llms)},
             "stage1": stage1, "rows": rows, "total_s": round(time.perf_counter() - started, 1)}
 
