@@ -89,8 +89,11 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start})", "save the annotation file as UTF-8") from None
     if not text.strip():
         raise DataError(f"annotation file is empty: {path}", "point the recipe at a non-empty annotation file")
-    _refuse_json_lines(text, path)
-    return parse_json(text, str(path), "fix that line of the annotation file")
+    try:
+        return parse_json(text, str(path), "fix that line of the annotation file")
+    except DataError:
+        _refuse_json_lines(text, path)  # only a file that failed to parse is looked at again
+        raise
 
 
 def _refuse_json_lines(text: str, path: Path) -> None:
@@ -98,12 +101,6 @@ def _refuse_json_lines(text: str, path: Path) -> None:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
         return
-    try:
-        json.loads(text)
-        return  # one document after all
-    except json.JSONDecodeError as exc:
-        if exc.msg != "Extra data":
-            return
     try:
         if not all(isinstance(json.loads(ln), dict) for ln in lines[:2]):  # two whole objects, one per line
             return
