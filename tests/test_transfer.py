@@ -218,6 +218,10 @@ def test_the_warmup_batch_covers_one_training_epoch_and_counts_in_the_budget(wor
 
     curve = epoch_curve([tmp_path / "r" / "warmup", tmp_path / "r" / "finetune"], per_epoch=4, batch_size=2)
     assert curve[0]["epoch"] == 1.0 and curve[0]["samples"] == 8  # by samples: the warm-up is epoch 1
+    # Pinned steps are optimizer steps, also when each takes several micro-batches.
+    accum = _plan(world, out=tmp_path / "a", overrides=[*world["overrides"], "train.grad_accum=2"], warmup_steps=2,
+                  budget_steps=3)
+    assert accum.warmup_steps == 2 and count_steps(accum.warmup.train, 8)[0] == 2
     with pytest.raises(ConfigError, match="--warmup-batch-size must be at least 1"):
         _plan(world, out=tmp_path / "z", warmup_batch_size=0)
     with pytest.raises(ConfigError, match="'warmup_batch_size' must be >= 1"):

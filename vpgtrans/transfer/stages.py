@@ -103,7 +103,8 @@ def scratch_recipe(raw: dict[str, Any], base: Recipe, steps: int) -> Recipe:
 
 def pin_warmup_steps(recipe: Recipe, steps: int, n_train: int) -> Recipe:
     """The warm-up recipe set to exactly `steps` steps on `n_train` examples (count_steps floors epochs)."""
-    epochs = (steps + 0.5) / (n_train // recipe.train.batch_size)
+    # count_steps divides an epoch's micro-batches by grad_accum: an optimizer step takes grad_accum of them.
+    epochs = (steps + 0.5) * recipe.train.grad_accum / (n_train // recipe.train.batch_size)
     return with_train(recipe, epochs=epochs)
 
 
