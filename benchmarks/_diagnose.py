@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -238,6 +239,11 @@ def tfs(s: DiagSettings, llm: str, stage1: str, work: Path) -> dict[str, Any]:
     done = _cached(out, key)
     if done and (out / "run" / "model" / "manifest.json").exists():
         return done
+    if done:
+        # Retraining a source changes its manifest's mtime, so every run inheriting its VPG retrains too: hours,
+        # where the user may only have cleaned up model dirs.
+        print(f"warning: {out}/result.json is cached but its model dir {out / 'run' / 'model'} is gone — "
+              f"retraining TFS on {llm}; runs that inherit from it will retrain as well", file=sys.stderr, flush=True)
     recipe = load_recipe(STAGE2_RECIPE, tfs_overrides(s, llm, stage1, work, detect_llm_component(str(s.llm_dir(llm)))))
     started = time.perf_counter()
     with _logged(out):
@@ -350,6 +356,33 @@ def vpgtrans(s: DiagSettings, src: str, dst: str, source_model: str, fraction: f
                               "converter": result.converter, "curve": curve, "per_epoch": full_epoch,
                               "warmup_steps": result.stages["warmup"].steps,
                               "seconds": round(time.perf_counter() - started, 1)})
+
+
+CONTROL_ARM = "recipe-control"  # VPGTrans's recipe from the stage-1 Q-Former: what the recipe gives with no transfer
+
+
+def stage1_source(s: DiagSettings, src: str, stage1: str, work: Path) -> str:
+    """A model dir on `src` whose VPG is the stage-1 Q-Former and whose projector is fresh (seeded), untrained.
+
+    The recipe control's "source": run through `vpgtrans()` it gets VPGTrans's recipe exactly (converter-merged
+    projector, warm-up, fine-tuning), but the VPG it hands over never met an LLM — so where the control is as fast
+    as VPGTrans, the speed-up is the recipe's, not the inherited VPG's."""
+    import torch
+
+    from vpgtrans.checkpoint import save_model
+    from vpgtrans.model import build_model, detect_llm_component
+    from vpgtrans.recipes import load_recipe
+    from vpgtrans.train.runner import init_weights
+
+    out = work / "stage1-source" / f"{src}-s{s.seed}"
+    if (out / "manifest.json").exists():
+        return str(out)
+    recipe = load_recipe(STAGE2_RECIPE, tfs_overrides(s, src, stage1, work, detect_llm_component(str(s.llm_dir(src)))))
+    torch.manual_seed(s.seed)
+    model = build_model(recipe.model)
+    init_weights(model, stage1)
+    save_model(model, out)
+    return str(out)
 
 
 # --- scheduling -----------------------------------------------------------------------------------------
@@ -656,6 +689,8 @@ def add_arguments(ap: Any) -> None:
                                                         "(default 1; 2 on an idle 2-core machine)")
     ap.add_argument("--world-home", help="diagnose: a VPGTRANS_HOME whose world/ to measure (same as --world "
                                          "HOME/world)")
+    ap.add_argument("--no-control", action="store_true", help="protocol paper: leave out the recipe control "
+                    "(VPGTrans's recipe from the stage-1 Q-Former, no VPG inherited) run beside every VPGTrans row")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -739,7 +774,7 @@ def main(args: Any, results: Path, protocol: bool = False) -> int:
                   file=sys.stderr)
             return 2
         result = paper.run_epochs(s, pairs, seeds, work, workers=args.jobs, threads=args.threads,
-                                  fractions=(1.0, s.small_fraction))
+                                  fractions=(1.0, s.small_fraction), control=not args.no_control)
         lines = paper.epoch_table_lines(result)
         stem = "diagnose_paper_quick" if args.quick else "diagnose_paper"
     else:

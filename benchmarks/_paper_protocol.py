@@ -247,6 +247,7 @@ ANALOGUE = {"opt-s>opt-m": ("OPT125M→350M", "small → small size pair"),
 METRIC_COLUMN = {"cider": "coco_cider", "vqa_accuracy": "vqav2", "attribute_accuracy": None, "val_loss": None}
 TARGETS_29 = {"caption_at_or_above_paper": True, "much_larger_caption_min": 5.0}  # issue 29 item 4
 EPOCH_PAIRS = ["opt-s>opt-m", "opt-s>flant5", "opt-s>llama"]
+CONTROL_ROW = "recipe-control"  # _diagnose.CONTROL_ARM: VPGTrans's recipe from the stage-1 Q-Former
 
 
 def epoch_rows_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,6 +282,9 @@ def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[s
             entry = {"pair": pair, "kind": kind, "paper_row": paper_row, "metric": m, "paper_column": col,
                      "paper": paper, "ours_by_seed": cell["epochs"], "ours_mean": cell["epochs_mean"],
                      "reached": cell["epochs_reached"]}
+            ctrl = ((rows.get(CONTROL_ROW) or {}).get(m) or {}) if row == "vpgtrans" else {}
+            if ctrl:
+                entry["control_by_seed"] = ctrl["epochs"]
             if m == "cider" and paper_row:
                 every = cell["epochs_min_all_seeds"]
                 want = max(paper, TARGETS_29["much_larger_caption_min"]) if pair == "opt-s>opt-l" else paper
@@ -291,9 +295,10 @@ def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[s
 
 
 def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: int = 1, threads: int = 1,
-               fractions: tuple[float, ...] = (1.0, 0.107), echo: Callable[[str], None] | None = None
-               ) -> dict[str, Any]:
-    """Every arm from the stage-1 Q-Former: the source VPGs (seed 0), TFS per destination and seed, VPGTrans rows."""
+               fractions: tuple[float, ...] = (1.0, 0.107), echo: Callable[[str], None] | None = None,
+               control: bool = True) -> dict[str, Any]:
+    """Every arm from the stage-1 Q-Former: the source VPGs (seed 0), TFS per destination and seed, VPGTrans rows,
+    and (`control`) the recipe control beside each VPGTrans row: VPGTrans's recipe with no VPG inherited."""
     import _diagnose as dg
     from _common import machine_info
 
@@ -319,6 +324,12 @@ def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: 
     # One source VPG per LLM (the paper's released BLIP-2 models): TFS on it, the first seed.
     jobs = [("vpgtrans", threads, replace(s, seed=seed), src_of[p], dst_of[p], tfs[(src_of[p], seeds[0])]["model"], f,
              work, "vpgtrans" if f == 1.0 else f"vpgtrans-{f:.1%}") for p in pairs for f in fractions for seed in seeds]
+    if control:
+        # Without it a world ratio cannot be read as transfer: on the size pair the recipe alone matched it.
+        ctrl_src = {src: dg.stage1_source(replace(s, seed=seeds[0]), src, st1["path"], work)
+                    for src in dict.fromkeys(src_of.values())}
+        jobs += [("vpgtrans", threads, replace(s, seed=seed), src_of[p], dst_of[p], ctrl_src[src_of[p]], 1.0, work,
+                  dg.CONTROL_ARM) for p in pairs for seed in seeds]
     rows = dg._run_all(jobs, workers, echo, started)
     metrics = dg._metrics(s)
     metrics = [("vqa_accuracy" if m == dg.WORLD_VQA else m) for m in metrics] + ["attribute_accuracy"]
@@ -371,5 +382,10 @@ def epoch_table_lines(result: dict[str, Any]) -> list[str]:
         if "target" in e:
             lines.append(f"- {e['pair']} ({e['kind']}) vs {e['paper_row']} {e['paper']:g}x: ours "
                          f"{' '.join(_x(v) for v in e['ours_by_seed'])} → target {e['target']}: "
-                         f"{'met' if e['target_met'] else 'MISSED'}")
+                         f"{'met' if e['target_met'] else 'MISSED'}"
+                         + (f"; recipe control, no VPG inherited: {' '.join(_x(v) for v in e['control_by_seed'])}"
+                            if "control_by_seed" in e else ""))
+    if any(CONTROL_ROW in rows for rows in result["summary"].values()):
+        lines.append(f"- {CONTROL_ROW} rows: VPGTrans's recipe from the stage-1 Q-Former, no VPG inherited; where it "
+                     "is as fast, the ratio is the recipe's, not the inherited VPG's")
     return lines

@@ -24,28 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _diagnose as dg  # noqa: E402
 
-ARM = "recipe-control"
-
-
-def stage1_source(s: dg.DiagSettings, src: str, stage1: str, work: Path) -> str:
-    """A model dir on `src` whose VPG is the stage-1 Q-Former and whose projector is fresh (seeded), untrained."""
-    import torch
-
-    from vpgtrans.checkpoint import save_model
-    from vpgtrans.model import build_model, detect_llm_component
-    from vpgtrans.recipes import load_recipe
-    from vpgtrans.train.runner import init_weights
-
-    out = work / "stage1-source" / f"{src}-s{s.seed}"
-    if (out / "manifest.json").exists():
-        return str(out)
-    recipe = load_recipe(dg.STAGE2_RECIPE, dg.tfs_overrides(s, src, stage1, work,
-                                                            detect_llm_component(str(s.llm_dir(src)))))
-    torch.manual_seed(s.seed)
-    model = build_model(recipe.model)
-    init_weights(model, stage1)
-    save_model(model, out)
-    return str(out)
+ARM = dg.CONTROL_ARM
 
 
 def table3(tfs_curve: list[dict[str, Any]], curve: list[dict[str, Any]]) -> dict[str, Any]:
@@ -74,7 +53,7 @@ def run(s: dg.DiagSettings, pairs: list[tuple[str, str]], seeds: list[int], work
     for src, dst in pairs:
         # One source per LLM, trained with the first seed, as --protocol paper does; the control's likewise.
         source = dg.tfs(first, src, stage1, work)["model"]
-        control_source = stage1_source(first, src, stage1, work)
+        control_source = dg.stage1_source(first, src, stage1, work)
         for seed in seeds:
             ss = replace(s, seed=seed)
             tfs = dg.tfs(ss, dst, stage1, work)

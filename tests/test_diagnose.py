@@ -158,14 +158,24 @@ def test_paper_protocol_on_the_tiny_world(bench, tiny_world, tmp_path, capsys):
     assert te.main(args + [a for kv in sets for a in ("--set", kv)]) == 0
     data = json.loads((tmp_path / "results" / "diagnose_paper.json").read_text())
     runs = {r["row"]: r for r in data["runs"]}
-    assert set(runs) == {"vpgtrans", "vpgtrans-50.0%"}
+    assert set(runs) == {"vpgtrans", "vpgtrans-50.0%", "recipe-control"}
+    # The control runs beside VPGTrans on the same TFS, and Table 3 prints its ratios next to VPGTrans's.
+    assert runs["recipe-control"]["tfs_curve"] == runs["vpgtrans"]["tfs_curve"]
+    caption = next(e for e in data["table3"] if e["metric"] == "cider")
+    assert caption["control_by_seed"] == data["summary"]["opt-s>llama"]["recipe-control"]["cider"]["epochs"]
     full, half = runs["vpgtrans"], runs["vpgtrans-50.0%"]
     # The warm-up is VPGTrans's epoch 1 (one epoch of its own data); both rows get TFS's epochs' worth of samples.
     assert full["warmup_steps"] == 48 // 8 and half["warmup_steps"] == 24 // 8
     assert [p["epoch"] for p in full["curve"]] == [1.0, 2.0]
     assert half["curve"][0]["epoch"] == 0.5 and half["curve"][-1]["samples"] == full["curve"][-1]["samples"]
     assert [round(p["epoch"]) for p in full["tfs_curve"]] == [1, 2]
-    assert "cider" in full["speedups"] and "Table 3 in miniature" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cider" in full["speedups"] and "Table 3 in miniature" in out and "no VPG inherited" in out
+    # --no-control: the same protocol without it (every other run comes from the cache).
+    assert te.main(args + ["--no-control"] + [a for kv in sets for a in ("--set", kv)]) == 0
+    data = json.loads((tmp_path / "results" / "diagnose_paper.json").read_text())
+    assert {r["row"] for r in data["runs"]} == {"vpgtrans", "vpgtrans-50.0%"}
+    assert "no VPG inherited" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -182,6 +192,24 @@ def test_seeded_runs_repeat_to_the_digit(bench, tiny_world, tmp_path):
     lin = [diag.linear(s, "opt-s", "llama", first["model"], 1, 5.0, False, tmp_path / w, "x")["curve"] for w in "cd"]
     assert [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[0]] == \
         [{k: v for k, v in p.items() if k != "wall_time"} for p in lin[1]]
+
+
+@pytest.mark.slow
+def test_a_cached_tfs_whose_model_was_deleted_says_it_retrains(bench, tiny_world, tmp_path, capsys):
+    import shutil
+
+    _, diag = bench
+    s = diag.settings_from(str(tiny_world), False, **{k: type(getattr(diag.DiagSettings(world=""), k))(v) for k, v in
+                                                      (kv.split("=") for kv in TINY)})
+    diag._register_vqa(s)
+    stage1 = diag.stage1_qformer(s, tmp_path)["path"]
+    first = diag.tfs(s, "opt-s", stage1, tmp_path)
+    assert diag.tfs(s, "opt-s", stage1, tmp_path) == first and "warning" not in capsys.readouterr().err
+    shutil.rmtree(first["model"])
+    again = diag.tfs(s, "opt-s", stage1, tmp_path)
+    err = capsys.readouterr().err
+    assert "model dir" in err and "is gone" in err and "retraining TFS on opt-s" in err
+    assert (Path(again["model"]) / "manifest.json").exists()
 
 
 @pytest.mark.slow
