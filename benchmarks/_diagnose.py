@@ -38,7 +38,10 @@ METRICS = ("cider", "attribute_accuracy", "vqa_accuracy", "val_loss")
 STAGE2_RECIPE = "blip2_stage2_world"  # TFS = the source's own recipe (stage 2), as in the paper
 TRANSFER_RECIPE = "vpgtrans_world"
 # Working definition of the paper's regime (issue 29), refined where the JSON's "regime" says so.
-REGIME_WITHIN = 0.95  # only-linear reaches ≥ 95% of TFS's best ...
+REGIME_WITHIN = 0.95  # only-linear reaches ≥ 95% of TFS's best ... (issue 29's strict reading)
+# The refined reading (docs/results/world-regime.md, 2026-12-07): the paper's Fig. 3 has only-linear *below* TFS's
+# best on captions, so "a large part of the way" — read as three quarters — and ahead of TFS at equal epochs.
+REGIME_WITHIN_FIG3 = 0.75
 REGIME_EPOCHS = 2  # ... within this many epochs ...
 REGIME_TFS_LATE = 0.6  # ... while TFS reaches its best only in the last 40% of its epochs
 
@@ -545,17 +548,27 @@ def regime(s: DiagSettings, result: dict[str, Any]) -> dict[str, Any]:
         out["per_metric"][m] = {"tfs_best": tb["value"] if tb else None, "tfs_best_epoch": tb["epoch"] if tb else None,
                                 "tfs_first_epoch_within_5pct": near_best[0] if near_best else None,
                                 "linear_over_tfs_same_epoch": same,
+                                "linear_over_tfs_within_2": [
+                                    round(share_of(r[f"linear_{m}"], r[f"tfs_{m}"], m) or 0, 3) for r in f3["rows"]
+                                    if r["epoch"] <= REGIME_EPOCHS and r[f"linear_{m}"] is not None
+                                    and r[f"tfs_{m}"] is not None],
                                 "linear_share_by_epoch_2": max(shares) if shares else None,
                                 "linear_best": lin_best[m] if lin_best else None,
                                 "linear_best_share": round(share_of(lin_best[m], tb["value"], m) or 0, 4)
                                 if lin_best and tb else None}
     main = out["per_metric"].get("cider") or next(iter(out["per_metric"].values()), {})
-    near = (main.get("linear_share_by_epoch_2") or 0.0) >= REGIME_WITHIN
+    share = main.get("linear_share_by_epoch_2") or 0.0
     late = (main.get("tfs_best_epoch") or 0) >= REGIME_TFS_LATE * s.tfs_epochs
-    out["in_regime"] = bool(near and late)
-    out["line"] = (f"regime: {'IN' if out['in_regime'] else 'NOT in'} the paper's regime — only-linear "
+    ahead = main.get("linear_over_tfs_within_2") or []
+    out["in_regime_strict"] = bool(share >= REGIME_WITHIN and late)
+    out["in_regime"] = bool(share >= REGIME_WITHIN_FIG3 and late and ahead and min(ahead) > 1.0)
+    out["definition_refined"] = (f"only-linear reaches >= {REGIME_WITHIN_FIG3:.0%} of TFS's best CIDEr within "
+                                 f"{REGIME_EPOCHS} epochs and is ahead of TFS at every epoch up to there, while TFS "
+                                 f"reaches its best only after {REGIME_TFS_LATE:.0%} of its epochs (Fig. 3's shape)")
+    out["line"] = (f"regime: {'IN' if out['in_regime'] else 'NOT in'} the paper's regime (Fig. 3's shape; the strict "
+                   f"{REGIME_WITHIN:.0%} reading: {'yes' if out['in_regime_strict'] else 'no'}) — only-linear "
                    f"{s.src}→{s.dst} reaches {_pct(main.get('linear_share_by_epoch_2'))} of TFS's best CIDEr "
-                   f"within {REGIME_EPOCHS} epochs (needs {REGIME_WITHIN:.0%}; its own best "
+                   f"within {REGIME_EPOCHS} epochs (needs {REGIME_WITHIN_FIG3:.0%}; its own best "
                    f"{_pct(main.get('linear_best_share'))}), TFS peaks at epoch {main.get('tfs_best_epoch')} of "
                    f"{s.tfs_epochs} (needs >= {REGIME_TFS_LATE * s.tfs_epochs:g}; within 5% of it from epoch "
                    f"{main.get('tfs_first_epoch_within_5pct')}); at equal epochs only-linear ÷ TFS = "

@@ -88,6 +88,16 @@ def test_regime_verdict_no_when_linear_is_far_or_tfs_is_early(bench):
     assert not v["in_regime"] and "epoch 2 of 10" in v["line"]
 
 
+def test_regime_verdict_refined_reads_fig3s_shape_and_keeps_the_strict_one(bench):
+    _, diag = bench
+    late = [0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
+    v = _verdict(diag, [0.76, 0.8, 0.9], late)  # 80% within 2 epochs, ahead of TFS at epochs 1-2
+    assert v["in_regime"] and not v["in_regime_strict"] and "strict 95% reading: no" in v["line"]
+    assert not _verdict(diag, [0.7, 0.74, 0.9], late)["in_regime"]  # 74%: short of three quarters
+    behind = [0.2, 0.85, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]  # TFS ahead at epoch 2
+    assert not _verdict(diag, [0.76, 0.8], behind)["in_regime"]
+
+
 def test_share_is_directional(bench):
     _, diag = bench
     assert diag.share_of(0.5, 1.0, "cider") == pytest.approx(0.5)
