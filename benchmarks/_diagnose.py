@@ -381,9 +381,10 @@ def stage1_source(s: DiagSettings, src: str, stage1: str, work: Path) -> str:
     if (out / "manifest.json").exists():
         return str(out)
     recipe = load_recipe(STAGE2_RECIPE, tfs_overrides(s, src, stage1, work, detect_llm_component(str(s.llm_dir(src)))))
-    torch.manual_seed(s.seed)
-    model = build_model(recipe.model)
-    init_weights(model, stage1)
+    with _logged(out.parent / f".{out.name}-build"):  # the LLM's loading bars stay out of the protocol's table
+        torch.manual_seed(s.seed)
+        model = build_model(recipe.model)
+        init_weights(model, stage1)
     save_model(model, out)
     return str(out)
 
