@@ -544,15 +544,13 @@ def regime(s: DiagSettings, result: dict[str, Any]) -> dict[str, Any]:
         # (only-linear's value ÷ TFS's) shows a fast start even where the plateau is lower.
         near_best = [r["epoch"] for r in f3["rows"] if r[f"tfs_{m}"] is not None and tb
                      and (share_of(r[f"tfs_{m}"], tb["value"], m) or 0) >= 0.95]
-        same = [round(share_of(r[f"linear_{m}"], r[f"tfs_{m}"], m) or 0, 3) for r in f3["rows"]
-                if r[f"linear_{m}"] is not None and r[f"tfs_{m}"] is not None]
+        by_epoch = [(r["epoch"], round(share_of(r[f"linear_{m}"], r[f"tfs_{m}"], m) or 0, 3)) for r in f3["rows"]
+                    if r[f"linear_{m}"] is not None and r[f"tfs_{m}"] is not None]
+        same = [x for _, x in by_epoch]
         out["per_metric"][m] = {"tfs_best": tb["value"] if tb else None, "tfs_best_epoch": tb["epoch"] if tb else None,
                                 "tfs_first_epoch_within_5pct": near_best[0] if near_best else None,
                                 "linear_over_tfs_same_epoch": same,
-                                "linear_over_tfs_within_2": [
-                                    round(share_of(r[f"linear_{m}"], r[f"tfs_{m}"], m) or 0, 3) for r in f3["rows"]
-                                    if r["epoch"] <= REGIME_EPOCHS and r[f"linear_{m}"] is not None
-                                    and r[f"tfs_{m}"] is not None],
+                                "linear_over_tfs_within_2": [x for e, x in by_epoch if e <= REGIME_EPOCHS],
                                 "linear_share_by_epoch_2": max(shares) if shares else None,
                                 "linear_best": lin_best[m] if lin_best else None,
                                 "linear_best_share": round(share_of(lin_best[m], tb["value"], m) or 0, 4)

@@ -247,7 +247,6 @@ ANALOGUE = {"opt-s>opt-m": ("OPT125M→350M", "small → small size pair"),
 METRIC_COLUMN = {"cider": "coco_cider", "vqa_accuracy": "vqav2", "attribute_accuracy": None, "val_loss": None}
 TARGETS_29 = {"caption_at_or_above_paper": True, "much_larger_caption_min": 5.0}  # issue 29 item 4
 EPOCH_PAIRS = ["opt-s>opt-m", "opt-s>flant5", "opt-s>llama"]
-CONTROL_ROW = "recipe-control"  # _diagnose.CONTROL_ARM: VPGTrans's recipe from the stage-1 Q-Former
 
 
 def epoch_rows_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -273,6 +272,7 @@ def epoch_rows_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[str, Any]]:
     """Table 3 in miniature: each world pair beside its analogous paper row, per metric, with the issue's targets."""
+    from _diagnose import CONTROL_ARM
     out = []
     for pair, rows in summary.items():
         paper_row, kind = ANALOGUE.get(pair, (None, "no analogous paper row"))
@@ -282,7 +282,7 @@ def against_paper(summary: dict[str, Any], row: str = "vpgtrans") -> list[dict[s
             entry = {"pair": pair, "kind": kind, "paper_row": paper_row, "metric": m, "paper_column": col,
                      "paper": paper, "ours_by_seed": cell["epochs"], "ours_mean": cell["epochs_mean"],
                      "reached": cell["epochs_reached"]}
-            ctrl = ((rows.get(CONTROL_ROW) or {}).get(m) or {}) if row == "vpgtrans" else {}
+            ctrl = ((rows.get(CONTROL_ARM) or {}).get(m) or {}) if row == "vpgtrans" else {}
             if ctrl:
                 entry["control_by_seed"] = ctrl["epochs"]
             if m == "cider" and paper_row:
@@ -385,7 +385,7 @@ def epoch_table_lines(result: dict[str, Any]) -> list[str]:
                          f"{'met' if e['target_met'] else 'MISSED'}"
                          + (f"; recipe control, no VPG inherited: {' '.join(_x(v) for v in e['control_by_seed'])}"
                             if "control_by_seed" in e else ""))
-    if any(CONTROL_ROW in rows for rows in result["summary"].values()):
-        lines.append(f"- {CONTROL_ROW} rows: VPGTrans's recipe from the stage-1 Q-Former, no VPG inherited; where it "
+    if any(dg.CONTROL_ARM in rows for rows in result["summary"].values()):
+        lines.append(f"- {dg.CONTROL_ARM} rows: VPGTrans's recipe from the stage-1 Q-Former, no VPG inherited; where it "
                      "is as fast, the ratio is the recipe's, not the inherited VPG's")
     return lines

@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _diagnose as dg  # noqa: E402
 
-ARM = dg.CONTROL_ARM
-
 
 def table3(tfs_curve: list[dict[str, Any]], curve: list[dict[str, Any]]) -> dict[str, Any]:
     """Table 3's speed-ups on captions and val_loss, and the warm-up epoch's share of TFS's best CIDEr."""
@@ -58,7 +56,7 @@ def run(s: dg.DiagSettings, pairs: list[tuple[str, str]], seeds: list[int], work
             ss = replace(s, seed=seed)
             tfs = dg.tfs(ss, dst, stage1, work)
             ours = dg.vpgtrans(ss, src, dst, source, 1.0, work, "vpgtrans")
-            ctrl = dg.vpgtrans(ss, src, dst, control_source, 1.0, work, ARM)
+            ctrl = dg.vpgtrans(ss, src, dst, control_source, 1.0, work, dg.CONTROL_ARM)
             v, c = table3(tfs["curve"], ours["curve"]), table3(tfs["curve"], ctrl["curve"])
             row = {"pair": f"{src}>{dst}", "seed": seed, "tfs_best_cider": round(max(p["cider"] for p in tfs["curve"]), 3),
                    "vpgtrans": v, "control": c, "control_curve": ctrl["curve"]}
