@@ -17,8 +17,10 @@ class WorldConfig:
     max_objects: int = help_field(3, help="most objects in an image (1-3)")
     object_weights: list = help_field([0.25, 0.45, 0.30], help="probability of 1, 2, 3 objects (first max_objects used)")
     relation_share: float = help_field(0.7, help="share of multi-object captions that state a spatial relation")
-    num_colors: int = help_field(8, help="how many colours are used (2-8)")
-    num_shapes: int = help_field(8, help="how many shapes are used (2-8)")
+    num_colors: int = help_field(8, help="how many colours are used (2-16; past 8 they come closer to each other)")
+    num_shapes: int = help_field(8, help="how many shapes are used (2-16)")
+    concept_tail: float = help_field(0.0, help="Zipf exponent of how often each colour and shape occurs (0 = "
+                                               "uniform; 1 = the k-th is k times rarer than the first)")
     num_sizes: int = help_field(3, help="how many sizes are used (1-3)")
     image_size: int = help_field(48, help="rendered image side in pixels; a multiple of 6 * vit_patch puts every "
                                           "grid-cell centre on a patch corner (the ViT learns shapes far faster)")
@@ -53,9 +55,11 @@ class WorldConfig:
         if len(self.object_weights) < self.max_objects:
             raise ConfigError("world: object_weights is shorter than max_objects",
                               "give one weight per object count 1..max_objects")
-        for name, lo, hi in (("num_colors", 2, 8), ("num_shapes", 2, 8), ("num_sizes", 1, 3)):
+        for name, lo, hi in (("num_colors", 2, 16), ("num_shapes", 2, 16), ("num_sizes", 1, 3)):
             if not lo <= getattr(self, name) <= hi:
                 raise ConfigError(f"world: {name}={getattr(self, name)} is out of range", f"use {lo}..{hi}")
+        if not 0.0 <= self.concept_tail <= 4.0:
+            raise ConfigError(f"world: concept_tail={self.concept_tail} is out of range", "use 0 (uniform) .. 4")
         if not 0.0 <= self.relation_share <= 1.0:
             raise ConfigError("world: relation_share must be within [0, 1]", "e.g. relation_share=0.7")
         if self.image_size % self.vit_patch:

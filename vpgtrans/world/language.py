@@ -32,6 +32,18 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "single": ("lone", "solitary"), "with": ("beside", "alongside"), "there": ("here",),
     "is": ("sits",), "are": ("sit",), "and": ("also",), "one": ("1",), "two": ("2",), "three": ("3",),
 }
+# The words of the colours and shapes past the first 8 (scene.COLORS, scene.SHAPES); a world that does not use
+# them never sees them, so the default world's text and tokenizers do not depend on this table.
+EXTRA_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "pink": ("rose", "blush"), "brown": ("chocolate", "tan"), "gray": ("grey", "silver"),
+    "lime": ("chartreuse", "neon"), "magenta": ("fuchsia", "cerise"), "maroon": ("burgundy", "wine"),
+    "olive": ("khaki", "mossy"), "beige": ("cream", "sand"),
+    "pentagon": ("pentad", "fivegon"), "semicircle": ("halfdisc", "dome"), "crescent": ("moon", "sickle"),
+    "oval": ("ellipse", "egg"), "bar": ("stripe", "rod"), "trapezoid": ("trapezium", "frustum"),
+    "arrow": ("pointer", "dart"), "frame": ("outline", "border"),
+}
+EXTRA_CORNERS: dict[str, str] = {"pentagon": "five", "semicircle": "two", "crescent": "two", "oval": "zero",
+                                 "bar": "four", "trapezoid": "four", "arrow": "seven", "frame": "eight"}
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "colors": ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"),
     "shapes": ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon"),
@@ -52,9 +64,18 @@ LEXICON_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def lexicon_words() -> set[str]:
+def _extras(voc: dict[str, list[str]] | None) -> list[str]:
+    """The world's colour and shape words past the first 8, in vocabulary order."""
+    return [w for key in ("colors", "shapes") for w in (voc or {}).get(key, []) if w in EXTRA_SYNONYMS]
+
+
+def _synonyms(voc: dict[str, list[str]] | None) -> dict[str, tuple[str, ...]]:
+    return {**SYNONYMS, **{w: EXTRA_SYNONYMS[w] for w in _extras(voc)}}
+
+
+def lexicon_words(voc: dict[str, list[str]] | None = None) -> set[str]:
     """Every word the wider language adds to the captions' (each must be one token in every tokenizer)."""
-    words = {w for syns in SYNONYMS.values() for w in syns if w.isalpha()}
+    words = {w for syns in _synonyms(voc).values() for w in syns if w.isalpha()}
     words.update(NUMBERS)
     words.update("means mean same another word for thing opposite of black corners has colors sizes "
                  "places in other words list count after comes".split())
@@ -70,7 +91,7 @@ def swap_words(text: str, rng: random.Random, p: float) -> str:
     out = []
     for word in text.split(" "):
         core, tail = (word[:-1], word[-1]) if word[-1:] in ".,:?" else (word, "")
-        syns = SYNONYMS.get(core)
+        syns = SYNONYMS.get(core) or EXTRA_SYNONYMS.get(core)  # extra words occur only in worlds that use them
         if syns and rng.random() < p:
             core = rng.choice(syns)
         if out and out[-1] in ("a", "an", "A", "An"):  # the article follows the word now after it
@@ -96,16 +117,20 @@ def attribute_list(scene: dict[str, Any], rng: random.Random) -> str:
     return " ".join(f"{_cap(o['color'])} {_cap(o['shape'])}: {o['size']}, {o['position']}." for o in objs)
 
 
-def lexicon_sentence(rng: random.Random) -> str:
+def lexicon_sentence(rng: random.Random, voc: dict[str, list[str]] | None = None) -> str:
     """One context-free sentence of world knowledge: a definition, a list, an opposite or counting."""
+    synonyms, extras = _synonyms(voc), _extras(voc)
+    categories = {**CATEGORIES, **{k: CATEGORIES[k] + tuple(w for w in extras if w in voc[k])
+                                   for k in ("colors", "shapes") if voc and any(w in voc[k] for w in extras)}}
+    corners = {**CORNERS, **{w: EXTRA_CORNERS[w] for w in extras if w in EXTRA_CORNERS}}
     kind = rng.randrange(6)
     if kind <= 1:
-        canon = rng.choice(sorted(SYNONYMS))
-        syn = rng.choice(SYNONYMS[canon])
+        canon = rng.choice(sorted(synonyms))
+        syn = rng.choice(synonyms[canon])
         text = rng.choice(LEXICON_TEMPLATES).format(s=syn, c=canon, S=_cap(syn))
     elif kind == 2:
-        name = rng.choice(sorted(CATEGORIES))
-        items = [w if rng.random() < 0.6 else rng.choice(SYNONYMS.get(w, (w,))) for w in CATEGORIES[name]]
+        name = rng.choice(sorted(categories))
+        items = [w if rng.random() < 0.6 else rng.choice(synonyms.get(w, (w,))) for w in categories[name]]
         items = items if name == "sizes" else rng.sample(items, rng.randint(2, len(items)))
         text = f"{name}: " + ", ".join(items) + "."
     elif kind == 3:
@@ -121,7 +146,7 @@ def lexicon_sentence(rng: random.Random) -> str:
             k = rng.randrange(len(NUMBERS) - 1)
             text = f"after {NUMBERS[k]} comes {NUMBERS[k + 1]}."
     else:
-        shape = rng.choice(sorted(CORNERS))
-        name = shape if rng.random() < 0.6 else rng.choice(SYNONYMS[shape])
-        text = f"a {name} has {CORNERS[shape]} corners."
+        shape = rng.choice(sorted(corners))
+        name = shape if rng.random() < 0.6 else rng.choice(synonyms[shape])
+        text = f"a {name} has {corners[shape]} corners."
     return _cap(text) if rng.random() < 0.3 else text

@@ -27,7 +27,7 @@ import torch
 from . import language
 from .config import WorldConfig
 from .scene import (INSTRUCTIONS, MINIGPT4_AFTER, MINIGPT4_BEFORE, MINIGPT4_END, VQA_PROMPT, captions, context,
-                    qa_pairs, rng_for, sample_scene)
+                    qa_pairs, rng_for, sample_scene, vocabulary)
 
 IGNORE = -100
 KIND_WEIGHTS = {"caption": 0.45, "vqa": 0.18, "instruct": 0.06, "prior": 0.05, "paraphrase": 0.1, "list": 0.04,
@@ -134,7 +134,7 @@ def _sample(kind: str, scene: dict[str, Any], rng: random.Random, cfg: WorldConf
         ctx = language.varied_context(ctx, rng, CONTEXT_SWAP)
     caption = captions(scene, rng, 1)[0]
     if kind == "lexicon":
-        return Sample("", "", "", " ".join(language.lexicon_sentence(rng) for _ in range(rng.randint(1, 3))))
+        return Sample("", "", "", " ".join(language.lexicon_sentence(rng, vocabulary(cfg)) for _ in range(rng.randint(1, 3))))
     if kind == "paraphrase":
         return Sample("", ctx, language.PARAPHRASE_PROMPT, language.paraphrase(caption, rng))
     if kind == "list":

@@ -44,6 +44,38 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
             a, d = math.atan2(y, x) + rot, math.hypot(x, y) * r
             pts.append((cx + d * math.cos(a), cy + d * math.sin(a)))
         return pts
+    return _extra_shape_points(shape, cx, cy, r, rot)
+
+
+def _rotated(cx: float, cy: float, r: float, rot: float, unit: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`unit` outline points (in radii, x right, y down) scaled by r, turned by rot, moved to (cx, cy)."""
+    c, s = math.cos(rot), math.sin(rot)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in unit]
+
+
+def _extra_shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]] | None:
+    """The shapes past the first 8 (worlds with num_shapes > 8); none reaches further out than the star (1.2 r)."""
+    if shape == "pentagon":
+        return _regular(cx, cy, r * 1.08, 5, -math.pi / 2 + rot)
+    if shape == "semicircle":  # flat side down, moved so its area centre sits on the cell centre
+        arc = [(1.2 * math.cos(a), 0.5 - 1.2 * math.sin(a)) for a in (math.pi * k / 12 for k in range(13))]
+        return _rotated(cx, cy, r, rot, arc)
+    if shape == "crescent":  # a thick "C" opening to the right
+        angles = [0.3 * math.pi + 1.4 * math.pi * k / 14 for k in range(15)]
+        outer = [(1.15 * math.cos(a), 1.15 * math.sin(a)) for a in angles]
+        inner = [(0.25 + 0.75 * math.cos(a), 0.75 * math.sin(a)) for a in reversed(angles)]
+        return _rotated(cx, cy, r, rot, outer + inner)
+    if shape == "bar":
+        return _rotated(cx, cy, r, rot, [(-1.2, -0.4), (1.2, -0.4), (1.2, 0.4), (-1.2, 0.4)])
+    if shape == "trapezoid":
+        return _rotated(cx, cy, r, rot, [(-1.15, 0.7), (1.15, 0.7), (0.55, -0.7), (-0.55, -0.7)])
+    if shape == "arrow":
+        return _rotated(cx, cy, r, rot, [(-1.15, -0.3), (0.1, -0.3), (0.1, -0.8), (1.15, 0.0), (0.1, 0.8),
+                                         (0.1, 0.3), (-1.15, 0.3)])
+    if shape == "frame":  # a square outline: outer corners, then the inner ones back (one simple polygon)
+        o, i = 1.0, 0.55
+        return _rotated(cx, cy, r, rot, [(-o, -o), (o, -o), (o, o), (-o, o), (-o, -o), (-i, -i), (-i, i), (i, i),
+                                         (i, -i), (-i, -i)])
     return None
 
 
@@ -53,6 +85,8 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon(pts, fill=fill)
     elif shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "oval":
+        draw.ellipse([cx - r * 1.2, cy - r * 0.68, cx + r * 1.2, cy + r * 0.68], fill=fill)
     elif shape == "ring":
         draw.ellipse([cx - r * 1.05, cy - r * 1.05, cx + r * 1.05, cy + r * 1.05], outline=fill,
                      width=max(2, int(round(r * 0.38))))

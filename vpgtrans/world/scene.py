@@ -20,8 +20,13 @@ from .config import WorldConfig
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (235, 220, 50),
     "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (240, 240, 240), "cyan": (40, 210, 220),
+    # Used only when num_colors > 8; several sit close to a colour above (perception that takes samples to learn).
+    "pink": (250, 150, 190), "brown": (140, 85, 40), "gray": (150, 150, 150), "lime": (170, 240, 50),
+    "magenta": (230, 40, 180), "maroon": (125, 25, 45), "olive": (125, 125, 25), "beige": (225, 205, 160),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon",
+                           # used only when num_shapes > 8
+                           "pentagon", "semicircle", "crescent", "oval", "bar", "trapezoid", "arrow", "frame")
 SIZES: dict[str, float] = {"small": 0.10, "medium": 0.135, "large": 0.17}  # radius / image side
 SIZE_ORDER: tuple[str, ...] = ("small", "large", "medium")  # num_sizes=2 keeps the clearest pair
 # 3x3 grid cells, row-major: (row, col) -> name.
@@ -58,14 +63,26 @@ def rng_for(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"vpgtrans-world/{seed}/{SPLIT_CODES[split]}/{index}")
 
 
+def _distinct(rng: random.Random, values: list[str], n: int, tail: float) -> list[str]:
+    """`n` distinct values; with tail > 0 the k-th value is drawn with weight 1 / k**tail (Zipf: a long tail)."""
+    if tail <= 0:
+        return rng.sample(values, n)  # the uniform world draws exactly as before the knob existed
+    left, weights, out = list(values), [1.0 / (k + 1) ** tail for k in range(len(values))], []
+    for _ in range(n):
+        i = rng.choices(range(len(left)), weights=weights)[0]
+        out.append(left.pop(i))
+        weights.pop(i)
+    return out
+
+
 def sample_scene(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
     """Draw one scene: objects with distinct shapes, colours and grid cells."""
     voc = vocabulary(cfg)
     counts = list(range(cfg.min_objects, cfg.max_objects + 1))
     n = rng.choices(counts, weights=cfg.object_weights[cfg.min_objects - 1: cfg.max_objects])[0]
     cells = rng.sample(range(9), n)
-    colors = rng.sample(voc["colors"], n)
-    shapes = rng.sample(voc["shapes"], n)
+    colors = _distinct(rng, voc["colors"], n, cfg.concept_tail)
+    shapes = _distinct(rng, voc["shapes"], n, cfg.concept_tail)
     objects = []
     for k in range(n):
         cell = cells[k]
@@ -210,4 +227,4 @@ def all_words(cfg: WorldConfig) -> set[str]:
                  "object where how many yes no".split())
     from .language import lexicon_words
 
-    return words | lexicon_words()
+    return words | lexicon_words(voc)
