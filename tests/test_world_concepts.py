@@ -93,3 +93,20 @@ def test_a_rich_tiny_world_builds_with_every_new_word_one_token(tmp_path: Path) 
     for word in ("magenta", "trapezoid", "semicircle", "fuchsia"):  # new concept words and their synonyms
         assert word in all_words(cfg)
         assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_the_vit_probe_benchmark_trains_and_probes_the_builds_vit(tmp_path: Path, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _vit_probe import main
+
+    out = tmp_path / "probe.json"
+    knobs = ["vit_steps=3", "vit_batch=8", "vit_hidden=32", "vit_layers=1", "n_train=16", "n_val=8", "n_test=1",
+             "num_shapes=12", "concept_tail=1.0"]
+    assert main([x for k in knobs for x in ("--set", k)] + ["--out", str(out)]) == 0
+    line = json.loads(out.read_text())
+    assert line == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["vit_steps"] == 3 and "concept_tail=1.0" in line["overrides"]
+    assert {"object_color", "object_shape", "count"} <= set(line["probe"])
+    assert all(0.0 <= v <= 1.0 for v in line["probe"].values())
