@@ -227,9 +227,6 @@ def restrict_to_texts(pairs: TokenPairs, src_tok: Any, dst_tok: Any, texts: Iter
                    details=details, src_unpaired=lone[0], dst_unpaired=lone[1])
 
 
-TEXT_PAIRS_PER_UNKNOWN = 2  # text pairs per unknown of the linear map (embed_dim + 1 per output) to fit on them alone
-
-
 def converter_pairs(src_llm: Any, dst_llm: Any, records: Sequence[dict[str, Any]], *,
                     min_coverage: float = 0.05) -> TokenPairs:
     """The pairs VPGTrans fits its converter on: those in the training text when they determine the fit."""
@@ -241,12 +238,9 @@ def converter_pairs(src_llm: Any, dst_llm: Any, records: Sequence[dict[str, Any]
     # string pair is kept: in a real LLM every row is trained, so the reason to restrict is gone. The world
     # falls back too (49-58 caption pairs against OPT-s's 64), untrained rows included: OPT-m and FlanT5 fit
     # better for it, LLaMA worse (README, Transfer efficiency).
-    # "Determine" means twice the unknowns, not just more: at 73 text pairs for 65 unknowns (a world with 16
-    # colours and shapes) least squares all but interpolates them (fit cosine 0.96, held-out 0.49) and the merged
-    # projector started worse than a fresh one (docs/results/world-regime.md, experiment 13).
     texts = [r[k] for r in records[:20000] for k in ("caption", "question", "answer") if isinstance(r.get(k), str)]
     return restrict_to_texts(pairs, src_llm.tokenizer, dst_llm.tokenizer, texts,
-                             min_pairs=max(16, TEXT_PAIRS_PER_UNKNOWN * (int(src_llm.embed_dim) + 1)))
+                             min_pairs=max(16, int(src_llm.embed_dim) + 2))
 
 
 def pair_tokens_positional(src_tok: Any, dst_tok: Any, texts: Iterable[str], *,
