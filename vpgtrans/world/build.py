@@ -51,12 +51,6 @@ LM_MAX_LEN = 256
 TOKENIZER_VOCAB = {"opt": 1000, "llama": 800, "t5": 600}
 # Room per word a richer world adds (more colours and shapes): a BPE vocabulary must keep every world word whole.
 VOCAB_PER_EXTRA_WORD = 5
-
-
-def tokenizer_vocab(cfg: WorldConfig) -> dict[str, int]:
-    """Each tokenizer family's vocabulary size for this world (the default world's sizes plus room for new words)."""
-    extra = len(all_words(cfg) - all_words(WorldConfig()))
-    return {family: size + VOCAB_PER_EXTRA_WORD * extra for family, size in TOKENIZER_VOCAB.items()}
 # 3 folds, not 5: the report ran 126 s of the build's critical path once the stage-1 Q-Former joined it (39 s now).
 CONVERTER_FOLDS = 3
 _LM_SECONDS = {"llama": 146, "flant5": 140, "opt-m": 122, "opt-s": 94}  # one idle thread, for the job order
@@ -65,6 +59,12 @@ _LM_SECONDS = {"llama": 146, "flant5": 140, "opt-m": 122, "opt-s": 94}  # one id
 # Knobs added after worlds were already built and shared: left out of the identity at their default, so a world
 # built before a knob existed is still the same world (and its benchmark caches stay valid).
 _LATER_KNOBS = ("concept_tail",)
+
+
+def tokenizer_vocab(cfg: WorldConfig) -> dict[str, int]:
+    """Each tokenizer family's vocabulary size for this world (the default world's sizes plus room for new words)."""
+    extra = len(all_words(cfg) - all_words(WorldConfig()))
+    return {family: size + VOCAB_PER_EXTRA_WORD * extra for family, size in TOKENIZER_VOCAB.items()}
 
 
 def _config_identity(cfg: WorldConfig) -> dict[str, Any]:
@@ -79,7 +79,8 @@ def _identity(cfg: WorldConfig, seed: int) -> dict[str, Any]:
 
     # The LM recipes live in code, not in the config: without them here, a world built before a change to
     # the LM sizes/steps would still count as current and silently be reused.
-    lms = {"specs": [dataclasses.asdict(s) for s in lm_specs(cfg)], "vocab": tokenizer_vocab(cfg), "max_len": LM_MAX_LEN}
+    lms = {"specs": [dataclasses.asdict(s) for s in lm_specs(cfg)], "vocab": tokenizer_vocab(cfg),
+           "max_len": LM_MAX_LEN}
     return {"format": FORMAT_VERSION, "seed": seed, "config": _config_identity(cfg), "lms": lms,
             "stage1_recipe": stage1_recipe_identity()}
 

@@ -134,7 +134,8 @@ def _sample(kind: str, scene: dict[str, Any], rng: random.Random, cfg: WorldConf
         ctx = language.varied_context(ctx, rng, CONTEXT_SWAP)
     caption = captions(scene, rng, 1)[0]
     if kind == "lexicon":
-        return Sample("", "", "", " ".join(language.lexicon_sentence(rng, vocabulary(cfg)) for _ in range(rng.randint(1, 3))))
+        voc = vocabulary(cfg)
+        return Sample("", "", "", " ".join(language.lexicon_sentence(rng, voc) for _ in range(rng.randint(1, 3))))
     if kind == "paraphrase":
         return Sample("", ctx, language.PARAPHRASE_PROMPT, language.paraphrase(caption, rng))
     if kind == "list":
