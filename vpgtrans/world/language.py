@@ -10,8 +10,9 @@ say where it should sit: what lets a converter fitted on some tokens map the oth
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Any
+from typing import Any, NamedTuple
 
 SYNONYMS: dict[str, tuple[str, ...]] = {
     # colours
@@ -64,18 +65,30 @@ LEXICON_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _extras(voc: dict[str, list[str]] | None) -> list[str]:
-    """The world's colour and shape words past the first 8, in vocabulary order."""
-    return [w for key in ("colors", "shapes") for w in (voc or {}).get(key, []) if w in EXTRA_SYNONYMS]
+class _Tables(NamedTuple):
+    synonyms: dict[str, tuple[str, ...]]
+    categories: dict[str, tuple[str, ...]]
+    corners: dict[str, str]
 
 
-def _synonyms(voc: dict[str, list[str]] | None) -> dict[str, tuple[str, ...]]:
-    return {**SYNONYMS, **{w: EXTRA_SYNONYMS[w] for w in _extras(voc)}}
+def _tables(voc: dict[str, list[str]] | None) -> _Tables:
+    """The lexicon's tables for a world vocabulary: the base ones plus its colours and shapes past the first 8."""
+    extra = tuple(tuple(w for w in (voc or {}).get(key, []) if w in EXTRA_SYNONYMS) for key in ("colors", "shapes"))
+    return _tables_for(*extra)
+
+
+@functools.lru_cache(maxsize=16)
+def _tables_for(colors: tuple[str, ...], shapes: tuple[str, ...]) -> _Tables:
+    # Built once per vocabulary, not once per sentence: the LMs' pretraining text asks for thousands of sentences.
+    return _Tables(synonyms={**SYNONYMS, **{w: EXTRA_SYNONYMS[w] for w in colors + shapes}},
+                   categories={**CATEGORIES, "colors": CATEGORIES["colors"] + colors,
+                               "shapes": CATEGORIES["shapes"] + shapes},
+                   corners={**CORNERS, **{w: EXTRA_CORNERS[w] for w in shapes if w in EXTRA_CORNERS}})
 
 
 def lexicon_words(voc: dict[str, list[str]] | None = None) -> set[str]:
     """Every word the wider language adds to the captions' (each must be one token in every tokenizer)."""
-    words = {w for syns in _synonyms(voc).values() for w in syns if w.isalpha()}
+    words = {w for syns in _tables(voc).synonyms.values() for w in syns if w.isalpha()}
     words.update(NUMBERS)
     words.update("means mean same another word for thing opposite of black corners has colors sizes "
                  "places in other words list count after comes".split())
@@ -119,10 +132,7 @@ def attribute_list(scene: dict[str, Any], rng: random.Random) -> str:
 
 def lexicon_sentence(rng: random.Random, voc: dict[str, list[str]] | None = None) -> str:
     """One context-free sentence of world knowledge: a definition, a list, an opposite or counting."""
-    synonyms, extras = _synonyms(voc), _extras(voc)
-    categories = {**CATEGORIES, **{k: CATEGORIES[k] + tuple(w for w in extras if w in voc[k])
-                                   for k in ("colors", "shapes") if voc and any(w in voc[k] for w in extras)}}
-    corners = {**CORNERS, **{w: EXTRA_CORNERS[w] for w in extras if w in EXTRA_CORNERS}}
+    synonyms, categories, corners = _tables(voc)
     kind = rng.randrange(6)
     if kind <= 1:
         canon = rng.choice(sorted(synonyms))
