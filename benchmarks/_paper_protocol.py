@@ -348,9 +348,69 @@ def run_epochs(s: Any, pairs: list[str], seeds: list[int], work: Path, workers: 
             "formula": "Table 3: epochs TFS needs to reach its best ÷ epochs VPGTrans needs to reach it (a tie counts); "
                        "VPGTrans's warm-up is its epoch 1; '-' = never within its budget (TFS's epochs' worth of "
                        "samples); beside it the same in samples (the step-level race)",
-            "runs": runs, "summary": summary, "table3": against_paper(summary),
+            "runs": runs, "summary": summary, "table3": against_paper(summary), "gain_by_gap": gain_by_gap(runs),
             "table4": [against_paper(summary, row=f"vpgtrans-{f:.1%}") for f in fractions if f < 1],
             "total_s": round(time.perf_counter() - started, 1)}
+
+
+# Distance above TFS's best val_loss, in bins, at which each epoch's gain is read (gain_by_gap); "<0": already past it.
+GAP_BINS = ((None, 0.0), (0.0, 0.02), (0.02, 0.05), (0.05, 0.10), (0.10, None))
+GAP_LABELS = ("<0",) + tuple(f"{lo:.2f}-{'' if hi is None else f'{hi:.2f}'}" for lo, hi in GAP_BINS[1:])
+
+
+def gain_by_gap(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Why a ratio is what it is: per pair, each arm's val_loss gain per epoch binned by how far above TFS's best
+    val_loss the epoch starts, and how far above it VPGTrans's warm-up ends (per seed).
+
+    An arm whose epochs gain as much as TFS's at the same distance trains as fast; its ratio is then set by where
+    its warm-up leaves it. Only the rows on all the data; the warm-up epoch itself is left out of the gains. The
+    nearest bin flatters the other arms: TFS cannot gain more there than its distance to its own best."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        if r.get("fraction", 1.0) != 1.0:
+            continue
+        tfs = [p["val_loss"] for p in r["tfs_curve"] if p.get("val_loss") is not None]
+        ours = [p["val_loss"] for p in r["curve"] if p.get("val_loss") is not None]
+        if not tfs or not ours:
+            continue
+        best = min(tfs)
+        pair = out.setdefault(r["pair"], {"gains": {}, "warmup_gap": {}, "_seen": set()})
+        pair["warmup_gap"].setdefault(r["row"], []).append(round(ours[0] - best, 4))
+        arms = [(r["row"], ours[1:])]  # fine-tuning epochs only
+        if r["seed"] not in pair["_seen"]:  # each seed's TFS once, though every row of the seed carries it
+            pair["_seen"].add(r["seed"])
+            arms.append(("tfs", tfs))
+        for arm, values in arms:
+            bins = pair["gains"].setdefault(arm, {label: [] for label in GAP_LABELS})
+            for before, after in zip(values, values[1:]):
+                gap = before - best
+                for (lo, hi), label in zip(GAP_BINS, GAP_LABELS):
+                    if (lo is None or gap >= lo) and (hi is None or gap < hi):
+                        bins[label].append(before - after)
+    for pair in out.values():
+        del pair["_seen"]
+        pair["gains"] = {arm: {b: {"mean": round(statistics.fmean(v), 4) if v else None, "n": len(v)}
+                               for b, v in bins.items()} for arm, bins in pair["gains"].items()}
+    return out
+
+
+def _gain(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def gain_lines(gains: dict[str, Any]) -> list[str]:
+    """The gain_by_gap table: one line per pair and arm, then where the warm-up left each row."""
+    lines = ["\nwhy the ratios (val_loss): gain per epoch by distance above TFS's best (mean, epochs); an arm that "
+             "gains as much as TFS at the same distance trains as fast, and its ratio is set by where its warm-up "
+             "ends"]
+    for pair, g in gains.items():
+        for arm, bins in g["gains"].items():
+            cells = [f"{b}: {_gain(c['mean'])} ({c['n']})" for b, c in bins.items()]
+            lines.append(f"{pair:<14}{arm:<16}" + "   ".join(cells))
+        for row, gaps in g["warmup_gap"].items():
+            lines.append(f"{pair:<14}{row:<16}after its first epoch, above TFS's best by "
+                         + " ".join(f"{x:+.3f}" for x in gaps))
+    return lines
 
 
 def _x(v: Any) -> str:
@@ -388,4 +448,6 @@ def epoch_table_lines(result: dict[str, Any]) -> list[str]:
     if any(dg.CONTROL_ARM in rows for rows in result["summary"].values()):
         lines.append(f"- {dg.CONTROL_ARM} rows: VPGTrans's recipe from the stage-1 Q-Former, no VPG inherited; where it "
                      "is as fast, the ratio is the recipe's, not the inherited VPG's")
+    if result.get("gain_by_gap"):
+        lines += gain_lines(result["gain_by_gap"])
     return lines

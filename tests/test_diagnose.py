@@ -159,6 +159,31 @@ def test_table3_targets_need_every_seed(bench):
     assert not paper.against_paper(summary)[0]["target_met"]
 
 
+def test_gain_by_gap_reads_fine_tuning_gains_against_tfs_at_the_same_distance(bench):
+    import _paper_protocol as paper
+
+    def pts(values):
+        return [{"epoch": e + 1, "val_loss": v} for e, v in enumerate(values)]
+
+    tfs = pts([1.50, 1.21, 1.13, 1.07, 1.00])  # best 1.00
+    runs = [{"pair": "a>b", "row": row, "seed": 0, "fraction": 1.0, "tfs_curve": tfs, "curve": pts(curve)}
+            for row, curve in (("vpgtrans", [1.08, 1.04, 1.01, 0.97]), ("recipe-control", [1.12, 1.09]))]
+    runs.append({"pair": "a>b", "row": "vpgtrans-10.7%", "seed": 0, "fraction": 0.107, "tfs_curve": tfs,
+                 "curve": pts([1.3, 1.2])})  # a data share: left out
+    got = paper.gain_by_gap(runs)["a>b"]
+    assert got["warmup_gap"] == {"vpgtrans": [0.08], "recipe-control": [0.12]}
+    ours, base = got["gains"]["vpgtrans"], got["gains"]["tfs"]
+    # The warm-up epoch (1.08) starts no gain; 1.04 → 1.01 starts 0.04 above TFS's best, 1.01 → 0.97 at 0.01.
+    assert ours["0.02-0.05"] == {"mean": 0.03, "n": 1} and ours["0.00-0.02"] == {"mean": 0.04, "n": 1}
+    assert ours["0.10-"]["n"] == 0 and ours["<0"]["n"] == 0
+    # TFS counted once per seed although two rows carry it: 1.50 → 1.21 → 1.13 → 1.07 (≥ 0.10 above), 1.07 → 1.00.
+    assert base["0.10-"] == {"mean": 0.1433, "n": 3} and base["0.05-0.10"] == {"mean": 0.07, "n": 1}
+    # The control has one fine-tuning epoch after its warm-up: no gain to read yet.
+    assert all(c["n"] == 0 for c in got["gains"]["recipe-control"].values())
+    lines = paper.gain_lines(paper.gain_by_gap(runs))
+    assert any("vpgtrans" in line and "+0.080" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_paper_protocol_on_the_tiny_world(bench, tiny_world, tmp_path, capsys):
     te, _ = bench

@@ -181,7 +181,7 @@ def test_restrict_to_texts_keeps_the_tokens_that_occur(toks):
 
 
 def test_transfer_fits_on_every_pair_when_the_text_pairs_cannot_determine_the_map(toks, tmp_path):
-    """Text tokens are kept only when they outnumber the map's unknowns per output (embed_dim + 1)."""
+    """Text tokens are kept only when they number twice the map's unknowns per output (embed_dim + 1)."""
     import json
     from types import SimpleNamespace
 
@@ -200,3 +200,8 @@ def test_transfer_fits_on_every_pair_when_the_text_pairs_cannot_determine_the_ma
     assert 16 <= narrow.n_pairs < every.n_pairs  # a determined fit: the text's tokens only
     wide = converter_pairs(SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs), dst, records)
     assert wide.n_pairs == every.n_pairs and "all pairs kept" in wide.details["in_texts"]
+    # Barely more text pairs than unknowns is not enough: least squares would all but interpolate them.
+    barely = converter_pairs(SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs - 3), dst, records)
+    assert barely.n_pairs == every.n_pairs and "all pairs kept" in barely.details["in_texts"]
+    twice = converter_pairs(SimpleNamespace(tokenizer=bpe, embed_dim=narrow.n_pairs // 2 - 1), dst, records)
+    assert twice.n_pairs == narrow.n_pairs

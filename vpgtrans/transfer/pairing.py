@@ -227,6 +227,9 @@ def restrict_to_texts(pairs: TokenPairs, src_tok: Any, dst_tok: Any, texts: Iter
                    details=details, src_unpaired=lone[0], dst_unpaired=lone[1])
 
 
+TEXT_PAIRS_PER_UNKNOWN = 2  # text pairs per unknown of the linear map (embed_dim + 1 per output) to fit on them alone
+
+
 def converter_pairs(src_llm: Any, dst_llm: Any, records: Sequence[dict[str, Any]], *,
                     min_coverage: float = 0.05) -> TokenPairs:
     """The pairs VPGTrans fits its converter on: those in the training text when they determine the fit."""
@@ -238,9 +241,13 @@ def converter_pairs(src_llm: Any, dst_llm: Any, records: Sequence[dict[str, Any]
     # string pair is kept: in a real LLM every row is trained, so the reason to restrict is gone. The world
     # falls back too (49-58 caption pairs against OPT-s's 64), untrained rows included: OPT-m and FlanT5 fit
     # better for it, LLaMA worse (README, Transfer efficiency).
+    # "Determine" means twice the unknowns, not just more: at 74 text pairs for 65 unknowns (a world with 16
+    # colours and shapes) least squares all but interpolates them — on held-out caption tokens (5-fold) it maps
+    # at cosine 0.40 / 0.33 where a fit on every pair reaches 0.63 / 0.58 (OPT-m / opt-l), and the merged
+    # projector started worse than a fresh one (docs/results/world-regime.md, experiments 13-14).
     texts = [r[k] for r in records[:20000] for k in ("caption", "question", "answer") if isinstance(r.get(k), str)]
     return restrict_to_texts(pairs, src_llm.tokenizer, dst_llm.tokenizer, texts,
-                             min_pairs=max(16, int(src_llm.embed_dim) + 2))
+                             min_pairs=max(16, TEXT_PAIRS_PER_UNKNOWN * (int(src_llm.embed_dim) + 1)))
 
 
 def pair_tokens_positional(src_tok: Any, dst_tok: Any, texts: Iterable[str], *,
