@@ -394,6 +394,11 @@ def gain_by_gap(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _pair_width(pairs: Any) -> int:
+    """Width of the pair column: 14, or one more than the longest pair name (e.g. a world LLM variant's)."""
+    return max([14] + [len(p) + 1 for p in pairs])
+
+
 def _gain(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -403,12 +408,13 @@ def gain_lines(gains: dict[str, Any]) -> list[str]:
     lines = ["\nwhy the ratios (val_loss): gain per epoch by distance above TFS's best (mean, epochs); an arm that "
              "gains as much as TFS at the same distance trains as fast, and its ratio is set by where its warm-up "
              "ends"]
+    w = _pair_width(gains)
     for pair, g in gains.items():
         for arm, bins in g["gains"].items():
             cells = [f"{b}: {_gain(c['mean'])} ({c['n']})" for b, c in bins.items()]
-            lines.append(f"{pair:<14}{arm:<16}" + "   ".join(cells))
+            lines.append(f"{pair:<{w}}{arm:<16}" + "   ".join(cells))
         for row, gaps in g["warmup_gap"].items():
-            lines.append(f"{pair:<14}{row:<16}after its first epoch, above TFS's best by "
+            lines.append(f"{pair:<{w}}{row:<16}after its first epoch, above TFS's best by "
                          + " ".join(f"{x:+.3f}" for x in gaps))
     return lines
 
@@ -422,20 +428,21 @@ def epoch_table_lines(result: dict[str, Any]) -> list[str]:
     s = result["settings"]
     import _diagnose as dg
 
+    w = _pair_width(result["summary"])
     lines = [f"\nthe paper's protocol in epochs: every arm from the stage-1 Q-Former ({result['stage1']['origin']}"
              f"{dg._recall(result['stage1'])}); "
              f"TFS {s['tfs_epochs']} epochs on {result['training_images']} images (cosine {s['lr']:g} → {s['min_lr']:g}); "
              f"VPGTrans: converter-merged projector, 1 warm-up epoch at {s['linear_lr_scale']:g}x, "
              f"batch {s.get('linear_batch_size') or s['batch_size']} (its epoch 1), "
              f"fine-tuning; metrics on {s['eval_images']} val images after every epoch; seeds {result['seeds']}",
-             f"{'pair':<14}{'row':<16}{'metric':<20}{'paper':>7}  {'epochs, per seed':<30}{'samples, per seed':<30}"]
+             f"{'pair':<{w}}{'row':<16}{'metric':<20}{'paper':>7}  {'epochs, per seed':<30}{'samples, per seed':<30}"]
     paper_of = {(e["pair"], e["metric"]): e for e in result["table3"]}
     for pair, rows in result["summary"].items():
         for row, metrics in rows.items():
             for m, cell in metrics.items():
                 e = paper_of.get((pair, m)) if row == "vpgtrans" else None
                 paper = "" if not e or e["paper"] is None else f"{e['paper']:g}x"
-                lines.append(f"{pair:<14}{row:<16}{m:<20}{paper:>7}  {' '.join(_x(v) for v in cell['epochs']):<30}"
+                lines.append(f"{pair:<{w}}{row:<16}{m:<20}{paper:>7}  {' '.join(_x(v) for v in cell['epochs']):<30}"
                              f"{' '.join(_x(v) for v in cell['samples']):<30}")
     lines.append("\nTable 3 in miniature (caption CIDEr; targets of issue 29 item 4)")
     for e in result["table3"]:

@@ -2,7 +2,10 @@
 
     python benchmarks/_world_variant.py --world W --out V --name opt-s7 --like opt-s --init-seed 7 [--steps-mult 3]
     python benchmarks/_world_variant.py --world W --out V --name opt-l --like opt-m --init-seed 2 --hidden 256 \
-        --layers 4 --heads 8 --ffn 1024 --embed-proj 128 --lr-share 0.5          # a much larger OPT
+        --layers 4 --heads 8 --ffn 1024 --embed-proj 256 --lr-share 0.5          # a much larger OPT
+
+(--embed-proj 256 = the hidden size: no project_in, as the real OPT-1.3B / 2.7B; --like opt-m alone would copy
+OPT-350m's project_in. docs/results/world-regime.md, experiment 15, measures both.)
 
 V gets links to W's data/ and vit/ and a new LM directory NAME: the architecture of W's `--like` LM (or the sizes
 given), W's tokenizer, the same pretraining text as the build, another init and batch-order seed, `--steps-mult` x
