@@ -366,6 +366,7 @@ def gain_by_gap(runs: list[dict[str, Any]]) -> dict[str, Any]:
     its warm-up leaves it. Only the rows on all the data; the warm-up epoch itself is left out of the gains. The
     nearest bin flatters the other arms: TFS cannot gain more there than its distance to its own best."""
     out: dict[str, Any] = {}
+    seen: set[tuple[str, int]] = set()  # (pair, seed) whose TFS is counted: every row of a seed carries it
     for r in runs:
         if r.get("fraction", 1.0) != 1.0:
             continue
@@ -374,11 +375,11 @@ def gain_by_gap(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if not tfs or not ours:
             continue
         best = min(tfs)
-        pair = out.setdefault(r["pair"], {"gains": {}, "warmup_gap": {}, "_seen": set()})
+        pair = out.setdefault(r["pair"], {"gains": {}, "warmup_gap": {}})
         pair["warmup_gap"].setdefault(r["row"], []).append(round(ours[0] - best, 4))
         arms = [(r["row"], ours[1:])]  # fine-tuning epochs only
-        if r["seed"] not in pair["_seen"]:  # each seed's TFS once, though every row of the seed carries it
-            pair["_seen"].add(r["seed"])
+        if (r["pair"], r["seed"]) not in seen:
+            seen.add((r["pair"], r["seed"]))
             arms.append(("tfs", tfs))
         for arm, values in arms:
             bins = pair["gains"].setdefault(arm, {label: [] for label in GAP_LABELS})
@@ -388,7 +389,6 @@ def gain_by_gap(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     if (lo is None or gap >= lo) and (hi is None or gap < hi):
                         bins[label].append(before - after)
     for pair in out.values():
-        del pair["_seen"]
         pair["gains"] = {arm: {b: {"mean": round(statistics.fmean(v), 4) if v else None, "n": len(v)}
                                for b, v in bins.items()} for arm, bins in pair["gains"].items()}
     return out
